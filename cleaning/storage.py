@@ -1,0 +1,115 @@
+"""Open local paths and `s3://` URIs through one interface (pyarrow.fs).
+
+S3 honours the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_SESSION_TOKEN, AWS_DEFAULT_REGION / AWS_REGION) and a custom endpoint from
+AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (the same variables boto3 reads), so a MinIO or
+moto endpoint is configuration only.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    kwargs: dict = {"region": _region()}
+    endpoint = s3_endpoint()
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    # Explicit keys when given; otherwise pyarrow's default chain (profile, instance role).
+    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
+        kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
+        if os.environ.get("AWS_SESSION_TOKEN"):
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Return (filesystem, path inside it) for a local path or an s3:// URI."""
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str | os.PathLike, *parts: str) -> str:
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return posixpath.join(uri.rstrip("/"), *parts)
+    return os.path.join(uri, *parts)
+
+
+def s3_client():
+    """A boto3 client configured like `s3_filesystem` (for what pyarrow.fs does not cover)."""
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint(), region_name=_region())
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as fh:
+        return fh.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object so that readers see either nothing or all of it.
+
+    Local files go to a temporary name in the same folder and are renamed; an S3 PUT is
+    already all-or-nothing.
+    """
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as fh:
+        fh.write(data)
+
+
+def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
+    """Files under a folder (URIs in the same form as the input), sorted."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive, allow_not_found=True))
+    out = []
+    for info in infos:
+        if info.type == pafs.FileType.File and info.path.endswith(suffix):
+            out.append(f"s3://{info.path}" if is_s3(uri) else info.path)
+    return sorted(out)
+
+
+def open_input(uri: str):
+    fs, path = resolve(uri)
+    return fs.open_input_file(path)

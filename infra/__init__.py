@@ -1,0 +1,1 @@
+"""How the real services start: locally (this package) and on clusters (configs beside it)."""

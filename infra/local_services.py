@@ -1,0 +1,276 @@
+"""Local services as real processes: a Ray head, an MLflow tracking server, an S3 endpoint.
+
+`arcface services up|down|status` drives this. Every service binds to 127.0.0.1 by
+default; pids and logs live under the project-local state folder (`services.state_dir`).
+`up` is idempotent: a service that already answers is left alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.config import Config, state_path
+
+log = logging.getLogger(__name__)
+
+SERVICES = ("ray", "mlflow", "s3")
+
+
+class ServiceError(RuntimeError):
+    pass
+
+
+def _bin(name: str) -> str:
+    """A console script from the same environment as this Python (venv first, then PATH)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"'{name}' is not installed in this environment; run `make setup`")
+    return found
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _quiet_env() -> dict:
+    env = dict(os.environ)
+    # Neither Ray nor MLflow may phone home: this project runs on closed networks too.
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        DO_NOT_TRACK="true",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        # Ray only keeps every listener on 127.0.0.1 with this set (see STACK-NOTES).
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+    )
+    return env
+
+
+@dataclass
+class Status:
+    name: str
+    up: bool
+    address: str
+    detail: str = ""
+
+
+class LocalServices:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg.services
+        self.root = state_path(cfg)
+        self.logs = self.root / "logs"
+
+    # -- addresses -----------------------------------------------------------------
+    @property
+    def ray_dashboard(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.ray_dashboard_port}"
+
+    @property
+    def ray_address(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.ray_port}"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.mlflow_port}"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{self.cfg.host}:{self.cfg.s3_port}"
+
+    def env(self, with_s3: bool = False) -> dict[str, str]:
+        env = {"RAY_ADDRESS": self.ray_dashboard, "MLFLOW_TRACKING_URI": self.mlflow_uri}
+        if with_s3:
+            env["AWS_ENDPOINT_URL"] = self.s3_endpoint
+        return env
+
+    # -- health ----------------------------------------------------------------------
+    def ray_up(self) -> bool:
+        return http_ok(f"{self.ray_dashboard}/api/version")
+
+    def mlflow_up(self) -> bool:
+        return http_ok(f"{self.mlflow_uri}/health")
+
+    def s3_up(self) -> bool:
+        return http_ok(f"{self.s3_endpoint}/moto-api/")
+
+    def status(self) -> list[Status]:
+        return [
+            Status("ray", self.ray_up(), self.ray_dashboard, f"gcs {self.ray_address}"),
+            Status("mlflow", self.mlflow_up(), self.mlflow_uri, f"store {self.root / 'mlflow'}"),
+            Status("s3", self.s3_up(), self.s3_endpoint, "moto"),
+        ]
+
+    # -- start -------------------------------------------------------------------------
+    def up(self, services: tuple[str, ...] = ("ray", "mlflow")) -> list[Status]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        for name in services:
+            if name not in SERVICES:
+                raise ServiceError(f"unknown service {name!r}; choose from {', '.join(SERVICES)}")
+            getattr(self, f"_start_{name}")()
+        return [s for s in self.status() if s.name in services]
+
+    def _check_port_free(self, name: str, port: int, key: str) -> None:
+        if port_open(self.cfg.host, port):
+            raise ServiceError(
+                f"{name}: port {self.cfg.host}:{port} is taken by another process that does not "
+                f"answer as {name}. Stop it, or choose another port with --set services.{key}=PORT"
+            )
+
+    def _wait(self, name: str, check, log_file: Path, proc: subprocess.Popen | None = None) -> None:
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while time.monotonic() < deadline:
+            if check():
+                return
+            if proc is not None and proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""
+        raise ServiceError(f"{name} did not start (see {log_file}):\n{tail}")
+
+    def _start_ray(self) -> None:
+        if self.ray_up():
+            log.info("ray: already answering at %s", self.ray_dashboard)
+            return
+        self._check_port_free("ray", self.cfg.ray_port, "ray_port")
+        self._check_port_free("ray dashboard", self.cfg.ray_dashboard_port, "ray_dashboard_port")
+        log_file = self.logs / "ray.log"
+        cmd = [
+            _bin("ray"), "start", "--head",
+            f"--node-ip-address={self.cfg.host}",
+            f"--port={self.cfg.ray_port}",
+            f"--num-cpus={self.cfg.ray_num_cpus}",
+            f"--object-store-memory={self.cfg.ray_object_store_bytes}",
+            f"--dashboard-host={self.cfg.host}",
+            f"--dashboard-port={self.cfg.ray_dashboard_port}",
+            "--disable-usage-stats",
+        ]
+        log.info("ray: starting head (%s)", log_file)
+        # --block keeps `ray start` in the foreground as the parent of the head's processes, so
+        # `down` stops exactly this head (its process group), not every Ray on the machine.
+        proc = self._spawn("ray", cmd + ["--block"])
+        self._wait("ray", self.ray_up, log_file, proc)
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        log_file = self.logs / f"{name}.log"
+        out = open(log_file, "ab")
+        # Own process group so `down` can stop the server and every worker it forked.
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=_quiet_env(), start_new_session=True, cwd=self.root)
+        (self.root / f"{name}.pid").write_text(str(proc.pid))
+        return proc
+
+    def _start_mlflow(self) -> None:
+        if self.mlflow_up():
+            log.info("mlflow: already answering at %s", self.mlflow_uri)
+            return
+        self._check_port_free("mlflow", self.cfg.mlflow_port, "mlflow_port")
+        store = self.root / "mlflow"
+        (store / "artifacts").mkdir(parents=True, exist_ok=True)
+        cmd = [
+            _bin("mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+            "--artifacts-destination", str(store / "artifacts"),
+            "--host", self.cfg.host, "--port", str(self.cfg.mlflow_port),
+            "--workers", "1",
+        ]
+        log.info("mlflow: starting server (%s)", self.logs / "mlflow.log")
+        proc = self._spawn("mlflow", cmd)
+        self._wait("mlflow", self.mlflow_up, self.logs / "mlflow.log", proc)
+
+    def _start_s3(self) -> None:
+        if self.s3_up():
+            log.info("s3: already answering at %s", self.s3_endpoint)
+            return
+        self._check_port_free("s3", self.cfg.s3_port, "s3_port")
+        cmd = [_bin("moto_server"), "-H", self.cfg.host, "-p", str(self.cfg.s3_port)]
+        log.info("s3: starting moto server (%s)", self.logs / "s3.log")
+        proc = self._spawn("s3", cmd)
+        self._wait("s3", self.s3_up, self.logs / "s3.log", proc)
+
+    # -- stop --------------------------------------------------------------------------
+    def down(self) -> None:
+        for name in ("s3", "mlflow", "ray"):
+            self._stop_pidfile(name)
+
+    def _stop_pidfile(self, name: str) -> None:
+        pid_file = self.root / f"{name}.pid"
+        if not pid_file.exists():
+            return
+        pid = int(pid_file.read_text().strip() or 0)
+        if pid > 0:
+            self._kill_group(name, pid)
+        pid_file.unlink(missing_ok=True)
+        log.info("%s: stopped", name)
+
+    @staticmethod
+    def _kill_group(name: str, pid: int) -> None:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        except PermissionError as exc:
+            raise ServiceError(f"{name}: cannot stop process group {pid}: {exc}") from exc
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not group_alive(pid):
+                return
+            time.sleep(0.2)
+        log.warning("%s: still running after SIGTERM; sending SIGKILL", name)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while group_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in the process group.
+
+    Zombies are ignored: in containers whose init does not reap orphans they linger, but
+    they hold no ports, memory or files.
+    """
+    proc = Path("/proc")
+    if not proc.exists():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesised command: state ppid pgrp ...
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

@@ -1,0 +1,1 @@
+"""The jobs users run: the `arcface` CLI, its config, and the pipeline entry points."""

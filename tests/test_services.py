@@ -1,0 +1,61 @@
+"""`arcface services up|status|down` against real processes (Ray head, MLflow server, moto S3)."""
+
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from infra.local_services import group_alive, port_open
+
+pytestmark = pytest.mark.services
+
+# Ports apart from the defaults so a developer's own services (or CI's) are untouched.
+PORTS = ["--set", "services.ray_port=6391", "--set", "services.ray_dashboard_port=8276",
+         "--set", "services.mlflow_port=5056", "--set", "services.s3_port=9056"]
+
+
+def arcface(state_dir, *args, check=True):
+    env = dict(os.environ, ARCFACE_STATE_DIR=str(state_dir))
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], env=env, capture_output=True,
+                          text=True, check=check, timeout=300)
+
+
+def test_up_status_down_leaves_nothing(tmp_path):
+    state = tmp_path / "state"
+    try:
+        up = arcface(state, "services", "up", "--s3", *PORTS)
+        again = arcface(state, "services", "up", "--s3", *PORTS)  # idempotent
+        assert "already answering" in again.stderr
+        status = arcface(state, "services", "status", *PORTS).stdout
+        for name, port in (("ray", 8276), ("mlflow", 5056), ("s3", 9056)):
+            line = next(l for l in status.splitlines() if l.startswith(name))
+            assert " up " in line and f"127.0.0.1:{port}" in line, status
+        with urllib.request.urlopen("http://127.0.0.1:5056/health", timeout=5) as resp:
+            assert resp.status == 200
+        pids = {name: int((state / f"{name}.pid").read_text()) for name in ("ray", "mlflow", "s3")}
+        assert all(group_alive(pid) for pid in pids.values())
+        assert (state / "mlflow" / "mlflow.db").exists() and (state / "logs" / "ray.log").exists()
+        assert "state and logs" in up.stdout
+    finally:
+        arcface(state, "services", "down", *PORTS, check=False)
+    for pid in pids.values():
+        assert not group_alive(pid), "a service process outlived `down`"
+    for port in (6391, 8276, 5056, 9056):
+        assert not port_open("127.0.0.1", port)
+    status = arcface(state, "services", "status", *PORTS).stdout
+    assert " up " not in status
+
+
+def test_taken_port_is_reported_clearly(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        port = sock.getsockname()[1]
+        result = arcface(tmp_path, "services", "up", "--only", "mlflow", "--set", f"services.mlflow_port={port}",
+                         check=False)
+    assert result.returncode == 1
+    assert f"port 127.0.0.1:{port} is taken" in result.stderr
+    assert "services.mlflow_port" in result.stderr
