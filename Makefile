@@ -1,0 +1,45 @@
+# Thin calls of the `arcface` CLI. Every target depends on setup, so any of them works first.
+VENV     ?= .venv
+PYTHON   ?= python3
+ARCFACE  := $(VENV)/bin/arcface
+DEMO_RAW ?= data/demo/raw
+
+.PHONY: setup run demo-data services-up services-down services-status test test-all bench-core clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The main job on its embedded default.
+run: demo-data
+
+$(DEMO_RAW)/ground_truth.json: | setup
+	$(ARCFACE) demo-data --out $(DEMO_RAW)
+
+demo-data: $(DEMO_RAW)/ground_truth.json
+
+services-up: setup
+	$(ARCFACE) services up
+
+services-down: setup
+	$(ARCFACE) services down
+
+services-status: setup
+	$(ARCFACE) services status
+
+test: setup
+	$(VENV)/bin/pytest
+
+# Slow tests too (the default run skips them).
+test-all: setup
+	$(VENV)/bin/pytest -m "not gpu"
+
+bench-core: setup
+	$(VENV)/bin/python benchmarks/bench_classification_layer.py
+
+clean:
+	rm -rf data .arcface

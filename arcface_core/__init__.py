@@ -1,0 +1,1 @@
+"""Model math for ArcFace, with no I/O: margins, backbones, the sharded classifier, metrics."""

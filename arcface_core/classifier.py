@@ -1,0 +1,207 @@
+"""Model-parallel classification layer: class centres sharded across ranks.
+
+Rank r owns the centres of a contiguous class range (uneven splits allowed). Each step:
+
+1. embeddings and labels of the whole global batch are all-gathered (B x D, small);
+2. each rank computes cosine logits for its own classes only (B x C_r, never B x C);
+3. the margin is applied where the target class is local;
+4. the softmax normaliser is combined across ranks: all-reduce MAX of the row maxima,
+   all-reduce SUM of the exp-sums and of the target logits;
+5. loss = mean over the global batch of log Σ exp − target logit.
+
+The loss and the gradients to the embeddings and to every centre shard equal the
+single-process computation. Every rank ends with the same loss; the collectives' backward
+passes are written so that calling `backward()` on it on every rank gives each rank
+exactly its part of the single-process gradient (no factor of world size).
+
+Partial-FC (An et al.): with sample_rate r < 1 each rank keeps all positive centres of the
+global batch in its range plus random negatives, `ceil(r·C_r)` in all; only those
+centres take part (and get gradients). r = 1 is plain model parallelism.
+
+World size 1 (or no process group) runs the same code with the collectives as no-ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from arcface_core.margins import MarginSoftmax, subcentre_max
+
+
+def class_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) per rank; the first `C mod W` ranks hold one class more."""
+    if num_classes < world_size:
+        raise ValueError(f"{num_classes} classes cannot be split over {world_size} ranks")
+    base, extra = divmod(num_classes, world_size)
+    ranges, start = [], 0
+    for r in range(world_size):
+        end = start + base + (1 if r < extra else 0)
+        ranges.append((start, end))
+        start = end
+    return ranges
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's rows; backward sums the gradient over ranks and keeps our slice."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, sizes: list[int]):
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        # all_gather needs equal shapes (gloo insists): pad to the largest share, then trim.
+        longest = max(sizes)
+        padded = local.new_zeros((longest, *local.shape[1:]))
+        padded[: local.shape[0]] = local
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        # Each rank's loss graph only saw its own classes: the full gradient is the sum.
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start:start + ctx.sizes[ctx.rank]], None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; backward is the identity because every rank continues identically."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor):
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return local
+    n = torch.tensor([local.shape[0]], device=local.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    return _AllGather.apply(local, [int(s) for s in sizes])
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceSum.apply(x) if _distributed() else x
+
+
+def all_reduce_max_(x: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
+
+class ShardedMarginClassifier(nn.Module):
+    """This rank's share of the class centres, and the distributed margin softmax loss.
+
+    Args:
+        num_classes: classes in the whole dataset.
+        embedding_size: D.
+        margin: a MarginSoftmax (ArcFace, CosFace, SphereFace, CombinedMargin).
+        sample_rate: Partial-FC rate r in (0, 1].
+        subcentres: K for sub-centre ArcFace (K centres per class, class logit = max).
+        rank, world_size: default to the process group (1 process without one).
+    """
+
+    def __init__(self, num_classes: int, embedding_size: int, margin: MarginSoftmax, sample_rate: float = 1.0,
+                 subcentres: int = 1, rank: int | None = None, world_size: int | None = None,
+                 generator_seed: int = 0):
+        super().__init__()
+        if not 0.0 < sample_rate <= 1.0:
+            raise ValueError("sample_rate must be in (0, 1]")
+        self.world_size = world_size if world_size is not None else (dist.get_world_size() if _distributed() else 1)
+        self.rank = rank if rank is not None else (dist.get_rank() if _distributed() else 0)
+        self.num_classes, self.embedding_size = num_classes, embedding_size
+        self.class_start, self.class_end = class_ranges(num_classes, self.world_size)[self.rank]
+        self.num_local = self.class_end - self.class_start
+        self.margin, self.sample_rate, self.k = margin, float(sample_rate), int(subcentres)
+        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local * self.k, embedding_size)))
+        self._seed = generator_seed + 7919 * self.rank
+        self._generator: torch.Generator | None = None
+        self.last_sampled: torch.Tensor | None = None  # local class indices used in the last step
+
+    # -- Partial-FC ------------------------------------------------------------------
+    def num_sampled(self) -> int:
+        return self.num_local if self.sample_rate >= 1.0 else max(1, math.ceil(self.sample_rate * self.num_local))
+
+    def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted local class indices to use, and labels remapped into them (-1: not here)."""
+        if self.sample_rate >= 1.0:
+            return torch.arange(self.num_local, device=local_labels.device), local_labels
+        if self._generator is None or self._generator.device != local_labels.device:
+            self._generator = torch.Generator(device=local_labels.device).manual_seed(self._seed)
+        # Random scores for every local class; positives get 2.0 so top-k always keeps them.
+        score = torch.rand(self.num_local, device=local_labels.device, generator=self._generator)
+        valid = local_labels >= 0
+        positive_mark = torch.where(valid, 2.0, 0.0).to(score.dtype)
+        score.scatter_reduce_(0, local_labels.clamp_min(0), positive_mark, reduce="amax")
+        k = self.num_sampled()
+        if k < local_labels.numel():
+            # More positives than the sample size is possible only then; counting them
+            # costs a host sync, which large-class training (k >= batch) never pays.
+            k = max(k, int((score > 1.5).sum()))
+        index = torch.topk(score, k=k, sorted=False).indices.sort().values
+        remapped = torch.searchsorted(index, local_labels.clamp_min(0))
+        remapped = torch.where(local_labels >= 0, remapped, torch.full_like(local_labels, -1))
+        return index, remapped
+
+    # -- forward -----------------------------------------------------------------------
+    def local_logits(self, embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Cosines between the gathered embeddings and the selected local centres, fp32."""
+        weight = self.weight.view(self.num_local, self.k, self.embedding_size)
+        if index.numel() != self.num_local:
+            weight = weight[index]
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            w = F.normalize(weight.float().reshape(-1, self.embedding_size), dim=1)
+            e = F.normalize(embeddings.float(), dim=1)
+            cos = F.linear(e, w)
+        return subcentre_max(cos, self.k)[0]
+
+    def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor) -> torch.Tensor:
+        """Mean loss over the global batch (the same value on every rank)."""
+        embeddings = all_gather_rows(local_embeddings)
+        labels = all_gather_rows(local_labels_global.long())
+        in_range = (labels >= self.class_start) & (labels < self.class_end)
+        local_labels = torch.where(in_range, labels - self.class_start, torch.full_like(labels, -1))
+        index, target = self.sample(local_labels)
+        self.last_sampled = index
+        logits = self.margin(self.local_logits(embeddings, index), target)
+        return distributed_cross_entropy(logits, target)
+
+    @torch.no_grad()
+    def nearest_subcentre(self, embeddings: torch.Tensor, labels_global: torch.Tensor) -> torch.Tensor:
+        """For samples whose class is on this rank: which of its K sub-centres is nearest (-1 elsewhere)."""
+        in_range = (labels_global >= self.class_start) & (labels_global < self.class_end)
+        local = (labels_global - self.class_start).clamp(0, self.num_local - 1)
+        w = F.normalize(self.weight.float(), dim=1).view(self.num_local, self.k, -1)[local]  # (B, K, D)
+        cos = torch.einsum("bkd,bd->bk", w, F.normalize(embeddings.float(), dim=1))
+        return torch.where(in_range, cos.argmax(1), torch.full_like(local, -1))
+
+
+def distributed_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy whose classes are split across ranks (columns here, -1 = target elsewhere)."""
+    with torch.no_grad():
+        # Any per-row constant keeps softmax exact; the global max keeps exp() in range.
+        row_max = all_reduce_max_(logits.max(dim=1).values)
+    shifted = logits - row_max.unsqueeze(1)
+    sum_exp = all_reduce_sum(shifted.exp().sum(dim=1))
+    valid = target >= 0
+    picked = shifted.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
+    target_logit = all_reduce_sum(torch.where(valid, picked, torch.zeros_like(picked)))
+    return (sum_exp.log() - target_logit).mean()

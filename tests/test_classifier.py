@@ -1,0 +1,151 @@
+"""The sharded margin softmax against the single-process computation (values and gradients)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from arcface_core.classifier import ShardedMarginClassifier, class_ranges
+from arcface_core.margins import ArcFace, CombinedMargin, CosFace, subcentre_max
+
+from dist_helpers import run_distributed
+
+C, D, K = 11, 8, 1
+BATCH_SIZES = {2: [5, 4], 3: [3, 4, 2]}  # uneven per-rank batches too
+
+
+def make_problem(world: int, k: int = 1, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(BATCH_SIZES[world]) if world in BATCH_SIZES else 9
+    weight = torch.randn(C * k, D, generator=g, dtype=torch.float64).float()
+    emb = torch.randn(n, D, generator=g, dtype=torch.float64).float()
+    labels = torch.randint(0, C, (n,), generator=g)
+    return weight, emb, labels
+
+
+def reference(weight, emb, labels, margin, k=1, classes=None):
+    """Plain single-process loss: all centres (or the given classes only), torch cross_entropy."""
+    weight = weight.clone().requires_grad_(True)
+    emb = emb.clone().requires_grad_(True)
+    w = weight.view(C, k, D)
+    target = labels
+    if classes is not None:
+        w = w[classes]
+        target = torch.searchsorted(classes, labels)
+    cos = F.linear(F.normalize(emb, dim=1), F.normalize(w.reshape(-1, D), dim=1))
+    cos = subcentre_max(cos, k)[0]
+    loss = F.cross_entropy(margin(cos, target), target)
+    loss.backward()
+    return loss.detach(), emb.grad, weight.grad
+
+
+def _margin(name):
+    return {"arcface": ArcFace(s=16.0, m=0.5), "cosface": CosFace(s=16.0),
+            "combined": CombinedMargin(16.0, 1.2, 0.3, 0.1)}[name]
+
+
+def sharded_worker(rank, world, margin_name, k, sample_rate):
+    weight, emb, labels = make_problem(world, k)
+    start, end = class_ranges(C, world)[rank]
+    layer = ShardedMarginClassifier(C, D, _margin(margin_name), sample_rate=sample_rate, subcentres=k)
+    with torch.no_grad():
+        layer.weight.copy_(weight[start * k:end * k])
+    sizes = BATCH_SIZES[world]
+    lo = sum(sizes[:rank])
+    local_emb = emb[lo:lo + sizes[rank]].clone().requires_grad_(True)
+    loss = layer(local_emb, labels[lo:lo + sizes[rank]])
+    loss.backward()
+    return {"loss": loss.detach(), "emb_grad": local_emb.grad, "weight_grad": layer.weight.grad,
+            "sampled": layer.last_sampled + start, "num_sampled": torch.tensor(layer.num_sampled())}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("margin_name, k", [("arcface", 1), ("cosface", 1), ("combined", 1), ("arcface", 3)])
+def test_sharded_equals_single_process(tmp_path, world, margin_name, k):
+    results = run_distributed(sharded_worker, world, (margin_name, k, 1.0), str(tmp_path))
+    weight, emb, labels = make_problem(world, k)
+    loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin(margin_name), k)
+    sizes = BATCH_SIZES[world]
+    for rank, res in enumerate(results):
+        start, end = class_ranges(C, world)[rank]
+        lo = sum(sizes[:rank])
+        torch.testing.assert_close(res["loss"], loss.float(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(res["emb_grad"], emb_grad[lo:lo + sizes[rank]], atol=1e-5, rtol=0)
+        torch.testing.assert_close(res["weight_grad"], weight_grad[start * k:end * k], atol=1e-5, rtol=0)
+
+
+def test_uneven_class_ranges():
+    assert class_ranges(11, 3) == [(0, 4), (4, 8), (8, 11)]
+    assert class_ranges(5, 1) == [(0, 5)]
+    with pytest.raises(ValueError):
+        class_ranges(2, 3)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_partial_fc_matches_loss_on_sampled_classes(tmp_path, world):
+    rate = 0.5
+    results = run_distributed(sharded_worker, world, ("arcface", 1, rate), str(tmp_path))
+    weight, emb, labels = make_problem(world)
+    sampled = torch.cat([r["sampled"] for r in results]).sort().values
+    for rank, res in enumerate(results):
+        start, end = class_ranges(C, world)[rank]
+        mine = res["sampled"]
+        positives = labels[(labels >= start) & (labels < end)].unique()
+        assert set(positives.tolist()) <= set(mine.tolist()), "every positive centre is sampled"
+        assert len(mine) == max(math.ceil(rate * (end - start)), len(positives))
+        assert len(mine.unique()) == len(mine)
+        # Unsampled centres get exactly zero gradient.
+        unsampled = sorted(set(range(start, end)) - set(mine.tolist()))
+        if unsampled:
+            assert res["weight_grad"][torch.tensor(unsampled) - start].abs().max() == 0
+    loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin("arcface"), classes=sampled)
+    sizes = BATCH_SIZES[world]
+    for rank, res in enumerate(results):
+        lo = sum(sizes[:rank])
+        torch.testing.assert_close(res["loss"], loss, atol=1e-5, rtol=0)
+        torch.testing.assert_close(res["emb_grad"], emb_grad[lo:lo + sizes[rank]], atol=1e-5, rtol=0)
+
+
+def test_world_size_one_without_process_group():
+    weight, emb, labels = make_problem(1)
+    layer = ShardedMarginClassifier(C, D, ArcFace(s=16.0))
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    e = emb.clone().requires_grad_(True)
+    loss = layer(e, labels)
+    loss.backward()
+    ref_loss, ref_emb_grad, ref_w_grad = reference(weight, emb, labels, ArcFace(s=16.0))
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(e.grad, ref_emb_grad, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.weight.grad, ref_w_grad, atol=1e-5, rtol=0)
+
+
+def test_partial_fc_sample_size_and_positives_single_rank():
+    layer = ShardedMarginClassifier(1000, D, ArcFace(), sample_rate=0.1)
+    labels = torch.randint(0, 1000, (64,))
+    emb = torch.randn(64, D)
+    layer(emb, labels)
+    assert len(layer.last_sampled) == 100
+    assert set(labels.tolist()) <= set(layer.last_sampled.tolist())
+    # More positives than the sample size: all positives, nothing else.
+    labels = torch.arange(0, 1000, 5)  # 200 distinct positives > 100
+    layer(torch.randn(200, D), labels)
+    assert layer.last_sampled.tolist() == labels.tolist()
+
+
+def test_logits_stay_fp32_under_autocast():
+    layer = ShardedMarginClassifier(50, D, ArcFace())
+    emb = torch.randn(4, D).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.local_logits(emb, torch.arange(50))
+        loss = layer(emb, torch.tensor([1, 2, 3, 4]))
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_nearest_subcentre():
+    layer = ShardedMarginClassifier(2, 2, ArcFace(), subcentres=3)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [1, 1], [0, -1], [-1, 1]]))
+    emb = torch.tensor([[0.1, 1.0], [-1.0, 0.9]])
+    assert layer.nearest_subcentre(emb, torch.tensor([0, 1])).tolist() == [1, 2]
