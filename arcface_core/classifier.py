@@ -168,9 +168,12 @@ class ShardedMarginClassifier(nn.Module):
         if index.numel() != self.num_local:
             weight = weight[index]
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            w = F.normalize(weight.float().reshape(-1, self.embedding_size), dim=1)
+            w = weight.reshape(-1, self.embedding_size).float()
             e = F.normalize(embeddings.float(), dim=1)
-            cos = F.linear(e, w)
+            # Divide the (B x n) product by the centre norms rather than normalising the
+            # (n x D) centres: no second copy of the shard, which is the big tensor here.
+            norms = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12)
+            cos = F.linear(e, w) / norms
         return subcentre_max(cos, self.k)[0]
 
     def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor) -> torch.Tensor:

@@ -77,6 +77,25 @@ def cmd_demo_data(args, cfg) -> int:
     return 0
 
 
+def cmd_fetch_weights(args, cfg) -> int:
+    from cleaning.detect.weights import fetch_mtcnn_weights
+
+    print(f"MTCNN weights in {fetch_mtcnn_weights()}")
+    return 0
+
+
+def cmd_clean_data(args, cfg) -> int:
+    from pipelines.clean_data import run_clean_data
+
+    manifest = run_clean_data(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
+    c = manifest["counts"]
+    print(f"read {c['read']}  kept {c['kept']}  rejected {c['rejected']}  identities {manifest['num_classes']}")
+    for reason, n in c["by_reason"].items():
+        print(f"  {reason:40s} {n}")
+    print(f"shards, rejects, manifest and report in {args.out} ({manifest['seconds']} s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,6 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="render processes (config demo.workers)")
     _common(p)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("fetch-weights", help="fetch the MTCNN weights into the cache (make setup does this)")
+    _common(p)
+    p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("clean-data", help="stage 1 on Dask: raw dataset -> aligned, filtered Parquet shards")
+    p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
+    p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
+    p.add_argument("--out", required=True, help="output folder or s3:// URI")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
+    _common(p)
+    p.set_defaults(func=cmd_clean_data)
     return parser
 
 

@@ -56,9 +56,49 @@ class DemoConfig:
 
 
 @dataclass
+class CleanConfig:
+    """Stage 1 (Dask): thresholds and execution. Defaults argued from measurements in
+    benchmarks/results/stage1_thresholds.md (demo data and real photos)."""
+
+    # Records per Dask task; a task writes one shard. Folder formats group whole identities.
+    records_per_partition: int = 2000
+    workers: int = 2
+    memory_limit: str = "4GiB"
+    # 40 MP: a 7000x5700 photo still passes; a decompression bomb (e.g. 30000x30000) does not.
+    max_pixels: int = 40_000_000
+    # MTCNN's own O-Net threshold is 0.7. On the demo every detection between 0.7 and 0.9 was
+    # a real face (hard pose or light), and images without a face gave no detection at all;
+    # on real photos low scores are profiles and occlusions. 0.8 drops the least sure.
+    min_det_score: float = 0.8
+    # The template puts the eyes 35.2 px apart: below 14 px the aligned crop is upsampled
+    # 2.5x and more, and holds little identity information.
+    min_eye_distance_px: float = 14.0
+    # Laplacian variance of the aligned central face (demo, measured: sharp faces' 1st
+    # percentile ~39, median ~250; faces blurred with sigma 2.5-3.5 px: median ~12, 95th ~32).
+    min_blur: float = 25.0
+    # Hamming distance (of 256 dHash bits) under which two photos of an identity are one photo.
+    # Demo: re-encoded/rescaled/shifted copies lie 9-60 bits apart; different photos of
+    # the same identity (other pose, light, background) 93+ (5th percentile) around 127.
+    near_duplicate_bits: int = 64
+    # ... and whose 32x32 thumbnails correlate at least this much (demo: copies >= 0.87;
+    # other photos that pass the hash screen <= 0.73).
+    near_duplicate_correlation: float = 0.8
+    # Landmarks may sit slightly outside the image (cropped chins); more is an annotation error.
+    landmark_margin: float = 0.05
+    detector_min_face: int = 20
+    detector_device: str = "auto"
+    detector_batch: int = 32
+    # VGGFace2 ships landmarks; set true to re-detect anyway.
+    redetect: bool = False
+    jpeg_quality: int = 95
+    row_group_rows: int = 1000
+
+
+@dataclass
 class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    clean: CleanConfig = field(default_factory=CleanConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

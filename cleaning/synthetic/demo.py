@@ -139,8 +139,9 @@ def render_identity(plan: Plan, i: int) -> list[DemoImage]:
             r = render(None, rng, cfg.image_size)
             out.append(DemoImage(i, j, None, [defect], _jpeg(r.image, r.jpeg_quality)))
             continue
-        eye_px = (4.5, 6.5) if defect == "tiny_face" else (26, 44)
-        blur = (5.0, 7.0) if defect == "blurred" else (0.0, 1.0)
+        eye_px = (8.0, 11.0) if defect == "tiny_face" else (26, 44)
+        # Blurred enough to lose identity detail, not so much that no detector finds a face.
+        blur = (2.5, 3.5) if defect == "blurred" else (0.0, 1.0)
         r = render(plan.identities[who], rng, cfg.image_size, eye_px=eye_px, blur=blur)
         out.append(DemoImage(i, j, true_id, [defect] if defect else [], _jpeg(r.image, r.jpeg_quality),
                              r.landmarks.round(2).tolist(), r.box.round(2).tolist()))
@@ -310,6 +311,7 @@ def _write_msceleb(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np
                 cols[5] = base64.b64encode(b"\x00\x01\x02").decode()
             elif kind == "unsafe_identity":
                 cols[0] = f"../../{mid}"
+                rec["key"] = key = f"{cols[0]}/{face_id}"  # the ground truth names what is in the file
             if kind:
                 rec["defects"].append("malformed_row")
                 malformed.append({"file": MSCELEB_TSV, "line": len(lines) + 1, "kind": kind, "key": key})
@@ -319,15 +321,18 @@ def _write_msceleb(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np
     return records, malformed
 
 
+IMAGE_FOLDER_ROOT = "images"  # the identity folders; ground truth and eval/ stay outside
+
+
 def _write_image_folder(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np.random.Generator) -> tuple[list, list]:
     records = []
     for i, slots in enumerate(images):
         name = identity_name("image-folder", i)
-        (out / name).mkdir(parents=True, exist_ok=True)
+        (out / IMAGE_FOLDER_ROOT / name).mkdir(parents=True, exist_ok=True)
         for img in slots:
             key = f"{name}/{img.slot:04d}"
-            (out / f"{key}.jpg").write_bytes(img.data)
-            records.append(_record("image-folder", img, key, f"{key}.jpg"))
+            (out / IMAGE_FOLDER_ROOT / f"{key}.jpg").write_bytes(img.data)
+            records.append(_record("image-folder", img, key, f"{IMAGE_FOLDER_ROOT}/{key}.jpg"))
     return records, []
 
 

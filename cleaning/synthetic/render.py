@@ -48,8 +48,9 @@ class Identity:
 
 
 def random_identity(rng: np.random.Generator) -> Identity:
-    skin_base = np.array([[140, 170, 220], [110, 150, 200], [80, 120, 170], [50, 80, 120], [150, 185, 235]])
-    skin = skin_base[rng.integers(len(skin_base))] * rng.uniform(0.85, 1.1, 3)
+    skin_base = np.array([[140, 170, 220], [110, 150, 200], [80, 120, 170], [65, 100, 145], [150, 185, 235]])
+    # brightness varies freely, hue only a little (no green or blue skin)
+    skin = skin_base[rng.integers(len(skin_base))] * rng.uniform(0.85, 1.1) * rng.uniform(0.96, 1.04, 3)
     hair = np.array([[20, 20, 25], [30, 50, 90], [60, 110, 170], [150, 150, 150], [20, 40, 60], [90, 160, 220]])
     return Identity(
         eye_dist=float(rng.uniform(56, 70)),
@@ -60,10 +61,10 @@ def random_identity(rng: np.random.Generator) -> Identity:
         eye_w=float(rng.uniform(0.17, 0.25)),
         eye_h=float(rng.uniform(0.07, 0.11)),
         iris=tuple(rng.choice([[60, 40, 20], [120, 90, 40], [30, 60, 100], [90, 120, 60], [20, 20, 30]]).tolist()),
-        brow_thick=int(rng.integers(3, 8)),
+        brow_thick=int(rng.integers(4, 8)),
         brow_raise=float(rng.uniform(0.22, 0.38)),
         brow_slant=float(rng.uniform(-0.12, 0.12)),
-        brow_color=tuple((hair[rng.integers(len(hair))] * 0.7).tolist()),
+        brow_color=tuple(np.minimum(hair[rng.integers(len(hair))] * 0.5, 70).tolist()),
         nose_len=float(rng.uniform(0.5, 0.65)),
         nose_w=float(rng.uniform(0.14, 0.24)),
         mouth_y=float(rng.uniform(1.05, 1.25)),
@@ -75,7 +76,7 @@ def random_identity(rng: np.random.Generator) -> Identity:
         hairline=float(rng.uniform(0.55, 0.85)),
         mole=(float(rng.uniform(-0.8, 0.8)), float(rng.uniform(0.2, 1.2))) if rng.random() < 0.4 else None,
         beard=bool(rng.random() < 0.25),
-        glasses=bool(rng.random() < 0.2),
+        glasses=bool(rng.random() < 0.12),
     )
 
 
@@ -106,7 +107,7 @@ def random_nuisance(rng: np.random.Generator, size: int, eye_px: tuple[float, fl
         expression=float(rng.uniform(0, 1)),
         light=float(rng.uniform(0, 0.35)),
         light_dir=float(rng.uniform(0, 2 * np.pi)),
-        cast=tuple(rng.uniform(0.85, 1.15, 3).tolist()),
+        cast=tuple(rng.uniform(0.9, 1.1, 3).tolist()),
         blur_sigma=float(rng.uniform(*blur)),
         noise_sigma=float(rng.uniform(0, 5)),
         jpeg_quality=int(rng.integers(60, 96)),
@@ -199,9 +200,9 @@ def draw_face(ident: Identity, yaw: float, expression: float) -> tuple[np.ndarra
         _ellipse(bgr, (ex, ey), (eh * 0.45, eh * 0.45), 0, (10, 10, 10))
         cv2.ellipse(bgr, _pt(ex, ey), _pt(ew, eh * 1.1), 0, 180, 360, (30, 30, 30), 2, cv2.LINE_AA, 4)
         if ident.glasses:
-            _ellipse(bgr, (ex, ey), (0.32 * d, 0.24 * d), 0, (20, 20, 20), 2)
+            _ellipse(bgr, (ex, ey), (0.32 * d, 0.24 * d), 0, (70, 70, 70), 1)
     if ident.glasses:
-        cv2.line(bgr, _pt(lm[0][0] + 0.32 * d, lm[0][1]), _pt(lm[1][0] - 0.32 * d, lm[1][1]), (20, 20, 20), 2,
+        cv2.line(bgr, _pt(lm[0][0] + 0.32 * d, lm[0][1]), _pt(lm[1][0] - 0.32 * d, lm[1][1]), (70, 70, 70), 1,
                  cv2.LINE_AA, 4)
     # Nose: shaded bridge side and nostrils.
     nx, ny = lm[2]
@@ -224,11 +225,9 @@ def draw_face(ident: Identity, yaw: float, expression: float) -> tuple[np.ndarra
     if ident.beard:
         beard = np.zeros((CANVAS, CANVAS), np.uint8)
         cv2.fillPoly(beard, poly, 255, cv2.LINE_AA, 4)
-        beard[: int(ny + 0.1 * d)] = 0
-        mouth_hole = np.zeros_like(beard)
-        cv2.fillPoly(mouth_hole, [np.round(lips * 16).astype(np.int32)], 255, cv2.LINE_AA, 4)
-        sel = (beard > 0) & (mouth_hole == 0)
-        bgr[sel] = (0.5 * bgr[sel] + 0.5 * np.array(ident.hair_color)).astype(np.uint8)
+        beard[: int(mid_y + lip_h * 1.5)] = 0  # chin and jaw only, below the lips
+        soft = cv2.GaussianBlur(beard, (0, 0), 0.08 * d).astype(np.float32)[..., None] / 255.0 * 0.45
+        bgr[:] = (bgr * (1 - soft) + np.array(ident.hair_color, np.float32) * soft).astype(np.uint8)
     if ident.mole is not None:
         mx, my = ident.mole
         _ellipse(bgr, (cx + mx * d * 0.6 + shift, EYE_Y + my * d * 0.6), (2.2, 2.2), 0, (30, 40, 60))

@@ -1,0 +1,1 @@
+"""Face detection (MTCNN) for sources that carry no landmarks."""

@@ -1,0 +1,395 @@
+"""Readers for raw face datasets. Each turns a source into partitions of raw samples.
+
+A reader is planned once on the driver (`plan(source, target_records)` lists partitions:
+small, picklable descriptions such as a group of identity folders or a byte range of a
+TSV) and each partition is read on a worker (`read_partition(part)`), streaming: nothing
+loads a whole dataset. Partitions never split an identity, so per-identity steps
+(duplicate detection) see all of an identity's images in one place.
+
+A problem with one record (malformed row, bad base64, unsafe identity name, corrupt
+RecordIO record) yields a `RawSample` carrying `reject` = (reason, detail naming the file
+and line), never an exception: the job records it and goes on.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import os
+import posixpath
+import re
+import struct
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+
+from cleaning import storage
+
+FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_SAFE_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+
+
+@dataclass
+class RawSample:
+    key: str  # unique within the source
+    identity: str
+    source: str  # file (and line or record) it came from
+    data: bytes | None = None
+    landmarks: np.ndarray | None = None  # (5, 2) source pixels, when the source gives them
+    box: np.ndarray | None = None  # x, y, w, h source pixels, when the source gives it
+    reject: tuple[str, str] | None = None  # (reason, detail) when the record itself is bad
+    aligned: bool = False  # already aligned 112x112 (insightface-rec): no detection
+
+
+@dataclass
+class Partition:
+    format: str
+    root: str
+    index: int
+    identities: list[str] = field(default_factory=list)  # folder formats
+    byte_range: tuple[int, int] | None = None  # msceleb-tsv
+    first_line: int = 1
+    records: list[tuple[int, int, int]] = field(default_factory=list)  # rec: (idx, offset, idx line)
+    extra: dict = field(default_factory=dict)
+
+
+def safe_identity(name: str) -> bool:
+    """Identity names become folder names and labels: no separators, no '..', printable."""
+    return bool(_SAFE_IDENTITY.match(name)) and ".." not in name
+
+
+def _listdir(uri: str) -> list[pafs.FileInfo]:
+    fs, path = storage.resolve(uri)
+    return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=False))
+
+
+def _read_range(uri: str, start: int, end: int) -> bytes:
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as fh:
+        fh.seek(start)
+        return fh.read(end - start)
+
+
+def _group(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
+
+
+# -- image folder ------------------------------------------------------------------------
+
+def plan_image_folder(root: str, identities_per_partition: int) -> list[Partition]:
+    dirs = sorted(posixpath.basename(i.path) for i in _listdir(root) if i.type == pafs.FileType.Directory)
+    return [Partition("image-folder", root, n, ids) for n, ids in enumerate(_group(dirs, identities_per_partition))]
+
+
+def read_image_folder(part: Partition) -> Iterator[RawSample]:
+    for ident in part.identities:
+        folder = storage.join(part.root, ident)
+        for info in sorted(_listdir(folder), key=lambda i: i.path):
+            if info.type != pafs.FileType.File:
+                continue
+            name = posixpath.basename(info.path)
+            rel = f"{ident}/{name}"
+            uri = storage.join(folder, name)
+            if not safe_identity(ident):
+                yield RawSample(rel, ident, uri, reject=("unsafe_identity", f"{uri}: identity name {ident!r}"))
+            elif not name.lower().endswith(IMAGE_SUFFIXES):
+                yield RawSample(rel, ident, uri, reject=("not_an_image_file", f"{uri}: unexpected file type"))
+            else:
+                yield RawSample(rel, ident, uri, data=storage.read_bytes(uri))
+
+
+# -- VGGFace2 ----------------------------------------------------------------------------
+
+VGG_BB = "bb_landmark/loose_bb_{split}.csv"
+VGG_LM = "bb_landmark/loose_landmark_{split}.csv"
+
+
+def _csv_identity_ranges(uri: str) -> dict[str, tuple[int, int, int]]:
+    """Byte range and first line of each identity's rows in a VGGFace2 annotation CSV.
+
+    The CSVs are sorted by NAME_ID, so one streaming pass records where each identity's
+    rows start and end; workers then read only their identities' rows.
+    """
+    ranges: dict[str, tuple[int, int, int]] = {}
+    if not storage.exists(uri):
+        return ranges
+    fs, path = storage.resolve(uri)
+    offset, line_no, current, start, start_line = 0, 0, None, 0, 0
+    with fs.open_input_stream(path) as fh:
+        for raw in io.BufferedReader(fh, buffer_size=1 << 20):
+            line_no += 1
+            if line_no > 1:  # header
+                ident = raw.split(b",", 1)[0].split(b"/", 1)[0].decode("utf-8", "replace")
+                if ident != current:
+                    if current is not None:
+                        ranges.setdefault(current, (start, offset, start_line))
+                    current, start, start_line = ident, offset, line_no
+            offset += len(raw)
+    if current is not None:
+        ranges.setdefault(current, (start, offset, start_line))
+    return ranges
+
+
+def plan_vggface2(root: str, identities_per_partition: int, split: str = "train") -> list[Partition]:
+    image_root = storage.join(root, split)
+    dirs = sorted(posixpath.basename(i.path) for i in _listdir(image_root) if i.type == pafs.FileType.Directory)
+    bb = _csv_identity_ranges(storage.join(root, VGG_BB.format(split=split)))
+    lm = _csv_identity_ranges(storage.join(root, VGG_LM.format(split=split)))
+    parts = []
+    for n, ids in enumerate(_group(dirs, identities_per_partition)):
+        parts.append(Partition("vggface2", root, n, ids, extra={
+            "split": split, "bb": {i: bb[i] for i in ids if i in bb}, "lm": {i: lm[i] for i in ids if i in lm}}))
+    # Annotation rows whose identity has no folder still have to be accounted for.
+    orphans = sorted((set(bb) | set(lm)) - set(dirs))
+    if orphans:
+        parts.append(Partition("vggface2", root, len(parts), [], extra={
+            "split": split, "orphans": orphans, "bb": {i: bb[i] for i in orphans if i in bb},
+            "lm": {i: lm[i] for i in orphans if i in lm}}))
+    return parts
+
+
+def _parse_rows(uri: str, rng: tuple[int, int, int], width: int) -> dict[str, tuple[list[float] | None, str]]:
+    """NAME_ID -> (values or None when malformed, 'file:line' for messages)."""
+    start, end, first_line = rng
+    text = _read_range(uri, start, end).decode("utf-8", "replace")
+    out = {}
+    for k, row in enumerate(csv.reader(io.StringIO(text))):
+        where = f"{uri}:{first_line + k}"
+        if not row:
+            continue
+        name = row[0]
+        try:
+            if len(row) != width:
+                raise ValueError(f"{len(row)} columns, expected {width}")
+            values = [float(v) for v in row[1:]]
+            if not all(np.isfinite(values)):
+                raise ValueError("non-finite value")
+            out[name] = (values, where)
+        except ValueError as exc:
+            out[name] = (None, f"{where}: {exc}")
+    return out
+
+
+def read_vggface2(part: Partition) -> Iterator[RawSample]:
+    split = part.extra["split"]
+    bb_uri = storage.join(part.root, VGG_BB.format(split=split))
+    lm_uri = storage.join(part.root, VGG_LM.format(split=split))
+    for ident in part.identities + part.extra.get("orphans", []):
+        boxes = _parse_rows(bb_uri, part.extra["bb"][ident], 5) if ident in part.extra["bb"] else {}
+        marks = _parse_rows(lm_uri, part.extra["lm"][ident], 11) if ident in part.extra["lm"] else {}
+        seen = set()
+        folder = storage.join(part.root, split, ident)
+        files = [] if ident not in part.identities else sorted(
+            i.path for i in _listdir(folder) if i.type == pafs.FileType.File)
+        for path in files:
+            name = posixpath.basename(path)
+            stem, suffix = posixpath.splitext(name)
+            key = f"{ident}/{stem}"
+            uri = storage.join(folder, name)
+            seen.add(key)
+            if not safe_identity(ident):
+                yield RawSample(key, ident, uri, reject=("unsafe_identity", f"{uri}: identity name {ident!r}"))
+                continue
+            if suffix.lower() not in IMAGE_SUFFIXES:
+                yield RawSample(key, ident, uri, reject=("not_an_image_file", f"{uri}: unexpected file type"))
+                continue
+            sample = RawSample(key, ident, uri, data=storage.read_bytes(uri))
+            bb, lm = boxes.get(key), marks.get(key)
+            if bb is None or lm is None:
+                pass  # no annotation: the detector decides
+            elif bb[0] is None or lm[0] is None:
+                bad = bb if bb[0] is None else lm
+                sample.reject = ("malformed_annotation", bad[1])
+            else:
+                sample.box = np.array(bb[0], np.float32)
+                sample.landmarks = np.array(lm[0], np.float32).reshape(5, 2)
+            yield sample
+        # Rows that name an image we do not have: accounted for, as rejects.
+        for key in sorted((set(boxes) | set(marks)) - seen):
+            where = (boxes.get(key) or marks.get(key))[1]
+            yield RawSample(f"annotation:{key}", ident, where,
+                            reject=("annotation_without_image", f"{where}: no image file for {key}"))
+
+
+# -- MS-Celeb-1M TSV ---------------------------------------------------------------------
+
+def plan_msceleb(root: str, target_records: int) -> list[Partition]:
+    """Cut the TSV into byte ranges of about `target_records` lines, only where the MID changes."""
+    uri = root if root.endswith(".tsv") else _find_tsv(root)
+    fs, path = storage.resolve(uri)
+    parts: list[Partition] = []
+    offset, line_no, start, start_line, count, prev = 0, 0, 0, 1, 0, None
+    with fs.open_input_stream(path) as fh:
+        for raw in io.BufferedReader(fh, buffer_size=1 << 20):
+            line_no += 1
+            mid = raw.split(b"\t", 1)[0]
+            if count >= target_records and mid != prev:
+                parts.append(Partition("msceleb-tsv", uri, len(parts), byte_range=(start, offset), first_line=start_line))
+                start, start_line, count = offset, line_no, 0
+            prev = mid
+            count += 1
+            offset += len(raw)
+    if count:
+        parts.append(Partition("msceleb-tsv", uri, len(parts), byte_range=(start, offset), first_line=start_line))
+    return parts
+
+
+def _find_tsv(root: str) -> str:
+    tsvs = storage.list_files(root, suffix=".tsv", recursive=False)
+    if len(tsvs) != 1:
+        raise FileNotFoundError(f"{root}: expected exactly one .tsv file, found {len(tsvs)}")
+    return tsvs[0]
+
+
+def read_msceleb(part: Partition) -> Iterator[RawSample]:
+    start, end = part.byte_range
+    data = _read_range(part.root, start, end)
+    name = posixpath.basename(part.root)
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the range
+    for k, raw in enumerate(lines):
+        line = part.first_line + k
+        where = f"{name}:{line}"
+        cols = raw.rstrip(b"\r").split(b"\t")
+        mid = cols[0].decode("utf-8", "replace")
+        key = f"{mid}/{cols[4].decode('utf-8', 'replace')}" if len(cols) > 4 else f"line:{line}"
+        if len(cols) != 7:
+            yield RawSample(key, mid, where, reject=("malformed_row", f"{where}: {len(cols)} columns, expected 7"))
+            continue
+        if not safe_identity(mid):
+            yield RawSample(key, mid, where, reject=("unsafe_identity", f"{where}: identity {mid!r}"))
+            continue
+        try:
+            image = base64.b64decode(cols[6], validate=True)
+        except (binascii.Error, ValueError) as exc:
+            yield RawSample(key, mid, where, reject=("invalid_base64", f"{where}: FaceData: {exc}"))
+            continue
+        try:
+            rect = base64.b64decode(cols[5], validate=True)
+            x, y, w, h = struct.unpack("<4f", rect)
+        except (binascii.Error, ValueError, struct.error) as exc:
+            yield RawSample(key, mid, where, reject=("malformed_row", f"{where}: FaceRectangle: {exc}"))
+            continue
+        sample = RawSample(key, mid, where, data=image)
+        if w > 0 and h > 0:
+            # Relative to the FaceData image; made absolute once the image is decoded.
+            sample.box = np.array([x, y, w, h], np.float32)
+        yield sample
+
+
+# -- insightface RecordIO (MS1MV2 / MS1MV3 as distributed) ---------------------------------
+
+REC_MAGIC = 0xCED7230A
+IR_HEADER = struct.Struct("<IfQQ")
+
+
+class RecordIOError(ValueError):
+    pass
+
+
+def read_record(fh, offset: int) -> bytes:
+    """One logical record at `offset`, joining continuation parts as dmlc-core's reader does."""
+    fh.seek(offset)
+    out = bytearray()
+    while True:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise RecordIOError(f"offset {offset}: file ends inside a record header")
+        magic, lrec = struct.unpack("<II", head)
+        if magic != REC_MAGIC:
+            raise RecordIOError(f"offset {offset}: bad magic 0x{magic:08X}")
+        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        payload = fh.read((length + 3) & ~3)
+        if len(payload) < length:
+            raise RecordIOError(f"offset {offset}: record truncated")
+        out += payload[:length]
+        if cflag in (0, 3):
+            return bytes(out)
+        # A part boundary stands where the writer removed a magic word from the data.
+        out += struct.pack("<I", REC_MAGIC)
+
+
+def unpack_record(record: bytes) -> tuple[int, np.ndarray, int, bytes]:
+    """(flag, labels, id, payload): the `mx.recordio.pack` layout."""
+    if len(record) < IR_HEADER.size:
+        raise RecordIOError("record shorter than its header")
+    flag, label, ident, _ = IR_HEADER.unpack_from(record)
+    body = record[IR_HEADER.size:]
+    if flag > 0:
+        if len(body) < 4 * flag:
+            raise RecordIOError(f"record declares {flag} labels but is too short")
+        labels = np.frombuffer(body[:4 * flag], np.float32).copy()
+        body = body[4 * flag:]
+    else:
+        labels = np.array([label], np.float32)
+    return flag, labels, ident, body
+
+
+def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partition]:
+    idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
+    entries, bad = [], []
+    text = storage.read_bytes(idx_uri).decode("utf-8", "replace")
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        parts = line.split("\t")
+        try:
+            if len(parts) != 2:
+                raise ValueError("expected 'index<TAB>offset'")
+            entries.append((int(parts[0]), int(parts[1]), line_no))
+        except ValueError as exc:
+            bad.append((line_no, f"train.idx:{line_no}: {exc}: {line[:60]!r}"))
+    with storage.open_input(rec_uri) as fh:
+        offsets = {i: off for i, off, _ in entries}
+        if 0 not in offsets:
+            raise RecordIOError(f"{idx_uri}: no entry for the header record 0")
+        flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
+    if flag > 0:  # header: images are records 1 .. labels[0]-1
+        image_ids = set(range(1, int(labels[0])))
+        entries = [e for e in entries if e[0] in image_ids]
+    # else: no header record, every record is an image
+    parts = [Partition("insightface-rec", root, n, records=chunk)
+             for n, chunk in enumerate(_group(entries, records_per_partition))]
+    if bad:
+        parts[0].extra["bad_idx_lines"] = bad
+    return parts
+
+
+def read_insightface_rec(part: Partition) -> Iterator[RawSample]:
+    rec_uri = storage.join(part.root, "train.rec")
+    for line_no, detail in part.extra.get("bad_idx_lines", []):
+        yield RawSample(f"idx-line:{line_no}", "", detail, reject=("corrupt_index", detail))
+    with storage.open_input(rec_uri) as fh:
+        for idx, offset, line_no in part.records:
+            where = f"train.rec#{idx} (train.idx:{line_no})"
+            try:
+                _, labels, _, payload = unpack_record(read_record(fh, offset))
+            except RecordIOError as exc:
+                yield RawSample(f"rec:{idx}", "", where, reject=("corrupt_record", f"{where}: {exc}"))
+                continue
+            label = int(labels[0])
+            yield RawSample(f"rec:{idx}", str(label), where, data=payload, aligned=True)
+
+
+PLANNERS = {"vggface2": plan_vggface2, "msceleb-tsv": plan_msceleb, "image-folder": plan_image_folder,
+            "insightface-rec": plan_insightface_rec}
+READERS = {"vggface2": read_vggface2, "msceleb-tsv": read_msceleb, "image-folder": read_image_folder,
+           "insightface-rec": read_insightface_rec}
+
+
+def plan(fmt: str, root: str, per_partition: int) -> list[Partition]:
+    """Partitions of about `per_partition` identities (folders) or records (TSV, rec)."""
+    if fmt not in PLANNERS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt in ("vggface2", "image-folder"):
+        # identities per partition: aim at `per_partition` images with ~30 images per identity
+        per_partition = max(1, per_partition // 30)
+    return PLANNERS[fmt](root, per_partition)
+
+
+def read_partition(part: Partition) -> Iterator[RawSample]:
+    return READERS[part.format](part)

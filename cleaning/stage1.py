@@ -1,0 +1,177 @@
+"""Stage 1 on one partition: read -> steps -> staged kept table + rejects table + counts.
+
+`process_partition` is what a Dask task runs. It is idempotent: its outputs have fixed
+names and are written whole, the counts file last, so a task that dies half-way is simply
+run again (by Dask's retry or a rerun of the job) and a finished one is skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from cleaning import shards, storage
+from cleaning.readers import Partition, read_partition
+from cleaning.steps import CleanConfigView, Face, Step, build_steps
+
+log = logging.getLogger(__name__)
+
+MAX_REJECT_IMAGE_BYTES = 1 << 20
+_DETECTOR = {}
+
+
+def get_detector(min_face: int, device: str):
+    """One MTCNN per worker process (weights load once)."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = (min_face, device)
+    if key not in _DETECTOR:
+        from cleaning.detect.mtcnn import MTCNN
+
+        _DETECTOR[key] = MTCNN(device=device, min_face_size=min_face)
+    return _DETECTOR[key]
+
+
+@dataclasses.dataclass
+class Stage1Options:
+    thresholds: CleanConfigView
+    detector_min_face: int = 20
+    detector_device: str = "auto"
+    detector_batch: int = 32
+    redetect: bool = False
+    jpeg_quality: int = 95
+    row_group_rows: int = 1000
+
+
+def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.tobytes()
+
+
+class _Tables:
+    def __init__(self, quality: int):
+        self.kept: dict[str, list] = {f.name: [] for f in shards.STAGED_SCHEMA}
+        self.rejects: dict[str, list] = {f.name: [] for f in shards.REJECT_SCHEMA}
+        self.quality = quality
+
+    def keep(self, face: Face) -> None:
+        k = self.kept
+        k["image"].append(_jpeg(face.aligned, self.quality))
+        k["identity"].append(face.raw.identity)
+        k["key"].append(face.raw.key)
+        k["source"].append(face.raw.source)
+        k["det_score"].append(face.det_score)
+        k["landmarks"].append(None if face.landmarks is None else np.asarray(face.landmarks, np.float32).ravel().tolist())
+        k["box"].append(None if face.box is None else np.asarray(face.box, np.float32).tolist())
+        k["num_faces"].append(face.num_faces)
+        k["face_choice"].append(face.face_choice or "aligned_source")
+        k["eye_distance"].append(face.eye_distance)
+        k["blur"].append(face.blur)
+        k["dhash"].append(face.dhash.to_bytes(32, "big"))
+
+    def reject(self, face: Face, stage: str, reason: str) -> None:
+        r = self.rejects
+        if face.aligned is not None:
+            image = _jpeg(face.aligned, self.quality)
+        elif face.raw.data and len(face.raw.data) <= MAX_REJECT_IMAGE_BYTES:
+            image = face.raw.data
+        else:
+            image = None
+        r["key"].append(face.raw.key)
+        r["identity"].append(face.raw.identity)
+        r["source"].append(face.raw.source)
+        r["stage"].append(stage)
+        r["reason"].append(reason)
+        r["detail"].append(face.detail)
+        r["image"].append(image)
+        r["det_score"].append(face.det_score)
+        r["eye_distance"].append(face.eye_distance)
+        r["blur"].append(face.blur)
+
+    def tables(self) -> tuple[pa.Table, pa.Table]:
+        return (pa.table(self.kept, schema=shards.STAGED_SCHEMA), pa.table(self.rejects, schema=shards.REJECT_SCHEMA))
+
+
+def _run(steps: list[Step], face: Face) -> tuple[str, str] | None:
+    for step in steps:
+        reason = step(face)
+        if reason is not None:
+            return step.name, reason
+    return None
+
+
+def _by_identity(samples):
+    """Group the reader's stream into runs of one identity (readers emit identities whole)."""
+    group, current = [], None
+    for s in samples:
+        if group and s.identity != current:
+            yield group
+            group = []
+        current = s.identity
+        group.append(s)
+    if group:
+        yield group
+
+
+def staged_uris(out: str, index: int) -> dict[str, str]:
+    name = shards.part_name(index)
+    return {"kept": storage.join(out, "staging", f"{name}.parquet"),
+            "rejects": storage.join(out, "rejects", f"{name}.parquet"),
+            "counts": storage.join(out, "staging", f"{name}.json")}
+
+
+def process_partition(part: Partition, opts: Stage1Options, out: str) -> dict:
+    uris = staged_uris(out, part.index)
+    if storage.exists(uris["counts"]):  # finished on an earlier run
+        return shards.read_json(uris["counts"])
+    chain = build_steps(opts.thresholds)
+    tables = _Tables(opts.jpeg_quality)
+    read = 0
+    for group in _by_identity(read_partition(part)):
+        read += len(group)
+        waiting: list[Face] = []
+        for raw in group:
+            face = Face(raw)
+            if opts.redetect:
+                raw.landmarks = None
+            dropped = _run(chain.before_detection, face)
+            if dropped:
+                tables.reject(face, *dropped)
+            else:
+                waiting.append(face)
+        need = [f for f in waiting if f.landmarks is None and f.aligned is None]
+        if need:
+            detector = get_detector(opts.detector_min_face, opts.detector_device)
+            for start in range(0, len(need), opts.detector_batch):
+                chunk = need[start:start + opts.detector_batch]
+                for face, dets in zip(chunk, detector.detect([f.image for f in chunk])):
+                    face.detections = dets
+        for face in waiting:  # in the reader's (key) order: duplicates keep the first
+            dropped = _run(chain.after_detection, face)
+            if dropped:
+                tables.reject(face, *dropped)
+            else:
+                tables.keep(face)
+            face.image = None  # free the decoded photo early
+    kept, rejects = tables.tables()
+    counts = {
+        "partition": part.index, "read": read, "kept": kept.num_rows, "rejected": rejects.num_rows,
+        "reasons": dict(Counter(zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist()))
+                        .most_common()) if rejects.num_rows else {},
+        "steps": {s.name: s.counts() for s in chain.all()},
+    }
+    counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
+    if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
+        raise RuntimeError(f"partition {part.index}: read {read} != kept {kept.num_rows} + rejected {rejects.num_rows}")
+    shards.write_table(uris["kept"], kept, opts.row_group_rows)
+    shards.write_table(uris["rejects"], rejects, opts.row_group_rows)
+    shards.write_json(uris["counts"], counts)  # last: marks the partition done
+    return counts

@@ -1,0 +1,388 @@
+"""Stage-1 refinement steps. Each is small: it looks at one face and keeps it or drops it
+with a reason, and counts what it did (the datatrove filter pattern).
+
+A `Face` carries one raw sample through the steps, gaining a decoded image, landmarks,
+an aligned crop and quality figures on the way. `run_steps` applies the steps in order;
+the first drop ends a face's journey in the rejects table with (stage, reason, detail).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections import Counter
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from cleaning.align import AlignmentError, align_face
+from cleaning.readers import RawSample
+
+
+@dataclass
+class CleanConfigView:
+    """The thresholds the steps read (a view of `pipelines.config.CleanConfig`)."""
+
+    max_pixels: int
+    min_det_score: float
+    min_eye_distance_px: float
+    min_blur: float
+    near_duplicate_bits: int
+    near_duplicate_correlation: float
+    landmark_margin: float
+
+
+@dataclass
+class Face:
+    raw: RawSample
+    image: np.ndarray | None = None  # RGB uint8
+    landmarks: np.ndarray | None = None  # (5, 2) source pixels
+    box: np.ndarray | None = None  # x, y, w, h source pixels
+    det_score: float = float("nan")  # NaN where landmarks came from the source
+    num_faces: int = 0
+    face_choice: str = ""
+    aligned: np.ndarray | None = None  # RGB uint8 112x112
+    eye_distance: float = float("nan")
+    blur: float = float("nan")
+    dhash: int = 0
+    sha256: str = ""
+    detail: str = ""  # why, for a drop (file, line, figure)
+    detections: list | None = None  # MTCNN output for this image, set by the batch runner
+
+
+class Step:
+    """Keep (return None) or drop (return a reason). Subclasses say which reasons they give."""
+
+    name = "step"
+    reasons: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.kept = 0
+        self.dropped: Counter[str] = Counter()
+
+    def check(self, face: Face) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, face: Face) -> str | None:
+        reason = self.check(face)
+        if reason is None:
+            self.kept += 1
+        else:
+            self.dropped[reason] += 1
+        return reason
+
+    def counts(self) -> dict:
+        return {"kept": self.kept, "dropped": dict(self.dropped)}
+
+
+class RecordCheck(Step):
+    """Drops records the reader already found broken (malformed rows, unsafe names...)."""
+
+    name = "read"
+
+    def check(self, face):
+        if face.raw.reject:
+            reason, face.detail = face.raw.reject
+            return reason
+        return None
+
+
+class ExactDuplicate(Step):
+    """Byte-identical files within an identity: keeps the first (in key order)."""
+
+    name = "exact_duplicate"
+    reasons = ("exact_duplicate",)
+
+    def __init__(self):
+        super().__init__()
+        self.seen: dict[tuple[str, str], str] = {}
+
+    def check(self, face):
+        face.sha256 = hashlib.sha256(face.raw.data or b"").hexdigest()
+        if not face.raw.data:
+            return None  # empty files are the decoder's to reject
+        first = self.seen.setdefault((face.raw.identity, face.sha256), face.raw.key)
+        if first != face.raw.key:
+            face.detail = f"same bytes as {first}"
+            return "exact_duplicate"
+        return None
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the header alone (no pixel decoding: decompression-bomb safe)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:
+        return None
+
+
+class Decode(Step):
+    """Decodes to RGB uint8. Grey, RGBA, 16-bit and CMYK become 8-bit RGB; empty, truncated,
+    non-image and over-large (pixel cap) files are dropped."""
+
+    name = "decode"
+    reasons = ("empty_file", "too_many_pixels", "undecodable", "truncated", "not_aligned_112")
+
+    def __init__(self, max_pixels: int):
+        super().__init__()
+        self.max_pixels = max_pixels
+
+    def check(self, face):
+        data = face.raw.data
+        if not data:
+            face.detail = f"{face.raw.source}: 0 bytes"
+            return "empty_file"
+        size = _image_size(data)
+        if size is not None and size[0] * size[1] > self.max_pixels:
+            face.detail = f"{face.raw.source}: {size[0]}x{size[1]} exceeds the {self.max_pixels}-pixel cap"
+            return "too_many_pixels"
+        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
+            face.detail = f"{face.raw.source}: JPEG without its end marker"
+            return "truncated"
+        buf = np.frombuffer(data, np.uint8)
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # 8-bit, 3 channels whatever the input
+        if img is None or img.size == 0:
+            face.detail = f"{face.raw.source}: not a decodable image"
+            return "undecodable"
+        face.image = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        if face.raw.aligned:  # insightface-rec: already aligned faces, no detection
+            if face.image.shape[:2] != (112, 112):
+                face.detail = f"{face.raw.source}: {face.image.shape[1]}x{face.image.shape[0]}, expected aligned 112x112"
+                return "not_aligned_112"
+            face.aligned = face.image
+        if face.raw.box is not None and face.raw.box.max() <= 1.0 and face.raw.landmarks is None:
+            h, w = face.image.shape[:2]  # MS-Celeb rectangles are relative
+            face.box = face.raw.box * np.array([w, h, w, h], np.float32)
+        elif face.raw.box is not None:
+            face.box = face.raw.box
+        return None
+
+
+class SourceLandmarks(Step):
+    """Uses landmarks the source provides (VGGFace2), if they lie on the image."""
+
+    name = "source_landmarks"
+    reasons = ("landmarks_outside_image",)
+
+    def __init__(self, margin: float):
+        super().__init__()
+        self.margin = margin
+
+    def check(self, face):
+        lm = face.raw.landmarks
+        if lm is None:
+            return None
+        h, w = face.image.shape[:2]
+        pad = self.margin * max(h, w)
+        if not (np.all(lm[:, 0] >= -pad) and np.all(lm[:, 0] <= w + pad) and np.all(lm[:, 1] >= -pad)
+                and np.all(lm[:, 1] <= h + pad)):
+            face.detail = f"{face.raw.source}: landmarks {lm.round(1).tolist()} outside {w}x{h}"
+            return "landmarks_outside_image"
+        face.landmarks = lm
+        face.num_faces, face.face_choice = 1, "source_landmarks"
+        return None
+
+
+def choose_face(detections, image_shape, source_box=None):
+    """The source's face if it gave a box (best overlap), else the largest central one.
+
+    'Largest central' follows insightface's rule: area minus twice the squared distance of
+    the box centre from the image centre.
+    """
+    if not detections:
+        return None, ""
+    if len(detections) == 1:
+        return detections[0], "only"
+    boxes = np.array([d.box for d in detections], np.float64)
+    if source_box is not None:
+        x, y, w, h = source_box
+        sb = np.array([x, y, x + w, y + h])
+        ix = np.clip(np.minimum(boxes[:, 2], sb[2]) - np.maximum(boxes[:, 0], sb[0]), 0, None)
+        iy = np.clip(np.minimum(boxes[:, 3], sb[3]) - np.maximum(boxes[:, 1], sb[1]), 0, None)
+        inter = ix * iy
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        iou = inter / (area + w * h - inter + 1e-9)
+        if iou.max() > 0.3:
+            return detections[int(iou.argmax())], "source_box"
+    h, w = image_shape[:2]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    centre = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2 - w / 2, (boxes[:, 1] + boxes[:, 3]) / 2 - h / 2], 1)
+    value = area - 2.0 * (centre ** 2).sum(1)
+    return detections[int(value.argmax())], "largest_central"
+
+
+class Detected(Step):
+    """Applies a batch's detections: no face is a drop; several faces, a recorded choice."""
+
+    name = "detect"
+    reasons = ("no_face",)
+
+    def check(self, face):
+        if face.landmarks is not None or face.aligned is not None:
+            return None
+        dets = face.detections or []
+        face.num_faces = len(dets)
+        chosen, how = choose_face(dets, face.image.shape, face.box)
+        if chosen is None:
+            face.detail = f"{face.raw.source}: MTCNN found no face"
+            return "no_face"
+        face.landmarks, face.det_score, face.face_choice = chosen.landmarks, chosen.score, how
+        x1, y1, x2, y2 = chosen.box
+        face.box = np.array([x1, y1, x2 - x1, y2 - y1], np.float32)
+        return None
+
+
+class DetectionScore(Step):
+    """Detector confidence below the threshold (only where a detector ran)."""
+
+    name = "det_score"
+    reasons = ("low_detection_score",)
+
+    def __init__(self, min_score: float):
+        super().__init__()
+        self.min_score = min_score
+
+    def check(self, face):
+        if np.isfinite(face.det_score) and face.det_score < self.min_score:
+            face.detail = f"score {face.det_score:.3f} < {self.min_score}"
+            return "low_detection_score"
+        return None
+
+
+class FaceSize(Step):
+    """Faces too small to align: the inter-ocular distance in source pixels."""
+
+    name = "face_size"
+    reasons = ("face_too_small",)
+
+    def __init__(self, min_eye_distance: float):
+        super().__init__()
+        self.min_eye_distance = min_eye_distance
+
+    def check(self, face):
+        if face.landmarks is None:  # already-aligned source
+            return None
+        face.eye_distance = float(np.linalg.norm(face.landmarks[1] - face.landmarks[0]))
+        if face.eye_distance < self.min_eye_distance:
+            face.detail = f"eye distance {face.eye_distance:.1f}px < {self.min_eye_distance}px"
+            return "face_too_small"
+        return None
+
+
+class Align(Step):
+    name = "align"
+    reasons = ("alignment_failed",)
+
+    def check(self, face):
+        if face.aligned is not None:
+            return None
+        try:
+            face.aligned = align_face(face.image, face.landmarks)
+        except AlignmentError as exc:
+            face.detail = str(exc)
+            return "alignment_failed"
+        return None
+
+
+def blur_score(aligned_rgb: np.ndarray) -> float:
+    """Variance of the Laplacian over the central face region of the aligned crop."""
+    gray = cv2.cvtColor(aligned_rgb, cv2.COLOR_RGB2GRAY)[24:104, 24:88]
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+class Blur(Step):
+    name = "blur"
+    reasons = ("too_blurry",)
+
+    def __init__(self, min_blur: float):
+        super().__init__()
+        self.min_blur = min_blur
+
+    def check(self, face):
+        face.blur = blur_score(face.aligned)
+        if face.blur < self.min_blur:
+            face.detail = f"Laplacian variance {face.blur:.1f} < {self.min_blur}"
+            return "too_blurry"
+        return None
+
+
+def difference_hash(rgb: np.ndarray, size: int = 16) -> int:
+    """size*size-bit dHash of the whole image: robust to re-encoding, small shifts, rescaling."""
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    small = cv2.resize(gray, (size + 1, size), interpolation=cv2.INTER_AREA).astype(np.int16)
+    bits = (small[:, 1:] > small[:, :-1]).flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def thumbnail(rgb: np.ndarray, size: int = 32) -> np.ndarray:
+    """Zero-mean, unit-norm grey thumbnail: dot products are correlation coefficients."""
+    gray = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (size, size), interpolation=cv2.INTER_AREA)
+    v = gray.astype(np.float32).ravel()
+    v -= v.mean()
+    return v / max(float(np.linalg.norm(v)), 1e-6)
+
+
+def relative_landmarks(face: Face) -> np.ndarray | None:
+    if face.landmarks is None or face.image is None:
+        return None
+    h, w = face.image.shape[:2]
+    return np.asarray(face.landmarks, np.float32) / np.array([w, h], np.float32)
+
+
+class NearDuplicate(Step):
+    """Near-identical photos within an identity (re-encoded, resized, slightly shifted).
+
+    All must hold: the 256-bit dHashes are within `max_bits` (cheap screen), the 32x32
+    thumbnails correlate above `min_correlation`, and the face sits at the same place in
+    the frame (landmarks, relative to image size, within `max_landmark_shift`). Two photos
+    of one person against similar plain backgrounds can pass the first two tests; they
+    do not also put the face at the same spot with the same pose.
+    """
+
+    name = "near_duplicate"
+    reasons = ("near_duplicate",)
+
+    def __init__(self, max_bits: int, min_correlation: float = 0.8, max_landmark_shift: float = 0.03):
+        super().__init__()
+        self.max_bits, self.min_correlation, self.max_shift = max_bits, min_correlation, max_landmark_shift
+        self.seen: dict[str, list[tuple]] = {}
+
+    def check(self, face):
+        face.dhash = difference_hash(face.image)
+        thumb, marks = thumbnail(face.image), relative_landmarks(face)
+        kept = self.seen.setdefault(face.raw.identity, [])
+        for other, other_thumb, other_marks, key in kept:
+            bits = (face.dhash ^ other).bit_count()
+            if bits > self.max_bits:
+                continue
+            corr = float(thumb @ other_thumb)
+            if corr < self.min_correlation:
+                continue
+            shift = 0.0 if marks is None or other_marks is None else float(np.abs(marks - other_marks).mean())
+            if shift <= self.max_shift:
+                face.detail = f"{bits}/256 hash bits, correlation {corr:.3f}, landmark shift {shift:.3f} from {key}"
+                return "near_duplicate"
+        kept.append((face.dhash, thumb, marks, face.raw.key))
+        return None
+
+
+@dataclass
+class StepChain:
+    before_detection: list[Step] = field(default_factory=list)
+    after_detection: list[Step] = field(default_factory=list)
+
+    def all(self) -> list[Step]:
+        return self.before_detection + self.after_detection
+
+
+def build_steps(cfg: CleanConfigView) -> StepChain:
+    return StepChain(
+        before_detection=[RecordCheck(), ExactDuplicate(), Decode(cfg.max_pixels),
+                          SourceLandmarks(cfg.landmark_margin)],
+        after_detection=[Detected(), DetectionScore(cfg.min_det_score), FaceSize(cfg.min_eye_distance_px),
+                         Align(), Blur(cfg.min_blur), NearDuplicate(cfg.near_duplicate_bits, cfg.near_duplicate_correlation)],
+    )

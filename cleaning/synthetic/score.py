@@ -1,0 +1,70 @@
+"""Score a refinement run against the demo's ground truth: per-defect precision and recall.
+
+For each defect stage 1 is meant to catch, the reasons that count as catching it. A
+defect is *recalled* when its image is rejected with one of those reasons; a reason's
+*precision* is the share of its rejects that really carry a defect it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections import Counter, defaultdict
+
+from cleaning import shards, storage
+
+EXPECTED = {
+    "undecodable": {"decode/undecodable", "decode/truncated"},
+    "zero_byte": {"decode/empty_file"},
+    "no_face": {"detect/no_face", "det_score/low_detection_score"},
+    "tiny_face": {"face_size/face_too_small"},
+    "blurred": {"blur/too_blurry"},
+    "exact_duplicate": {"exact_duplicate/exact_duplicate"},
+    "near_duplicate": {"near_duplicate/near_duplicate"},
+    "bad_annotation": {"read/malformed_annotation", "source_landmarks/landmarks_outside_image"},
+    "malformed_row": {"read/malformed_row", "read/invalid_base64", "read/unsafe_identity"},
+}
+
+
+def _norm_key(key: str) -> str:
+    stem, ext = posixpath.splitext(key)
+    return stem if ext.lower() in (".jpg", ".jpeg", ".png") else key
+
+
+def outcomes(out: str) -> dict[str, str]:
+    """key -> 'kept' or 'stage/reason' for every record of a stage-1 output."""
+    result = {}
+    for uri in storage.list_files(storage.join(out, "shards"), suffix=".parquet"):
+        for key in shards.read_table(uri, ["key"]).column("key").to_pylist():
+            result[_norm_key(key)] = "kept"
+    for uri in storage.list_files(storage.join(out, "rejects"), suffix=".parquet"):
+        t = shards.read_table(uri, ["key", "stage", "reason"])
+        for key, stage, reason in zip(*(t.column(c).to_pylist() for c in ("key", "stage", "reason"))):
+            result[_norm_key(key)] = f"{stage}/{reason}"
+    return result
+
+
+def score_stage1(out: str, truth_path: str) -> dict:
+    truth = json.loads(storage.read_bytes(truth_path))
+    got = outcomes(out)
+    confusion: dict[str, Counter] = defaultdict(Counter)
+    for rec in truth["images"]:
+        kind = rec["defects"][0] if rec["defects"] else "clean"
+        confusion[kind][got.get(rec["key"], "missing")] += 1
+    per_defect = {}
+    for defect, reasons in EXPECTED.items():
+        total = sum(confusion[defect].values())
+        if not total:
+            continue
+        caught = sum(n for r, n in confusion[defect].items() if r in reasons)
+        flagged = sum(n for kind, c in confusion.items() for r, n in c.items() if r in reasons)
+        per_defect[defect] = {"n": total, "recall": caught / total, "precision": caught / flagged if flagged else 0.0}
+    clean = confusion["clean"]
+    clean_total = sum(clean.values())
+    return {
+        "per_defect": per_defect,
+        "clean_kept": clean["kept"] / clean_total if clean_total else 0.0,
+        "label_noise_kept": confusion["label_noise"]["kept"] / max(1, sum(confusion["label_noise"].values())),
+        "missing": sum(c["missing"] for c in confusion.values()),
+        "confusion": {k: dict(v.most_common()) for k, v in sorted(confusion.items())},
+    }
