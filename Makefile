@@ -3,8 +3,11 @@ VENV     ?= .venv
 PYTHON   ?= python3
 ARCFACE  := $(VENV)/bin/arcface
 DEMO_RAW ?= data/demo/raw
+FORMAT   ?= vggface2
+INPUT    ?= $(DEMO_RAW)
+CLEAN_OUT ?= data/demo/stage1
 
-.PHONY: setup run demo-data services-up services-down services-status test test-all bench-core clean
+.PHONY: setup run clean-data demo-data services-up services-down services-status test test-all bench-core clean
 
 setup: $(VENV)/.installed
 
@@ -12,10 +15,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade --quiet pip
 	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(ARCFACE) fetch-weights
 	touch $@
 
 # The main job on its embedded default.
-run: demo-data
+run: clean-data
+
+# Stage 1 on Dask; on the demo raw data unless INPUT/FORMAT say otherwise.
+clean-data: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
+	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(CLEAN_OUT)
 
 $(DEMO_RAW)/ground_truth.json: | setup
 	$(ARCFACE) demo-data --out $(DEMO_RAW)

@@ -109,13 +109,14 @@ VGG_BB = "bb_landmark/loose_bb_{split}.csv"
 VGG_LM = "bb_landmark/loose_landmark_{split}.csv"
 
 
-def _csv_identity_ranges(uri: str) -> dict[str, tuple[int, int, int]]:
-    """Byte range and first line of each identity's rows in a VGGFace2 annotation CSV.
+def _csv_identity_ranges(uri: str) -> dict[str, list[tuple[int, int, int]]]:
+    """Byte ranges and first lines of each identity's rows in a VGGFace2 annotation CSV.
 
-    The CSVs are sorted by NAME_ID, so one streaming pass records where each identity's
-    rows start and end; workers then read only their identities' rows.
+    The CSVs are sorted by NAME_ID, so one streaming pass finds one contiguous range per
+    identity; an identity whose rows are scattered gets several ranges (nothing is lost).
+    Workers then read only their identities' rows.
     """
-    ranges: dict[str, tuple[int, int, int]] = {}
+    ranges: dict[str, list[tuple[int, int, int]]] = {}
     if not storage.exists(uri):
         return ranges
     fs, path = storage.resolve(uri)
@@ -127,11 +128,11 @@ def _csv_identity_ranges(uri: str) -> dict[str, tuple[int, int, int]]:
                 ident = raw.split(b",", 1)[0].split(b"/", 1)[0].decode("utf-8", "replace")
                 if ident != current:
                     if current is not None:
-                        ranges.setdefault(current, (start, offset, start_line))
+                        ranges.setdefault(current, []).append((start, offset, start_line))
                     current, start, start_line = ident, offset, line_no
             offset += len(raw)
     if current is not None:
-        ranges.setdefault(current, (start, offset, start_line))
+        ranges.setdefault(current, []).append((start, offset, start_line))
     return ranges
 
 
@@ -153,25 +154,25 @@ def plan_vggface2(root: str, identities_per_partition: int, split: str = "train"
     return parts
 
 
-def _parse_rows(uri: str, rng: tuple[int, int, int], width: int) -> dict[str, tuple[list[float] | None, str]]:
+def _parse_rows(uri: str, ranges: list[tuple[int, int, int]], width: int) -> dict[str, tuple[list[float] | None, str]]:
     """NAME_ID -> (values or None when malformed, 'file:line' for messages)."""
-    start, end, first_line = rng
-    text = _read_range(uri, start, end).decode("utf-8", "replace")
     out = {}
-    for k, row in enumerate(csv.reader(io.StringIO(text))):
-        where = f"{uri}:{first_line + k}"
-        if not row:
-            continue
-        name = row[0]
-        try:
-            if len(row) != width:
-                raise ValueError(f"{len(row)} columns, expected {width}")
-            values = [float(v) for v in row[1:]]
-            if not all(np.isfinite(values)):
-                raise ValueError("non-finite value")
-            out[name] = (values, where)
-        except ValueError as exc:
-            out[name] = (None, f"{where}: {exc}")
+    for start, end, first_line in ranges:
+        text = _read_range(uri, start, end).decode("utf-8", "replace")
+        for k, row in enumerate(csv.reader(io.StringIO(text))):
+            where = f"{uri}:{first_line + k}"
+            if not row:
+                continue
+            name = row[0]
+            try:
+                if len(row) != width:
+                    raise ValueError(f"{len(row)} columns, expected {width}")
+                values = [float(v) for v in row[1:]]
+                if not all(np.isfinite(values)):
+                    raise ValueError("non-finite value")
+                out[name] = (values, where)
+            except ValueError as exc:
+                out[name] = (None, f"{where}: {exc}")
     return out
 
 

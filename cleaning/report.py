@@ -64,7 +64,8 @@ def write_report(out: str, manifest: dict) -> str:
         if len(r):
             ax.hist(r, bins=bins, alpha=0.6, label=f"rejected ({len(r)})")
         ax.set_title(col)
-        ax.legend()
+        if len(k) or len(r):
+            ax.legend()
     storage.write_bytes(storage.join(report, "quality.png"), _png(fig))
     plt.close(fig)
     sections.append('<h2>Quality figures</h2><img src="quality.png" alt="quality histograms">')

@@ -116,6 +116,8 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size
+    except Image.DecompressionBombError:
+        return (1 << 31, 1)  # PIL refuses it on size alone: certainly over any cap we set
     except Exception:
         return None
 
