@@ -96,6 +96,75 @@ def cmd_clean_data(args, cfg) -> int:
     return 0
 
 
+def _train_overrides(args, cfg) -> None:
+    t = cfg.train
+    if args.workers is not None:
+        t.workers = args.workers
+    if args.gpu:
+        t.gpu = True
+    if args.storage:
+        t.storage = args.storage
+    if args.name:
+        t.name = args.name
+    if args.max_steps is not None:
+        t.max_steps = args.max_steps
+
+
+def cmd_train(args, cfg) -> int:
+    from pipelines.train import run_training
+
+    _train_overrides(args, cfg)
+    result = run_training(args.data, cfg.train, resume=args.resume)
+    if result.error:
+        log.error("training failed: %s", result.error)
+        return 1
+    print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
+    print(f"metrics: {json.dumps(result.metrics)}")
+    if cfg.train and __import__('os').environ.get("MLFLOW_TRACKING_URI"):
+        print(f"MLflow: {__import__('os').environ['MLFLOW_TRACKING_URI']} (experiment {cfg.train.mlflow_experiment})")
+    return 0
+
+
+def cmd_submit_train(args, cfg) -> int:
+    """Ensure a Ray head, then `ray job submit` the training with this project as working dir."""
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    from infra.local_services import LocalServices
+
+    services = LocalServices(cfg)
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        services.up(("ray",))
+        address = services.ray_dashboard
+    if address.startswith("ray://") or ":" in address and not address.startswith("http"):
+        address = f"http://{address.split('://')[-1].split(':')[0]}:{cfg.services.ray_dashboard_port}"
+    env_vars = {k: v for k, v in os.environ.items()
+                if k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL",)}
+    env_vars.setdefault("MLFLOW_TRACKING_URI", "")
+    entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
+             if not args.data.startswith("s3://") else args.data]
+    if args.config:
+        entry += ["--config", os.path.abspath(args.config)]
+    for item in args.overrides:
+        entry += ["--set", item]
+    for flag in ("workers", "storage", "name", "max_steps"):
+        value = getattr(args, flag)
+        if value is not None:
+            entry += [f"--{flag.replace('_', '-')}", str(value)]
+    if args.gpu:
+        entry.append("--gpu")
+    if args.resume:
+        entry += ["--resume", args.resume]
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+           "--working-dir", str(Path(__file__).resolve().parents[1]),
+           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entry]
+    log.info("submitting: %s", " ".join(shlex.quote(c) for c in cmd[:8]) + " ...")
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
     _common(p)
     p.set_defaults(func=cmd_clean_data)
+
+    for name, func, text in (("train", cmd_train, "train on Ray Train (the entry point `ray job submit` runs)"),
+                             ("submit-train", cmd_submit_train, "ensure a Ray head and `ray job submit` training")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")
+        p.add_argument("--workers", type=int, help="Ray Train workers (config train.workers)")
+        p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
+        p.add_argument("--storage", help="checkpoint storage: absolute path or s3:// (config train.storage)")
+        p.add_argument("--name", help="run name (config train.name)")
+        p.add_argument("--max-steps", type=int, help="stop after this many steps (config train.max_steps)")
+        p.add_argument("--resume", help="checkpoint directory to start from")
+        _common(p)
+        p.set_defaults(func=func)
     return parser
 
 

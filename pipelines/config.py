@@ -95,10 +95,56 @@ class CleanConfig:
 
 
 @dataclass
+class TrainConfig:
+    """Training (Ray Train). Defaults: the paper's recipe, sized down only where the demo
+    needs it (backbone, embedding size, steps) - see configs/demo-train.toml."""
+
+    backbone: str = "iresnet50"
+    embedding_size: int = 512
+    margin: str = "arcface"  # arcface | cosface | sphereface | combined
+    scale: float = 64.0
+    margin_m: float = 0.5  # m for arcface/cosface/sphereface
+    m1: float = 1.0  # combined margin cos(m1*theta + m2) - m3
+    m2: float = 0.5
+    m3: float = 0.0
+    straight_through: bool = False  # arcface_torch's no-grad margin (see arcface_core.margins)
+    sample_rate: float = 1.0  # Partial-FC
+    subcentres: int = 1
+    batch_size: int = 128  # global batch, split evenly over workers
+    epochs: int = 20
+    max_steps: int = 0  # > 0: stop there (before the epochs end)
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_steps: int = 0
+    poly_power: float = 2.0
+    grad_clip: float = 5.0
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    sync_bn: bool = True  # normalise over the global batch (exact data parallelism)
+    workers: int = 2
+    gpu: bool = False
+    seed: int = 0
+    shuffle_rowgroups: int = 4
+    decode_threads: int = 2
+    storage: str = ".arcface/runs"  # absolute path or s3:// (relative paths are made absolute)
+    name: str = "arcface"
+    checkpoint_every: int = 100
+    max_failures: int = 2
+    eval_pairs: str = ""  # insightface .bin; default: the dataset's eval/ pairs when present
+    eval_every: int = 0  # steps; 0: at the end only
+    log_every: int = 10
+    mlflow_experiment: str = "arcface"
+    # Testing hook: the last rank exits abruptly after this global step, once per run.
+    fail_at_step: int = 0
+
+
+@dataclass
 class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

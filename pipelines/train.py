@@ -1,0 +1,383 @@
+"""`arcface train`: ArcFace on Ray Train (V2), data-parallel backbone + sharded class centres.
+
+The driver builds a TorchTrainer (gloo on CPU, nccl on GPU); every worker runs
+`train_loop`: it streams its slice of each global batch from the shards, runs the backbone
+(DDP), gathers embeddings into the model-parallel margin softmax (arcface_core), steps,
+checkpoints and, on rank 0, logs to MLflow and evaluates on a verification pair set.
+
+Exactness: backbone gradients equal the single-process gradient of the mean loss over
+the global batch (the embedding gradient is scaled by the world size to undo DDP's
+averaging; batch norm uses global-batch statistics), so N workers follow the same
+trajectory as one process on the same global batches.
+
+Checkpoints (to `storage`, local or s3://) hold the backbone and its optimizer state
+(rank 0), each rank's slice of the class centres and their momentum (file names carry the
+class range), and the data position. Resuming re-slices the centres for the current
+worker count, so a run continues on more or fewer workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from arcface_core.backbones import build_backbone
+from arcface_core.classifier import ShardedMarginClassifier, class_ranges
+from arcface_core.margins import CombinedMargin, build_margin
+from arcface_core.sync_bn import convert_global_batchnorm
+from pipelines.config import TrainConfig
+
+log = logging.getLogger(__name__)
+INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same on any world size
+
+
+def build_margin_from(cfg: TrainConfig):
+    if cfg.margin == "combined":
+        return CombinedMargin(cfg.scale, cfg.m1, cfg.m2, cfg.m3, cfg.straight_through)
+    return build_margin(cfg.margin, s=cfg.scale, m=cfg.margin_m, straight_through=cfg.straight_through)
+
+
+def init_centres(num_classes: int, dim: int, k: int, start: int, end: int, seed: int) -> torch.Tensor:
+    """N(0, 0.01) centres for classes [start, end), identical whatever the sharding."""
+    out = []
+    for block in range(start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
+        b0, b1 = block * INIT_BLOCK, min(num_classes, (block + 1) * INIT_BLOCK)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        w = torch.normal(0.0, 0.01, ((b1 - b0) * k, dim), generator=g)
+        lo, hi = max(start, b0) - b0, min(end, b1) - b0
+        out.append(w[lo * k:hi * k])
+    return torch.cat(out)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then polynomial decay to 0 at the last step (arcface_torch's schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * (1 - (step - cfg.warmup_steps) / span) ** cfg.poly_power
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Trainee:
+    """The model on one rank: backbone (+DDP), this rank's centres, both optimizers."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, rank: int, world: int, device: torch.device):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        torch.manual_seed(cfg.seed)  # the same backbone initialisation on every rank
+        backbone = build_backbone(cfg.backbone, cfg.embedding_size)
+        if world > 1 and cfg.sync_bn:
+            if device.type == "cuda":
+                backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+            else:
+                backbone = convert_global_batchnorm(backbone)
+        self.backbone = backbone.to(device)
+        self.head = ShardedMarginClassifier(num_classes, cfg.embedding_size, build_margin_from(cfg),
+                                            sample_rate=cfg.sample_rate, subcentres=cfg.subcentres,
+                                            rank=rank, world_size=world, generator_seed=cfg.seed)
+        with torch.no_grad():
+            self.head.weight.copy_(init_centres(num_classes, cfg.embedding_size, cfg.subcentres,
+                                                self.head.class_start, self.head.class_end, cfg.seed))
+        self.head.to(device)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.backbone, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.model = self.backbone
+        self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad])
+        self.opt_head = make_optimizer(cfg, [self.head.weight])
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _amp_dtype(self):
+        mode = self.cfg.amp
+        if mode == "auto":
+            mode = "bf16" if self.device.type == "cuda" else "off"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for opt in (self.opt_backbone, self.opt_head):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            embeddings = self.model(images)
+        if self.world > 1:
+            # DDP averages backbone gradients over ranks; the loss is already the global mean.
+            embeddings.register_hook(lambda g: g * self.world)
+        loss = self.head(embeddings.float(), labels)  # logits stay fp32
+        self.opt_backbone.zero_grad(set_to_none=True)
+        self.opt_head.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt_backbone)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt_backbone)
+        self.scaler.step(self.opt_head)
+        self.scaler.update()
+        return loss.detach()
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save(self, directory: str, state: dict) -> None:
+        start, end = self.head.class_start, self.head.class_end
+        momentum = self.opt_head.state.get(self.head.weight, {})
+        torch.save({"weight": self.head.weight.detach().cpu(),
+                    "optimizer": {k: v.cpu() if torch.is_tensor(v) else v for k, v in momentum.items()}},
+                   os.path.join(directory, f"centres-{start:010d}-{end:010d}.pt"))
+        if self.rank == 0:
+            torch.save({"backbone": self.backbone.state_dict(), "optimizer": self.opt_backbone.state_dict(),
+                        "scaler": self.scaler.state_dict()}, os.path.join(directory, "backbone.pt"))
+            with open(os.path.join(directory, "state.json"), "w") as fh:
+                json.dump(state, fh, indent=1)
+
+    def load(self, directory: str) -> dict:
+        with open(os.path.join(directory, "state.json")) as fh:
+            state = json.load(fh)
+        blob = torch.load(os.path.join(directory, "backbone.pt"), map_location=self.device, weights_only=True)
+        self.backbone.load_state_dict(blob["backbone"])
+        self.opt_backbone.load_state_dict(blob["optimizer"])
+        self.scaler.load_state_dict(blob["scaler"])
+        # Centres: take the rows of our class range from whichever files hold them.
+        k, start, end = self.cfg.subcentres, self.head.class_start, self.head.class_end
+        weights, buffers = [], {}
+        for path in sorted(glob.glob(os.path.join(directory, "centres-*.pt"))):
+            lo, hi = (int(x) for x in os.path.basename(path)[8:-3].split("-"))
+            if hi <= start or lo >= end:
+                continue
+            part = torch.load(path, map_location="cpu", weights_only=True)
+            a, b = (max(lo, start) - lo) * k, (min(hi, end) - lo) * k
+            weights.append(part["weight"][a:b])
+            for name, value in part["optimizer"].items():
+                if torch.is_tensor(value) and value.dim() == 2:
+                    buffers.setdefault(name, []).append(value[a:b])
+        weight = torch.cat(weights)
+        if weight.shape != self.head.weight.shape:
+            raise RuntimeError(f"checkpoint centres cover {weight.shape[0]} rows for classes [{start}, {end})")
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+        if buffers:
+            st = self.opt_head.state[self.head.weight]
+            for name, parts in buffers.items():
+                st[name] = torch.cat(parts).to(self.device)
+            if "step" in part["optimizer"]:
+                st["step"] = part["optimizer"]["step"]
+        return state
+
+
+def _steps_log(cfg: TrainConfig) -> str | None:
+    if cfg.storage.startswith("s3://"):
+        return None
+    return os.path.join(cfg.storage, cfg.name, "steps.jsonl")
+
+
+def train_loop(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.train_data import BatchStream, ShardDataset
+
+    cfg = TrainConfig(**config["train"])
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    data = ShardDataset(config["data"])
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{data.num_samples} samples make no global batch of {cfg.batch_size}")
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    trainee = Trainee(cfg, data.num_classes, rank, world, device)
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = trainee.load(d)
+        step = state["step"]
+        if rank == 0:
+            log.info("resumed at step %d (checkpoint written by %d workers, now %d)", step, state["world"], world)
+    stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, shuffle_rowgroups=cfg.shuffle_rowgroups,
+                         threads=cfg.decode_threads)
+    tracker = _Tracker(config, cfg, data, rank, resumed_at=step) if rank == 0 else None
+    pairs = _load_eval_pairs(config, cfg) if rank == 0 else None
+    steps_log = _steps_log(cfg) if rank == 0 else None
+    window = time.perf_counter()
+    losses = []
+    while step < total:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        end = min(steps_per_epoch, in_epoch + (total - step))
+        for s, images, labels in stream.iterate(epoch, in_epoch, end):
+            loss = trainee.step(images, labels, lr_at(step, cfg, total))
+            step += 1
+            losses.append(loss)
+            if steps_log:
+                with open(steps_log, "a") as fh:
+                    fh.write(json.dumps({"step": step, "loss": float(loss), "world": world}) + "\n")
+            if cfg.fail_at_step and step == cfg.fail_at_step and rank == world - 1:
+                marker = os.path.join(cfg.storage, cfg.name, "failed-once")
+                if not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)  # a worker dies mid-run (test hook)
+            last = step == total
+            if tracker and (step % cfg.log_every == 0 or last):
+                seconds = time.perf_counter() - window
+                tracker.log_step(step, torch.stack(losses).mean().item(), lr_at(step - 1, cfg, total),
+                                 len(losses) * cfg.batch_size / max(seconds, 1e-9))
+                window, losses = time.perf_counter(), []
+            evaluate_now = (cfg.eval_every and step % cfg.eval_every == 0) or last
+            metrics = {"step": step, "loss": float(loss)}
+            if evaluate_now and pairs is not None:
+                from pipelines.evaluate import verify
+
+                result = verify(trainee.backbone, *pairs, device)
+                metrics.update({k: v for k, v in result.items() if k != "roc"})
+                tracker.log_eval(step, result)
+            if step % cfg.checkpoint_every == 0 or last:
+                state = {"step": step, "world": world, "num_classes": data.num_classes,
+                         "dataset": data.content_hash, "config": dataclasses.asdict(cfg)}
+                with tempfile.TemporaryDirectory() as tmp:
+                    trainee.save(tmp, state)
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            if last:
+                break
+    stream.close()
+    if tracker:
+        tracker.finish(trainee.backbone)
+
+
+def _load_eval_pairs(config: dict, cfg: TrainConfig):
+    from pipelines.evaluate import load_pairs
+
+    path = cfg.eval_pairs or config.get("default_eval_pairs") or ""
+    if not path:
+        return None
+    return load_pairs(path)
+
+
+class _Tracker:
+    """Rank 0's MLflow logging (when a tracking URI is configured)."""
+
+    def __init__(self, config: dict, cfg: TrainConfig, data, rank: int, resumed_at: int):
+        self.uri = config.get("mlflow_uri") or ""
+        self.run = None
+        if not self.uri:
+            return
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(cfg.mlflow_experiment)
+        run_id = config.get("mlflow_run_id")
+        self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.name)
+        if not run_id:
+            mlflow.log_params({f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()})
+            mlflow.log_params({"data.uri": config["data"], "data.content_hash": data.content_hash,
+                               "data.num_classes": data.num_classes, "data.num_images": data.num_samples,
+                               "code.version": config.get("code_version", "")})
+        mlflow.set_tag("resumed_at_step", resumed_at)
+
+    def log_step(self, step, loss, lr, samples_per_s):
+        if self.run:
+            import mlflow
+
+            mlflow.log_metrics({"loss": loss, "lr": lr, "samples_per_s": samples_per_s}, step=step)
+
+    def log_eval(self, step, result):
+        if self.run:
+            import mlflow
+
+            mlflow.log_metrics({f"eval_{k}": v for k, v in result.items() if k != "roc"}, step=step)
+
+    def finish(self, backbone):
+        if self.run:
+            import mlflow
+
+            mlflow.end_run()
+
+
+# -- driver ---------------------------------------------------------------------------
+
+def _code_version() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except Exception:
+        return ""
+
+
+def default_eval_pairs(data: str) -> str:
+    """The pair set that came with the raw data (the demo's eval/), if the manifest leads to one."""
+    from cleaning import shards, storage
+
+    try:
+        source = shards.read_json(storage.join(data, "manifest.json"))["source"]["uri"].rstrip("/")
+    except (OSError, KeyError, ValueError):
+        return ""
+    for folder in (source, source.rsplit("/", 1)[0]):
+        candidate = storage.join(folder, "eval", "demo_pairs.bin")
+        if storage.exists(candidate):
+            return candidate
+    return ""
+
+
+def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from cleaning import storage
+
+    if not cfg.storage.startswith("s3://"):
+        cfg.storage = os.path.abspath(cfg.storage)
+        os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
+    if not data.startswith("s3://"):
+        data = os.path.abspath(data)
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or "local", include_dashboard=False, num_cpus=None if address else max(2, cfg.workers),
+                 log_to_driver=True)
+    pairs = default_eval_pairs(data)
+    config = {
+        "train": dataclasses.asdict(cfg), "data": data,
+        "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
+        "default_eval_pairs": pairs,
+        "code_version": _code_version(),
+        "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
+    }
+    run_config = RunConfig(name=cfg.name, storage_path=cfg.storage,
+                           failure_config=FailureConfig(max_failures=cfg.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=3))
+    if cfg.storage.startswith("s3://"):
+        run_config = RunConfig(name=cfg.name, storage_path=cfg.storage[len("s3://"):],
+                               storage_filesystem=storage.s3_filesystem(),
+                               failure_config=FailureConfig(max_failures=cfg.max_failures),
+                               checkpoint_config=CheckpointConfig(num_to_keep=3))
+    from ray.train import Checkpoint
+
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+        run_config=run_config,
+        resume_from_checkpoint=Checkpoint(resume) if resume else None,
+    )
+    return trainer.fit()
