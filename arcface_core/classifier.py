@@ -46,6 +46,11 @@ def class_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
     return ranges
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Reduced precision becomes float32; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -67,7 +72,7 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # never reduce autograd's buffer in place
         # Each rank's loss graph only saw its own classes: the full gradient is the sum.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
@@ -168,8 +173,8 @@ class ShardedMarginClassifier(nn.Module):
         if index.numel() != self.num_local:
             weight = weight[index]
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            w = weight.reshape(-1, self.embedding_size).float()
-            e = F.normalize(embeddings.float(), dim=1)
+            w = _at_least_fp32(weight.reshape(-1, self.embedding_size))
+            e = F.normalize(_at_least_fp32(embeddings), dim=1)
             # Divide the (B x n) product by the centre norms rather than normalising the
             # (n x D) centres: no second copy of the shard, which is the big tensor here.
             norms = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12)

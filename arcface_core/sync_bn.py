@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -38,20 +37,22 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = [0] + list(range(2, x.dim()))
-        count = torch.tensor([x.numel() // x.shape[1]], dtype=x.dtype, device=x.device)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = _AllReduceSumBackwardSum.apply(stats)
         c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c:2 * c] / n - mean * mean
+        shape = [1, c] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // c], dtype=x.dtype, device=x.device)
+        # Two passes (mean, then squared deviations): E[x^2] - E[x]^2 loses digits to
+        # cancellation, and deep nets amplify that into visibly different gradients.
+        sums = _AllReduceSumBackwardSum.apply(torch.cat([x.sum(dims), count]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        centred = x - mean.view(shape)
+        var = _AllReduceSumBackwardSum.apply((centred * centred).sum(dims)) / n
         with torch.no_grad():
             m = self.momentum if self.momentum is not None else 0.1
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
             self.num_batches_tracked += 1
-        shape = [1, c] + [1] * (x.dim() - 2)
-        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        out = centred * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out

@@ -114,14 +114,15 @@ class Trainee:
         for opt in (self.opt_backbone, self.opt_head):
             for group in opt.param_groups:
                 group["lr"] = lr
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, dtype=self.backbone.fc.weight.dtype if hasattr(self.backbone, "fc")
+                           else images.dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             embeddings = self.model(images)
         if self.world > 1:
             # DDP averages backbone gradients over ranks; the loss is already the global mean.
             embeddings.register_hook(lambda g: g * self.world)
-        loss = self.head(embeddings.float(), labels)  # logits stay fp32
+        loss = self.head(embeddings, labels)  # the head computes its logits in fp32 (or fp64)
         self.opt_backbone.zero_grad(set_to_none=True)
         self.opt_head.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()

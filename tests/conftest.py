@@ -51,3 +51,16 @@ def demo_raw(tmp_path_factory):
     cfg = DemoConfig(identities=24, images_per_identity=12, seed=7, eval_identities=10, eval_pairs=120, workers=1)
     generate(out, cfg, list(FORMATS))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_shards(demo_raw, tmp_path_factory):
+    """Stage-1 output of the tiny demo (VGGFace2 layout: landmarks given, no detector needed)."""
+    from pipelines.clean_data import run_clean_data
+    from pipelines.config import Config
+
+    out = tmp_path_factory.mktemp("demo_shards")
+    cfg = Config()
+    cfg.clean.records_per_partition = 120
+    run_clean_data(str(demo_raw / "vggface2"), "vggface2", str(out), cfg)
+    return out

@@ -33,6 +33,7 @@ def _entry(rank: int, world: int, port: int, fn, args, out_dir: str):
 
 def run_distributed(fn, world: int, args: tuple, out_dir: str) -> list:
     """fn(rank, world, *args) -> dict of tensors, in `world` processes; returns each rank's dict."""
+    os.makedirs(out_dir, exist_ok=True)
     mp.start_processes(_entry, args=(world, free_port(), fn, args, out_dir), nprocs=world, join=True,
                        start_method="spawn")
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]
