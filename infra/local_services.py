@@ -48,10 +48,14 @@ def port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
-def http_ok(url: str, timeout: float = 2.0) -> bool:
+def http_ok(url: str, timeout: float = 2.0, protected_ok: bool = False) -> bool:
+    """Whether `url` answers. With `protected_ok`, 401 counts: the server is up and asks
+    for credentials (Ray's dashboard does once a Ray auth token exists on the machine)."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return 200 <= resp.status < 300
+    except urllib.error.HTTPError as exc:
+        return protected_ok and exc.code == 401
     except (urllib.error.URLError, OSError, ValueError):
         return False
 
@@ -67,6 +71,16 @@ def _quiet_env() -> dict:
         # Ray only keeps every listener on 127.0.0.1 with this set (see STACK-NOTES).
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
+    # The local head asks clients for Ray's auth token (~/.ray/auth_token); clients started
+    # with ray_client_env() present it. A user's explicit RAY_AUTH_MODE wins.
+    env.setdefault("RAY_AUTH_MODE", "token")
+    return env
+
+
+def ray_client_env() -> dict:
+    """Environment for processes that talk to the local head (ray job submit, ray.init)."""
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "token")
     return env
 
 
@@ -109,7 +123,7 @@ class LocalServices:
 
     # -- health ----------------------------------------------------------------------
     def ray_up(self) -> bool:
-        return http_ok(f"{self.ray_dashboard}/api/version")
+        return http_ok(f"{self.ray_dashboard}/api/version", protected_ok=True)
 
     def mlflow_up(self) -> bool:
         return http_ok(f"{self.mlflow_uri}/health")
@@ -168,6 +182,8 @@ class LocalServices:
             f"--dashboard-port={self.cfg.ray_dashboard_port}",
             "--disable-usage-stats",
         ]
+        subprocess.run([_bin("ray"), "get-auth-token", "--generate"], env=_quiet_env(), check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # token file, never printed
         log.info("ray: starting head (%s)", log_file)
         # --block keeps `ray start` in the foreground as the parent of the head's processes, so
         # `down` stops exactly this head (its process group), not every Ray on the machine.

@@ -132,7 +132,7 @@ def cmd_submit_train(args, cfg) -> int:
     import subprocess
     from pathlib import Path
 
-    from infra.local_services import LocalServices
+    from infra.local_services import LocalServices, ray_client_env
 
     services = LocalServices(cfg)
     address = os.environ.get("RAY_ADDRESS")
@@ -162,7 +162,7 @@ def cmd_submit_train(args, cfg) -> int:
            "--working-dir", str(Path(__file__).resolve().parents[1]),
            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entry]
     log.info("submitting: %s", " ".join(shlex.quote(c) for c in cmd[:8]) + " ...")
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=ray_client_env())
 
 
 def build_parser() -> argparse.ArgumentParser:
