@@ -7,7 +7,9 @@ FORMAT   ?= vggface2
 INPUT    ?= $(DEMO_RAW)
 CLEAN_OUT ?= data/demo/stage1
 
-.PHONY: setup run clean-data demo-data services-up services-down services-status test test-all bench-core clean
+TRAIN_CONFIG ?= configs/demo-train.toml
+
+.PHONY: setup run train clean-data demo-data services-up services-down services-status test test-all bench-core clean
 
 setup: $(VENV)/.installed
 
@@ -18,12 +20,20 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(ARCFACE) fetch-weights
 	touch $@
 
-# The main job on its embedded default.
-run: clean-data
+# The main job on its embedded default: refine the demo data, then train on it.
+run: train
 
 # Stage 1 on Dask; on the demo raw data unless INPUT/FORMAT say otherwise.
 clean-data: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
 	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(CLEAN_OUT)
+
+$(CLEAN_OUT)/manifest.json:
+	$(MAKE) clean-data
+
+# Starts a local Ray head (and MLflow server) unless RAY_ADDRESS (MLFLOW_TRACKING_URI) is
+# set, submits `arcface train` with `ray job submit`, and follows its logs.
+train: setup $(CLEAN_OUT)/manifest.json
+	$(ARCFACE) submit-train --data $(CLEAN_OUT) --config $(TRAIN_CONFIG)
 
 $(DEMO_RAW)/ground_truth.json: | setup
 	$(ARCFACE) demo-data --out $(DEMO_RAW)

@@ -143,7 +143,9 @@ def cmd_submit_train(args, cfg) -> int:
         address = f"http://{address.split('://')[-1].split(':')[0]}:{cfg.services.ray_dashboard_port}"
     env_vars = {k: v for k, v in os.environ.items()
                 if k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL",)}
-    env_vars.setdefault("MLFLOW_TRACKING_URI", "")
+    if "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
+        services.up(("mlflow",))  # the embedded default: the local tracking server
+        env_vars["MLFLOW_TRACKING_URI"] = services.mlflow_uri
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
              if not args.data.startswith("s3://") else args.data]
     if args.config:
@@ -216,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="run name (config train.name)")
         p.add_argument("--max-steps", type=int, help="stop after this many steps (config train.max_steps)")
         p.add_argument("--resume", help="checkpoint directory to start from")
+        if name == "submit-train":
+            p.add_argument("--no-mlflow", action="store_true",
+                           help="do not start the local MLflow server when MLFLOW_TRACKING_URI is unset")
         _common(p)
         p.set_defaults(func=func)
     return parser

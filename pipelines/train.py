@@ -207,7 +207,7 @@ def train_loop(config: dict) -> None:
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
     trainee = Trainee(cfg, data.num_classes, rank, world, device)
-    step = 0
+    step, state = 0, {}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
@@ -217,7 +217,8 @@ def train_loop(config: dict) -> None:
             log.info("resumed at step %d (checkpoint written by %d workers, now %d)", step, state["world"], world)
     stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, shuffle_rowgroups=cfg.shuffle_rowgroups,
                          threads=cfg.decode_threads)
-    tracker = _Tracker(config, cfg, data, rank, resumed_at=step) if rank == 0 else None
+    # A resumed run keeps logging into the MLflow run it started.
+    tracker = _Tracker(config, cfg, data, state.get("mlflow_run_id"), resumed_at=step) if rank == 0 else None
     pairs = _load_eval_pairs(config, cfg) if rank == 0 else None
     steps_log = _steps_log(cfg) if rank == 0 else None
     window = time.perf_counter()
@@ -253,7 +254,8 @@ def train_loop(config: dict) -> None:
                 tracker.log_eval(step, result)
             if step % cfg.checkpoint_every == 0 or last:
                 state = {"step": step, "world": world, "num_classes": data.num_classes,
-                         "dataset": data.content_hash, "config": dataclasses.asdict(cfg)}
+                         "dataset": data.content_hash, "config": dataclasses.asdict(cfg),
+                         "mlflow_run_id": tracker.run_id if tracker else state.get("mlflow_run_id")}
                 with tempfile.TemporaryDirectory() as tmp:
                     trainee.save(tmp, state)
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -276,17 +278,18 @@ def _load_eval_pairs(config: dict, cfg: TrainConfig):
 class _Tracker:
     """Rank 0's MLflow logging (when a tracking URI is configured)."""
 
-    def __init__(self, config: dict, cfg: TrainConfig, data, rank: int, resumed_at: int):
+    def __init__(self, config: dict, cfg: TrainConfig, data, run_id: str | None, resumed_at: int):
         self.uri = config.get("mlflow_uri") or ""
         self.run = None
+        self.run_id = None
         if not self.uri:
             return
         import mlflow
 
         mlflow.set_tracking_uri(self.uri)
         mlflow.set_experiment(cfg.mlflow_experiment)
-        run_id = config.get("mlflow_run_id")
         self.run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name=cfg.name)
+        self.run_id = self.run.info.run_id
         if not run_id:
             mlflow.log_params({f"train.{k}": v for k, v in dataclasses.asdict(cfg).items()})
             mlflow.log_params({"data.uri": config["data"], "data.content_hash": data.content_hash,

@@ -49,7 +49,7 @@ def test_ray_job_submit_trains_and_beats_untrained(tmp_path, demo_shards):
                        capture_output=True)
         job = subprocess.run(cli + ["submit-train", "--data", str(demo_shards), "--config",
                                     str(ROOT / "configs" / "demo-train.toml"), "--storage", str(tmp_path / "runs"),
-                                    "--name", "job", "--max-steps", "40", *ports,
+                                    "--name", "job", "--max-steps", "40", "--no-mlflow", *ports,
                                     "--set", "train.checkpoint_every=20", "--set", "train.eval_every=40",
                                     "--set", "train.epochs=50"],
                              env=env, timeout=600, capture_output=True, text=True, cwd=ROOT)
@@ -71,9 +71,13 @@ def test_ray_job_submit_trains_and_beats_untrained(tmp_path, demo_shards):
     assert metrics["accuracy"] > untrained["accuracy"], (metrics["accuracy"], untrained["accuracy"])
 
 
-def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_shards, ray_local):
+def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_shards, ray_local, mlflow_server,
+                                                               monkeypatch):
+    import mlflow
+
     from pipelines.train import run_training
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     cfg = tiny_cfg(tmp_path, name="fault", max_steps=12, checkpoint_every=5, fail_at_step=7, eval_every=0,
                    max_failures=2)
     result = run_training(str(demo_shards), cfg)
@@ -85,7 +89,16 @@ def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_sh
     assert log[5]["loss"] == pytest.approx(log[7]["loss"], abs=1e-5)
     assert log[6]["loss"] == pytest.approx(log[8]["loss"], abs=1e-5)
     with result.checkpoint.as_directory() as d:
-        assert json.loads(Path(d, "state.json").read_text())["step"] == 12
+        state = json.loads(Path(d, "state.json").read_text())
+    assert state["step"] == 12
+    # Rank 0 logged to MLflow, and the resumed attempt kept logging into the same run.
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(state["mlflow_run_id"])
+    assert run.data.params["train.backbone"] == "tiny"
+    assert run.data.params["data.content_hash"] == json.loads((demo_shards / "manifest.json").read_text())["content_hash"]
+    assert run.data.tags["resumed_at_step"] == "5"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    assert max(steps) == 12 and {"lr", "samples_per_s"} <= set(run.data.metrics)
 
 
 def test_shards_from_and_checkpoints_to_s3(tmp_path, demo_shards, s3_bucket, s3_endpoint, ray_local):
