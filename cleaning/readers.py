@@ -17,7 +17,6 @@ import base64
 import binascii
 import csv
 import io
-import os
 import posixpath
 import re
 import struct

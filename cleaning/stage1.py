@@ -7,7 +7,6 @@ run again (by Dask's retry or a rerun of the job) and a finished one is skipped.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 
@@ -17,7 +16,8 @@ import pyarrow as pa
 
 from cleaning import shards, storage
 from cleaning.readers import Partition, read_partition
-from cleaning.steps import CleanConfigView, Face, Step, build_steps
+from cleaning.steps import Face, Step, build_steps
+from pipelines.config import CleanConfig
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +37,6 @@ def get_detector(min_face: int, device: str):
 
         _DETECTOR[key] = MTCNN(device=device, min_face_size=min_face)
     return _DETECTOR[key]
-
-
-@dataclasses.dataclass
-class Stage1Options:
-    thresholds: CleanConfigView
-    detector_min_face: int = 20
-    detector_device: str = "auto"
-    detector_batch: int = 32
-    redetect: bool = False
-    jpeg_quality: int = 95
-    row_group_rows: int = 1000
 
 
 def _jpeg(rgb: np.ndarray, quality: int) -> bytes:
@@ -128,19 +117,19 @@ def staged_uris(out: str, index: int) -> dict[str, str]:
             "counts": storage.join(out, "staging", f"{name}.json")}
 
 
-def process_partition(part: Partition, opts: Stage1Options, out: str) -> dict:
+def process_partition(part: Partition, cfg: CleanConfig, out: str) -> dict:
     uris = staged_uris(out, part.index)
     if storage.exists(uris["counts"]):  # finished on an earlier run
         return shards.read_json(uris["counts"])
-    chain = build_steps(opts.thresholds)
-    tables = _Tables(opts.jpeg_quality)
+    chain = build_steps(cfg)
+    tables = _Tables(cfg.jpeg_quality)
     read = 0
     for group in _by_identity(read_partition(part)):
         read += len(group)
         waiting: list[Face] = []
         for raw in group:
             face = Face(raw)
-            if opts.redetect:
+            if cfg.redetect:
                 raw.landmarks = None
             dropped = _run(chain.before_detection, face)
             if dropped:
@@ -149,9 +138,9 @@ def process_partition(part: Partition, opts: Stage1Options, out: str) -> dict:
                 waiting.append(face)
         need = [f for f in waiting if f.landmarks is None and f.aligned is None]
         if need:
-            detector = get_detector(opts.detector_min_face, opts.detector_device)
-            for start in range(0, len(need), opts.detector_batch):
-                chunk = need[start:start + opts.detector_batch]
+            detector = get_detector(cfg.detector_min_face, cfg.detector_device)
+            for start in range(0, len(need), cfg.detector_batch):
+                chunk = need[start:start + cfg.detector_batch]
                 for face, dets in zip(chunk, detector.detect([f.image for f in chunk])):
                     face.detections = dets
         for face in waiting:  # in the reader's (key) order: duplicates keep the first
@@ -171,7 +160,7 @@ def process_partition(part: Partition, opts: Stage1Options, out: str) -> dict:
     counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
         raise RuntimeError(f"partition {part.index}: read {read} != kept {kept.num_rows} + rejected {rejects.num_rows}")
-    shards.write_table(uris["kept"], kept, opts.row_group_rows)
-    shards.write_table(uris["rejects"], rejects, opts.row_group_rows)
+    shards.write_table(uris["kept"], kept, cfg.row_group_rows)
+    shards.write_table(uris["rejects"], rejects, cfg.row_group_rows)
     shards.write_json(uris["counts"], counts)  # last: marks the partition done
     return counts

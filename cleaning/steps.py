@@ -18,19 +18,7 @@ import numpy as np
 
 from cleaning.align import AlignmentError, align_face
 from cleaning.readers import RawSample
-
-
-@dataclass
-class CleanConfigView:
-    """The thresholds the steps read (a view of `pipelines.config.CleanConfig`)."""
-
-    max_pixels: int
-    min_det_score: float
-    min_eye_distance_px: float
-    min_blur: float
-    near_duplicate_bits: int
-    near_duplicate_correlation: float
-    landmark_margin: float
+from pipelines.config import CleanConfig
 
 
 @dataclass
@@ -381,7 +369,7 @@ class StepChain:
         return self.before_detection + self.after_detection
 
 
-def build_steps(cfg: CleanConfigView) -> StepChain:
+def build_steps(cfg: CleanConfig) -> StepChain:
     return StepChain(
         before_detection=[RecordCheck(), ExactDuplicate(), Decode(cfg.max_pixels),
                           SourceLandmarks(cfg.landmark_margin)],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import Counter
 
@@ -18,22 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cleaning import readers, shards, storage
-from cleaning.stage1 import Stage1Options, process_partition, staged_uris
-from cleaning.steps import CleanConfigView
+from cleaning.stage1 import process_partition, staged_uris
 from pipelines.config import Config
 from pipelines.logs import progress
 
 log = logging.getLogger(__name__)
-
-
-def stage1_options(cfg: Config) -> Stage1Options:
-    c = cfg.clean
-    view = CleanConfigView(max_pixels=c.max_pixels, min_det_score=c.min_det_score,
-                           min_eye_distance_px=c.min_eye_distance_px, min_blur=c.min_blur,
-                           near_duplicate_bits=c.near_duplicate_bits,
-                           near_duplicate_correlation=c.near_duplicate_correlation, landmark_margin=c.landmark_margin)
-    return Stage1Options(view, c.detector_min_face, c.detector_device, c.detector_batch, c.redetect,
-                         c.jpeg_quality, c.row_group_rows)
 
 
 def _worker_setup():
@@ -67,13 +57,16 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg: Config, scheduler: s
     from dask.distributed import as_completed
 
     started = time.perf_counter()
+    if not storage.is_s3(input_uri):
+        input_uri = os.path.abspath(input_uri)  # the manifest must lead back to the source from anywhere
+    if not storage.is_s3(out):
+        out = os.path.abspath(out)
     parts = readers.plan(fmt, input_uri, cfg.clean.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
-    opts = stage1_options(cfg)
     client, cluster = _client(scheduler, cfg)
     try:
         client.run(_worker_setup)
-        futures = [client.submit(process_partition, p, opts, out, key=f"stage1-{p.index}-{id(parts)}", retries=2,
+        futures = [client.submit(process_partition, p, cfg.clean, out, key=f"stage1-{p.index}-{id(parts)}", retries=2,
                                  pure=False) for p in parts]
         counts = []
         for fut in progress(as_completed(futures), total=len(futures), desc="stage 1 partitions"):

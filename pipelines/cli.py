@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
@@ -120,14 +121,13 @@ def cmd_train(args, cfg) -> int:
         return 1
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
     print(f"metrics: {json.dumps(result.metrics)}")
-    if cfg.train and __import__('os').environ.get("MLFLOW_TRACKING_URI"):
-        print(f"MLflow: {__import__('os').environ['MLFLOW_TRACKING_URI']} (experiment {cfg.train.mlflow_experiment})")
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        print(f"MLflow: {os.environ['MLFLOW_TRACKING_URI']} (experiment {cfg.train.mlflow_experiment})")
     return 0
 
 
 def cmd_submit_train(args, cfg) -> int:
     """Ensure a Ray head, then `ray job submit` the training with this project as working dir."""
-    import os
     import shlex
     import subprocess
     from pathlib import Path
@@ -139,8 +139,10 @@ def cmd_submit_train(args, cfg) -> int:
     if not address:
         services.up(("ray",))
         address = services.ray_dashboard
-    if address.startswith("ray://") or ":" in address and not address.startswith("http"):
-        address = f"http://{address.split('://')[-1].split(':')[0]}:{cfg.services.ray_dashboard_port}"
+    if not address.startswith("http"):
+        # A GCS address (host:6379 or ray://host:10001): jobs go to that host's dashboard.
+        host = address.split("://")[-1].split(":")[0]
+        address = f"http://{host}:{cfg.services.ray_dashboard_port}"
     env_vars = {k: v for k, v in os.environ.items()
                 if k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL",)}
     if "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
@@ -152,6 +154,11 @@ def cmd_submit_train(args, cfg) -> int:
         entry += ["--config", os.path.abspath(args.config)]
     for item in args.overrides:
         entry += ["--set", item]
+    # The job runs in a copy of the project (Ray's working_dir): a relative storage path
+    # would land in Ray's temp folder, so resolve it here, where the user means it.
+    storage = args.storage or cfg.train.storage
+    if not storage.startswith("s3://"):
+        args.storage = os.path.abspath(storage)
     for flag in ("workers", "storage", "name", "max_steps"):
         value = getattr(args, flag)
         if value is not None:

@@ -22,17 +22,14 @@ import dataclasses
 import glob
 import json
 import logging
-import math
 import os
 import tempfile
 import time
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from arcface_core.backbones import build_backbone
-from arcface_core.classifier import ShardedMarginClassifier, class_ranges
+from arcface_core.classifier import ShardedMarginClassifier
 from arcface_core.margins import CombinedMargin, build_margin
 from arcface_core.sync_bn import convert_global_batchnorm
 from pipelines.config import TrainConfig
@@ -226,7 +223,7 @@ def train_loop(config: dict) -> None:
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         end = min(steps_per_epoch, in_epoch + (total - step))
-        for s, images, labels in stream.iterate(epoch, in_epoch, end):
+        for _, images, labels in stream.iterate(epoch, in_epoch, end):
             loss = trainee.step(images, labels, lr_at(step, cfg, total))
             step += 1
             losses.append(loss)

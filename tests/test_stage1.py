@@ -13,7 +13,6 @@ import pytest
 import skimage
 from PIL import Image
 
-from cleaning import shards
 from cleaning.detect.weights import have_weights
 from cleaning.synthetic.score import score_stage1
 from pipelines.clean_data import run_clean_data

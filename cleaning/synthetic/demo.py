@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import io
 import json
 import logging
 import os
