@@ -110,25 +110,10 @@ def box_overlap(boxes: torch.Tensor, mode: str = "union") -> torch.Tensor:
     return inter / (area[:, None] + area[None] - inter).clamp_min(1e-9)
 
 
-def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str = "union",
-        groups: torch.Tensor | None = None) -> torch.Tensor:
-    """Greedy NMS, exactly, as a fixed-point iteration on the overlap matrix.
-
-    A box survives iff no *surviving* higher-scored box (in its group) overlaps it above the
-    threshold. Starting from "all survive" and re-applying that rule converges to the
-    greedy answer (the rule has one fixed point, settled in score order), in as many
-    rounds as the longest suppression chain: a handful, each one matrix operation.
-    Returns indices of kept boxes, highest score first.
-    """
-    if boxes.numel() == 0:
-        return torch.zeros(0, dtype=torch.long, device=boxes.device)
-    order = torch.argsort(scores, descending=True)
+def _nms_one(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str, max_candidates: int) -> torch.Tensor:
+    order = torch.argsort(scores, descending=True)[:max_candidates]
     b = boxes[order]
-    over = box_overlap(b, mode) > threshold
-    if groups is not None:
-        g = groups[order]
-        over &= g[:, None] == g[None]
-    over = torch.triu(over, diagonal=1)  # only higher-scored boxes suppress
+    over = torch.triu(box_overlap(b, mode) > threshold, diagonal=1)  # only higher scores suppress
     keep = torch.ones(len(b), dtype=torch.bool, device=b.device)
     for _ in range(len(b)):
         new = ~(over & keep[:, None]).any(dim=0)
@@ -136,6 +121,29 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str =
             break
         keep = new
     return order[keep]
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float, mode: str = "union",
+        groups: torch.Tensor | None = None, max_candidates: int = 3000) -> torch.Tensor:
+    """Greedy NMS, exactly, as a fixed-point iteration on the overlap matrix.
+
+    A box survives iff no *surviving* higher-scored box overlaps it above the threshold.
+    Starting from "all survive" and re-applying that rule converges to the greedy answer
+    (the rule has one fixed point, settled in score order), in as many rounds as the longest
+    suppression chain: a handful, each one matrix operation. Boxes of different `groups`
+    (images) never suppress each other; each image is handled on its own, so the overlap
+    matrix stays at most `max_candidates`^2 (the highest-scored candidates; P-Net on a
+    large real photo proposes tens of thousands). Returns kept indices, per group by score.
+    """
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    if groups is None:
+        return _nms_one(boxes, scores, threshold, mode, max_candidates)
+    kept = []
+    for g in torch.unique(groups).tolist():  # a loop over images, not boxes
+        idx = torch.nonzero(groups == g).squeeze(1)
+        kept.append(idx[_nms_one(boxes[idx], scores[idx], threshold, mode, max_candidates)])
+    return torch.cat(kept)
 
 
 def square(boxes: torch.Tensor) -> torch.Tensor:
@@ -156,27 +164,32 @@ def regress(boxes: torch.Tensor, reg: torch.Tensor) -> torch.Tensor:
 def crop_resize(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """Crops (zero outside the image) resized to size x size, area-averaged.
 
-    One grid_sample call for all crops: each output pixel averages k x k bilinear samples
-    over its footprint (k from the largest crop, capped), which approximates the area
-    resampling the networks were trained with; plain bilinear would alias large crops.
+    Each output pixel averages k x k bilinear samples over its footprint (k from the
+    largest crop, capped at 4), which approximates the area resampling the networks were
+    trained with; plain bilinear would alias large crops.
     """
     n = len(boxes)
     if n == 0:
         return images.new_zeros((0, images.shape[1], size, size))
-    _, _, h, w = images.shape
+    _, c, h, w = images.shape
     side = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).max() + 1
-    k = int(min(8, max(1, math.ceil(float(side) / size))))
+    k = int(min(4, max(1, math.ceil(float(side) / size))))
     m = size * k
     t = (torch.arange(m, device=boxes.device, dtype=boxes.dtype) + 0.5) / m
     x1, y1 = boxes[:, 0:1], boxes[:, 1:2]
     bw, bh = (boxes[:, 2:3] - x1 + 1), (boxes[:, 3:4] - y1 + 1)
     # Box pixel i covers [x1 + i - 1, x1 + i) in the 1-based convention of the cascade.
-    xs = x1 - 1 + t[None] * bw
-    ys = y1 - 1 + t[None] * bh
-    gx = xs / w * 2 - 1
-    gy = ys / h * 2 - 1
+    gx = (x1 - 1 + t[None] * bw) / w * 2 - 1
+    gy = (y1 - 1 + t[None] * bh) / h * 2 - 1
     grid = torch.stack([gx[:, None, :].expand(n, m, m), gy[:, :, None].expand(n, m, m)], -1)
-    out = F.grid_sample(images[image_index], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = images.new_empty((n, c, m, m))
+    # One grid_sample per image with all its crops stacked along the grid's height: never
+    # a copy of the whole image per crop (that was gigabytes on real photos).
+    for g in torch.unique(image_index).tolist():
+        idx = torch.nonzero(image_index == g).squeeze(1)
+        sampled = F.grid_sample(images[g:g + 1], grid[idx].reshape(1, len(idx) * m, m, 2), mode="bilinear",
+                                padding_mode="zeros", align_corners=False)
+        out[idx] = sampled.reshape(c, len(idx), m, m).transpose(0, 1)
     return F.avg_pool2d(out, k) if k > 1 else out
 
 
