@@ -111,8 +111,7 @@ class Trainee:
         for opt in (self.opt_backbone, self.opt_head):
             for group in opt.param_groups:
                 group["lr"] = lr
-        images = images.to(self.device, dtype=self.backbone.fc.weight.dtype if hasattr(self.backbone, "fc")
-                           else images.dtype, non_blocking=True)
+        images = images.to(self.device, dtype=next(self.backbone.parameters()).dtype, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             embeddings = self.model(images)
