@@ -204,7 +204,8 @@ def train_loop(config: dict) -> None:
         total = min(total, cfg.max_steps)
     trainee = Trainee(cfg, data.num_classes, rank, world, device)
     step, state = 0, {}
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (after a failure) wins over the one asked to start from.
+    checkpoint = ray.train.get_checkpoint() or _requested_checkpoint(config.get("resume_from"))
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = trainee.load(d)
@@ -260,6 +261,19 @@ def train_loop(config: dict) -> None:
     stream.close()
     if tracker:
         tracker.finish(trainee.backbone)
+
+
+def _requested_checkpoint(path: str | None):
+    """`--resume PATH` (local or s3://) as a Ray Train checkpoint."""
+    if not path:
+        return None
+    from ray.train import Checkpoint
+
+    from cleaning import storage
+
+    if storage.is_s3(path):
+        return Checkpoint(path[len("s3://"):], filesystem=storage.s3_filesystem())
+    return Checkpoint(os.path.abspath(path))
 
 
 def _load_eval_pairs(config: dict, cfg: TrainConfig):
@@ -362,6 +376,7 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
         "default_eval_pairs": pairs,
         "code_version": _code_version(),
         "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
+        "resume_from": resume or "",
     }
     run_config = RunConfig(name=cfg.name, storage_path=cfg.storage,
                            failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -371,13 +386,10 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
                                storage_filesystem=storage.s3_filesystem(),
                                failure_config=FailureConfig(max_failures=cfg.max_failures),
                                checkpoint_config=CheckpointConfig(num_to_keep=3))
-    from ray.train import Checkpoint
-
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         run_config=run_config,
-        resume_from_checkpoint=Checkpoint(resume) if resume else None,
     )
     return trainer.fit()

@@ -118,3 +118,17 @@ def test_shards_from_and_checkpoints_to_s3(tmp_path, demo_shards, s3_bucket, s3_
     assert sum(k.rsplit("/", 1)[-1].startswith("centres-") for k in keys) >= 2 * len(finals)
     states = [json.loads(client.get_object(Bucket=s3_bucket, Key=k)["Body"].read()) for k in finals]
     assert max(s["step"] for s in states) == 4
+
+
+def test_resume_on_request_from_a_checkpoint(tmp_path, demo_shards, ray_local):
+    from pipelines.train import run_training
+
+    first = run_training(str(demo_shards), tiny_cfg(tmp_path, name="first", max_steps=4, checkpoint_every=4,
+                                                    eval_every=0))
+    assert first.error is None
+    second = run_training(str(demo_shards), tiny_cfg(tmp_path, name="second", max_steps=6, checkpoint_every=2,
+                                                     eval_every=0, workers=1),
+                          resume=first.checkpoint.path)
+    assert second.error is None
+    log = steps_log(tmp_path / "runs", "second")
+    assert [r["step"] for r in log] == [5, 6] and {r["world"] for r in log} == {1}  # and on 1 worker
