@@ -93,13 +93,18 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
-def all_gather_rows(local: torch.Tensor) -> torch.Tensor:
-    if not _distributed():
-        return local
+def gathered_sizes(local: torch.Tensor) -> list[int]:
+    """Every rank's number of rows (ranks may hold uneven shares of the batch)."""
     n = torch.tensor([local.shape[0]], device=local.device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
-    return _AllGather.apply(local, [int(s) for s in sizes])
+    return [int(s) for s in sizes]
+
+
+def all_gather_rows(local: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    if not _distributed():
+        return local
+    return _AllGather.apply(local, sizes if sizes is not None else gathered_sizes(local))
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +188,9 @@ class ShardedMarginClassifier(nn.Module):
 
     def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor) -> torch.Tensor:
         """Mean loss over the global batch (the same value on every rank)."""
-        embeddings = all_gather_rows(local_embeddings)
-        labels = all_gather_rows(local_labels_global.long())
+        sizes = gathered_sizes(local_embeddings) if _distributed() else None  # once for both gathers
+        embeddings = all_gather_rows(local_embeddings, sizes)
+        labels = all_gather_rows(local_labels_global.long(), sizes)
         in_range = (labels >= self.class_start) & (labels < self.class_end)
         local_labels = torch.where(in_range, labels - self.class_start, torch.full_like(labels, -1))
         index, target = self.sample(local_labels)

@@ -260,7 +260,17 @@ def train_loop(config: dict) -> None:
                 break
     stream.close()
     if tracker:
-        tracker.finish(trainee.backbone)
+        tracker.finish()
+
+
+def _ray_storage(uri: str):
+    """(path, filesystem) as Ray Train takes them: S3 goes through our configured pyarrow
+    filesystem (custom endpoints included), local paths are made absolute."""
+    from cleaning import storage
+
+    if storage.is_s3(uri):
+        return uri[len("s3://"):], storage.s3_filesystem()
+    return os.path.abspath(uri), None
 
 
 def _requested_checkpoint(path: str | None):
@@ -269,11 +279,8 @@ def _requested_checkpoint(path: str | None):
         return None
     from ray.train import Checkpoint
 
-    from cleaning import storage
-
-    if storage.is_s3(path):
-        return Checkpoint(path[len("s3://"):], filesystem=storage.s3_filesystem())
-    return Checkpoint(os.path.abspath(path))
+    location, filesystem = _ray_storage(path)
+    return Checkpoint(location, filesystem=filesystem)
 
 
 def _load_eval_pairs(config: dict, cfg: TrainConfig):
@@ -319,7 +326,7 @@ class _Tracker:
 
             mlflow.log_metrics({f"eval_{k}": v for k, v in result.items() if k != "roc"}, step=step)
 
-    def finish(self, backbone):
+    def finish(self):
         if self.run:
             import mlflow
 
@@ -358,8 +365,6 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from cleaning import storage
-
     if not cfg.storage.startswith("s3://"):
         cfg.storage = os.path.abspath(cfg.storage)
         os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
@@ -378,14 +383,10 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
         "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
         "resume_from": resume or "",
     }
-    run_config = RunConfig(name=cfg.name, storage_path=cfg.storage,
+    storage_path, storage_filesystem = _ray_storage(cfg.storage)
+    run_config = RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                            failure_config=FailureConfig(max_failures=cfg.max_failures),
                            checkpoint_config=CheckpointConfig(num_to_keep=3))
-    if cfg.storage.startswith("s3://"):
-        run_config = RunConfig(name=cfg.name, storage_path=cfg.storage[len("s3://"):],
-                               storage_filesystem=storage.s3_filesystem(),
-                               failure_config=FailureConfig(max_failures=cfg.max_failures),
-                               checkpoint_config=CheckpointConfig(num_to_keep=3))
     trainer = TorchTrainer(
         train_loop, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),

@@ -56,6 +56,7 @@ class ShardDataset:
                 self.groups.append(RowGroup(uri, i, rows, start))
                 start += rows
         self.num_samples = start
+        self._starts = np.array([g.start for g in self.groups], np.int64)  # for sample -> row group
         self._files: dict[str, pq.ParquetFile] = {}
         self._cache: dict[tuple[str, int], tuple[list, np.ndarray]] = {}
 
@@ -86,7 +87,7 @@ class ShardDataset:
         return self._cache[key]
 
     def fetch(self, samples: np.ndarray) -> tuple[list[bytes], np.ndarray]:
-        starts = np.fromiter((g.start for g in self.groups), np.int64, len(self.groups))
+        starts = self._starts
         groups = np.searchsorted(starts, samples, side="right") - 1
         images, labels = [], np.empty(len(samples), np.int64)
         for i, (s, g) in enumerate(zip(samples, groups)):
