@@ -8,8 +8,11 @@ INPUT    ?= $(DEMO_RAW)
 CLEAN_OUT ?= data/demo/stage1
 
 TRAIN_CONFIG ?= configs/demo-train.toml
+MODEL    ?= arcface
+VERSION  ?= latest
+MODEL_URI ?= models:/$(MODEL)@champion
 
-.PHONY: setup run train clean-data demo-data services-up services-down services-status test test-all bench-core clean
+.PHONY: setup run train clean-data demo-data services-up services-down services-status evaluate promote rollback test test-all bench-core clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +37,17 @@ $(CLEAN_OUT)/manifest.json:
 # set, submits `arcface train` with `ray job submit`, and follows its logs.
 train: setup $(CLEAN_OUT)/manifest.json
 	$(ARCFACE) submit-train --data $(CLEAN_OUT) --config $(TRAIN_CONFIG)
+
+# Verification + identification of a model on the sets that come with the data.
+evaluate: setup
+	$(ARCFACE) evaluate --model $(MODEL_URI) --data $(CLEAN_OUT) $(if $(PAIRS),--pairs $(PAIRS))
+
+# The champion alias moves only if VERSION beats it (PAIRS: evaluate both on these sets now).
+promote: setup
+	$(ARCFACE) promote --name $(MODEL) --version $(VERSION) $(if $(PAIRS),--pairs $(PAIRS))
+
+rollback: setup
+	$(ARCFACE) rollback --name $(MODEL)
 
 $(DEMO_RAW)/ground_truth.json: | setup
 	$(ARCFACE) demo-data --out $(DEMO_RAW)

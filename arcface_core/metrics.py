@@ -101,3 +101,41 @@ def tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=(1e-1, 1e-2, 1e-3, 1
         ok = far <= target + 1e-12
         out[float(target)] = float(tar[ok].max())
     return out
+
+
+@dataclass
+class IdentificationResult:
+    rank1: float
+    probes: int  # (probe, mate) trials
+    distractors: int
+
+
+def identification_rank1(embeddings: np.ndarray, identities: np.ndarray, distractors: np.ndarray,
+                         chunk: int = 1024) -> IdentificationResult:
+    """1:N rank-1 identification, MegaFace's protocol.
+
+    For every identity with at least two images and every ordered pair (probe p, mate g) of
+    its images, the gallery is g plus all distractors (images of other people, none of them
+    the probe's identity). The trial succeeds when g is more similar to p than every
+    distractor is (ties count as failure). Rank-1 is the share of successful trials.
+    """
+    emb, dis = l2_normalize(embeddings), l2_normalize(distractors)
+    identities = np.asarray(identities)
+    if len(dis) == 0:
+        raise ValueError("identification needs at least one distractor")
+    # Best distractor similarity per probe, in chunks so a 1M-image gallery fits in memory.
+    best_distractor = np.full(len(emb), -np.inf)
+    for i in range(0, len(dis), chunk):
+        best_distractor = np.maximum(best_distractor, (emb @ dis[i:i + chunk].T).max(axis=1))
+    hits = trials = 0
+    for ident in np.unique(identities):
+        idx = np.flatnonzero(identities == ident)
+        if len(idx) < 2:
+            continue
+        sims = emb[idx] @ emb[idx].T  # row: probe, column: mate
+        off_diagonal = ~np.eye(len(idx), dtype=bool)
+        hits += int(((sims > best_distractor[idx, None]) & off_diagonal).sum())
+        trials += len(idx) * (len(idx) - 1)
+    if trials == 0:
+        raise ValueError("identification needs an identity with at least two images")
+    return IdentificationResult(hits / trials, trials, len(dis))

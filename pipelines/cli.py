@@ -174,6 +174,98 @@ def cmd_submit_train(args, cfg) -> int:
     return subprocess.call(cmd, env=ray_client_env())
 
 
+def cmd_holdout(args, cfg) -> int:
+    from cleaning.holdout import split_holdout
+
+    manifest = split_holdout(args.data, args.out, args.identities, pairs=args.pairs, seed=args.seed)
+    h = manifest["holdout"]
+    print(f"held out {len(h['identities'])} identities; training set: {manifest['num_classes']} identities, "
+          f"{manifest['num_images']} images in {args.out}")
+    print(f"evaluation sets: {h['pairs_file']} ({h['pairs']} pairs), {h['faces_file']}")
+    return 0
+
+
+def cmd_evaluate(args, cfg) -> int:
+    from pipelines.evaluate import dumps, eval_sets_of, evaluate, roc_png
+    from pipelines.registry import load_embedder
+
+    pairs = [p for p in args.pairs if not p.endswith(".parquet")]
+    faces = [p for p in args.pairs if p.endswith(".parquet")]
+    if args.data:
+        more_pairs, more_faces = eval_sets_of(args.data)
+        pairs, faces = pairs + more_pairs, faces + more_faces
+    if not pairs and not faces:
+        log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet) or --data DATASET")
+        return 2
+    if args.model.startswith(("models:/", "runs:/")):
+        _use_tracking_server(cfg)
+    loaded = load_embedder(args.model)
+    results = evaluate(loaded.embedder, pairs, faces, flip=not args.no_flip)
+    text = dumps(results)
+    print(text)
+    if args.out:
+        from cleaning import storage
+
+        storage.write_bytes(storage.join(args.out, "evaluation.json"), (text + "\n").encode())
+        png = roc_png(results, title=args.model)
+        if png:
+            storage.write_bytes(storage.join(args.out, "roc.png"), png)
+        print(f"written to {args.out}")
+    return 0
+
+
+def _use_tracking_server(cfg) -> None:
+    """MLFLOW_TRACKING_URI if set, else the local server of `arcface services up`."""
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        from infra.local_services import LocalServices
+
+        os.environ["MLFLOW_TRACKING_URI"] = LocalServices(cfg).mlflow_uri
+
+
+def _registry_name(args, cfg) -> str:
+    name = args.name or cfg.train.registered_model
+    if not name:
+        raise SystemExit("no model name: give --name or set train.registered_model")
+    return name
+
+
+def cmd_promote(args, cfg) -> int:
+    from pipelines.registry import PromotionRefused, promote
+
+    pairs = [p for p in args.pairs if not p.endswith(".parquet")]
+    faces = [p for p in args.pairs if p.endswith(".parquet")]
+    name = _registry_name(args, cfg)
+    _use_tracking_server(cfg)
+    try:
+        decision = promote(name, args.version, metric=args.metric, min_delta=args.min_delta,
+                           pair_uris=pairs, face_uris=faces)
+    except PromotionRefused as exc:
+        log.error("refused: %s", exc)
+        return 1
+    print(("promoted: " if decision.promoted else "refused: ") + decision.message)
+    return 0 if decision.promoted else 1
+
+
+def cmd_rollback(args, cfg) -> int:
+    from pipelines.registry import PromotionRefused, rollback
+
+    _use_tracking_server(cfg)
+    try:
+        print(rollback(_registry_name(args, cfg)).message)
+    except PromotionRefused as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_lineage(args, cfg) -> int:
+    from pipelines.registry import lineage
+
+    _use_tracking_server(cfg)
+    print(json.dumps(lineage(_registry_name(args, cfg), args.version), indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +322,47 @@ def build_parser() -> argparse.ArgumentParser:
                            help="do not start the local MLflow server when MLFLOW_TRACKING_URI is unset")
         _common(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("holdout", help="move identities out of a refined dataset into evaluation sets")
+    p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")
+    p.add_argument("--out", required=True, help="the training dataset without them, with eval/ sets")
+    p.add_argument("--identities", type=int, required=True, help="how many identities to hold out")
+    p.add_argument("--pairs", type=int, default=600, help="verification pairs to build (half same-person)")
+    p.add_argument("--seed", type=int, default=0)
+    _common(p)
+    p.set_defaults(func=cmd_holdout)
+
+    p = sub.add_parser("evaluate", help="verification (10-fold, TAR@FAR, ROC) and 1:N identification of a model")
+    p.add_argument("--model", required=True,
+                   help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/embedder, or a checkpoint folder")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="FILE",
+                   help="insightface .bin pair sets and *_faces.parquet identification sets (local or s3://)")
+    p.add_argument("--data", help="also every evaluation set that comes with this refined dataset")
+    p.add_argument("--no-flip", action="store_true", help="skip the flip test (embedding + mirror embedding)")
+    p.add_argument("--out", help="folder for evaluation.json and roc.png")
+    _common(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("promote", help="move the champion alias to a version only if it beats the champion")
+    p.add_argument("--name", help="registered model (config train.registered_model)")
+    p.add_argument("--version", required=True, help="version number, or 'latest'")
+    p.add_argument("--metric", default="accuracy", help="accuracy, tar_at_far_0.01, rank1, ... (higher is better)")
+    p.add_argument("--min-delta", type=float, default=0.0, help="required improvement (0: strictly better)")
+    p.add_argument("--pairs", nargs="*", default=[], metavar="FILE",
+                   help="evaluate both versions on these sets now (default: compare the figures recorded on them)")
+    _common(p)
+    p.set_defaults(func=cmd_promote)
+
+    p = sub.add_parser("rollback", help="move the champion alias back to the version it replaced")
+    p.add_argument("--name", help="registered model (config train.registered_model)")
+    _common(p)
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("lineage", help="a registered version's run, config, dataset and evaluation")
+    p.add_argument("--name", help="registered model (config train.registered_model)")
+    p.add_argument("--version", default="champion", help="version number or alias")
+    _common(p)
+    p.set_defaults(func=cmd_lineage)
     return parser
 
 

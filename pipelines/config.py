@@ -134,10 +134,15 @@ class TrainConfig:
     name: str = "arcface"
     checkpoint_every: int = 100
     max_failures: int = 2
-    eval_pairs: str = ""  # insightface .bin; default: the dataset's eval/ pairs when present
+    # Comma-separated insightface .bin pair sets and *_faces.parquet identification sets;
+    # default: the sets that come with the dataset (its eval/ folders, see evaluate.py).
+    eval_sets: str = ""
     eval_every: int = 0  # steps; 0: at the end only
     log_every: int = 10
     mlflow_experiment: str = "arcface"
+    # The MLflow registered model the trained embedder is registered under ("" = log the
+    # model with the run but do not register it). Needs a tracking URI.
+    registered_model: str = "arcface"
     # Testing hook: the last rank exits abruptly after this global step, once per run.
     fail_at_step: int = 0
 

@@ -33,6 +33,7 @@ from arcface_core.classifier import ShardedMarginClassifier
 from arcface_core.margins import CombinedMargin, build_margin
 from arcface_core.sync_bn import convert_global_batchnorm
 from pipelines.config import TrainConfig
+from pipelines.evaluate import scalar_metrics
 
 log = logging.getLogger(__name__)
 INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same on any world size
@@ -216,7 +217,7 @@ def train_loop(config: dict) -> None:
                          threads=cfg.decode_threads)
     # A resumed run keeps logging into the MLflow run it started.
     tracker = _Tracker(config, cfg, data, state.get("mlflow_run_id"), resumed_at=step) if rank == 0 else None
-    pairs = _load_eval_pairs(config, cfg) if rank == 0 else None
+    eval_sets = _load_eval_sets(config, cfg) if rank == 0 else None
     steps_log = _steps_log(cfg) if rank == 0 else None
     window = time.perf_counter()
     losses = []
@@ -243,12 +244,10 @@ def train_loop(config: dict) -> None:
                 window, losses = time.perf_counter(), []
             evaluate_now = (cfg.eval_every and step % cfg.eval_every == 0) or last
             metrics = {"step": step, "loss": float(loss)}
-            if evaluate_now and pairs is not None:
-                from pipelines.evaluate import verify
-
-                result = verify(trainee.backbone, *pairs, device)
-                metrics.update({k: v for k, v in result.items() if k != "roc"})
-                tracker.log_eval(step, result)
+            if evaluate_now and eval_sets is not None:
+                results = _evaluate(trainee, eval_sets, device)
+                metrics.update(scalar_metrics(results))
+                tracker.log_eval(step, results)
             if step % cfg.checkpoint_every == 0 or last:
                 state = {"step": step, "world": world, "num_classes": data.num_classes,
                          "dataset": data.content_hash, "config": dataclasses.asdict(cfg),
@@ -260,7 +259,7 @@ def train_loop(config: dict) -> None:
                 break
     stream.close()
     if tracker:
-        tracker.finish()
+        tracker.finish(trainee.backbone, data)
 
 
 def _ray_storage(uri: str):
@@ -283,22 +282,33 @@ def _requested_checkpoint(path: str | None):
     return Checkpoint(location, filesystem=filesystem)
 
 
-def _load_eval_pairs(config: dict, cfg: TrainConfig):
-    from pipelines.evaluate import load_pairs
+def _load_eval_sets(config: dict, cfg: TrainConfig):
+    """The pair sets and identification sets evaluated during training (rank 0)."""
+    from pipelines.evaluate import load_faces, load_pairs
 
-    path = cfg.eval_pairs or config.get("default_eval_pairs") or ""
-    if not path:
+    pair_uris, face_uris = config.get("eval_sets") or ([], [])
+    if not pair_uris and not face_uris:
         return None
-    return load_pairs(path)
+    return [load_pairs(u) for u in pair_uris] + [load_faces(u) for u in face_uris]
+
+
+def _evaluate(trainee: "Trainee", sets, device) -> dict[str, dict]:
+    from pipelines.evaluate import PairSet, TorchEmbedder, identify, verify
+
+    embedder = TorchEmbedder(trainee.backbone, device)
+    return {s.name: verify(embedder, s) if isinstance(s, PairSet) else identify(embedder, s) for s in sets}
 
 
 class _Tracker:
-    """Rank 0's MLflow logging (when a tracking URI is configured)."""
+    """Rank 0's MLflow logging (when a tracking URI is configured): parameters, curves,
+    evaluations, plots, and at the end the registered embedding model."""
 
     def __init__(self, config: dict, cfg: TrainConfig, data, run_id: str | None, resumed_at: int):
         self.uri = config.get("mlflow_uri") or ""
+        self.config, self.cfg = config, cfg
         self.run = None
         self.run_id = None
+        self.last_eval: dict[str, dict] = {}
         if not self.uri:
             return
         import mlflow
@@ -312,6 +322,10 @@ class _Tracker:
             mlflow.log_params({"data.uri": config["data"], "data.content_hash": data.content_hash,
                                "data.num_classes": data.num_classes, "data.num_images": data.num_samples,
                                "code.version": config.get("code_version", "")})
+            mlflow.log_dict({"train": dataclasses.asdict(cfg), "data": config["data"],
+                             "eval_sets": config.get("eval_sets")}, "config.json")
+            mlflow.log_dict(data.manifest_summary(), "dataset/manifest_summary.json")
+            _log_dataset_input(data)
         mlflow.set_tag("resumed_at_step", resumed_at)
 
     def log_step(self, step, loss, lr, samples_per_s):
@@ -320,17 +334,81 @@ class _Tracker:
 
             mlflow.log_metrics({"loss": loss, "lr": lr, "samples_per_s": samples_per_s}, step=step)
 
-    def log_eval(self, step, result):
+    def log_eval(self, step, results: dict[str, dict]):
+        self.last_eval = results
         if self.run:
             import mlflow
 
-            mlflow.log_metrics({f"eval_{k}": v for k, v in result.items() if k != "roc"}, step=step)
+            mlflow.log_metrics({f"eval.{k}": v for k, v in scalar_metrics(results).items()}, step=step)
 
-    def finish(self):
-        if self.run:
-            import mlflow
+    def finish(self, backbone, data):
+        if not self.run:
+            return
+        import mlflow
 
-            mlflow.end_run()
+        from pipelines.evaluate import roc_png
+
+        from pipelines.registry import log_embedding_model
+
+        _log_png(roc_png(self.last_eval, title=f"{self.cfg.name}: ROC"), "plots", "roc.png")
+        history = mlflow.MlflowClient().get_metric_history(self.run_id, "loss")
+        if history:
+            _log_png(_loss_png(history), "plots", "loss.png")
+        # The model is always logged with the run; registered when a name is configured.
+        lineage = {"data.uri": self.config["data"], "data.content_hash": data.content_hash,
+                   "code.version": self.config.get("code_version", ""), "train.run_name": self.cfg.name,
+                   "train.backbone": self.cfg.backbone}
+        version = log_embedding_model(backbone, self.cfg.embedding_size, self.cfg.registered_model,
+                                      scalar_metrics(self.last_eval), lineage)
+        if version is not None:
+            log.info("registered %s version %s", version.name, version.version)
+            mlflow.set_tag("registered_model_version", f"{version.name}/{version.version}")
+        mlflow.end_run()
+
+
+def _log_dataset_input(data) -> None:
+    """The refined dataset as the run's MLflow input: its URI and content hash (lineage)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    try:
+        dataset = MetaDataset(resolve_dataset_source(data.root), name=data.root.rstrip("/").rsplit("/", 1)[-1],
+                              digest=data.content_hash[:36])
+        mlflow.log_input(dataset, context="training")
+    except Exception as exc:  # lineage that the run's params hold as well
+        log.warning("could not log the dataset as an MLflow input: %s", exc)
+
+
+def _log_png(png: bytes | None, folder: str, name: str) -> None:
+    import mlflow
+
+    if png:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, name)
+            with open(path, "wb") as fh:
+                fh.write(png)
+            mlflow.log_artifact(path, folder)
+
+
+def _loss_png(history) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    points = sorted((m.step, m.value) for m in history)
+    ax.plot([p[0] for p in points], [p[1] for p in points])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (mean over logging window)")
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
 
 
 # -- driver ---------------------------------------------------------------------------
@@ -345,19 +423,15 @@ def _code_version() -> str:
         return ""
 
 
-def default_eval_pairs(data: str) -> str:
-    """The pair set that came with the raw data (the demo's eval/), if the manifest leads to one."""
-    from cleaning import shards, storage
+def eval_sets_for(data: str, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """`train.eval_sets` (comma-separated .bin pair sets and *_faces.parquet identification
+    sets) if given, else the sets that came with the dataset."""
+    from pipelines.evaluate import eval_sets_of
 
-    try:
-        source = shards.read_json(storage.join(data, "manifest.json"))["source"]["uri"].rstrip("/")
-    except (OSError, KeyError, ValueError):
-        return ""
-    for folder in (source, source.rsplit("/", 1)[0]):
-        candidate = storage.join(folder, "eval", "demo_pairs.bin")
-        if storage.exists(candidate):
-            return candidate
-    return ""
+    if cfg.eval_sets:
+        uris = [u.strip() for u in cfg.eval_sets.split(",") if u.strip()]
+        return [u for u in uris if not u.endswith(".parquet")], [u for u in uris if u.endswith(".parquet")]
+    return eval_sets_of(data)
 
 
 def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
@@ -374,11 +448,11 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
         address = os.environ.get("RAY_ADDRESS")
         ray.init(address=address or "local", include_dashboard=False, num_cpus=None if address else max(2, cfg.workers),
                  log_to_driver=True)
-    pairs = default_eval_pairs(data)
+    eval_sets = eval_sets_for(data, cfg)
     config = {
         "train": dataclasses.asdict(cfg), "data": data,
         "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
-        "default_eval_pairs": pairs,
+        "eval_sets": eval_sets,
         "code_version": _code_version(),
         "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
         "resume_from": resume or "",

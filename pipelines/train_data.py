@@ -60,6 +60,10 @@ class ShardDataset:
         self._files: dict[str, pq.ParquetFile] = {}
         self._cache: dict[tuple[str, int], tuple[list, np.ndarray]] = {}
 
+    def manifest_summary(self) -> dict:
+        """The manifest without its per-identity map (lineage for trackers)."""
+        return {k: v for k, v in self.manifest.items() if k != "identity_to_label"} | {"uri": self.root}
+
     def steps_per_epoch(self, global_batch: int) -> int:
         return self.num_samples // global_batch
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from arcface_core.metrics import kfold_accuracy, pair_scores, roc_curve, tar_at_far
+from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
 
 
 def test_pair_scores_by_hand():
@@ -50,3 +50,29 @@ def test_kfold_cosine_threshold():
     issame = np.array([True, False] * 5)
     res = kfold_accuracy(sims, issame, nfolds=5, distance="cosine", thresholds=np.array([0.0, 0.5, 0.99]))
     assert res.accuracy == 1.0 and res.threshold == 0.5
+
+
+def _unit(deg: float) -> list[float]:
+    return [np.cos(np.radians(deg)), np.sin(np.radians(deg))]
+
+
+def test_identification_rank1_by_hand():
+    # Identity A: images at 0 and 10 degrees; identity B: 90 and 100; C: a single image
+    # (no mate, not a probe). Distractors at 40 and 200 degrees.
+    emb = np.array([_unit(0), _unit(10), _unit(90), _unit(100), _unit(300)])
+    ids = np.array(["A", "A", "B", "B", "C"])
+    distractors = np.array([_unit(40), _unit(200)])
+    result = identification_rank1(emb, ids, distractors)
+    # 4 trials (A0->A10, A10->A0, B90->B100, B100->B90), mates 10 degrees away, closest
+    # distractor 30+ degrees away: all succeed.
+    assert (result.rank1, result.probes, result.distractors) == (1.0, 4, 2)
+    # A distractor at 5 degrees beats A10 for probe A0 (5 < 10) and A0 for probe A10 (5 < 10),
+    # and no B trial: 2 of 4 succeed.
+    assert identification_rank1(emb, ids, np.array([_unit(5)])).rank1 == 0.5
+    # A distractor exactly as close as the mate is a failure (ties count against).
+    tie = identification_rank1(np.array([_unit(0), _unit(10)]), np.array(["A", "A"]), np.array([_unit(-10)]))
+    assert tie.rank1 == 0.5  # probe A0: mate at 10, distractor at -10 (tie); probe A10: distractor 20 away
+    with pytest.raises(ValueError, match="distractor"):
+        identification_rank1(emb, ids, np.zeros((0, 2)))
+    with pytest.raises(ValueError, match="two images"):
+        identification_rank1(emb[[0, 2]], np.array(["A", "B"]), distractors)

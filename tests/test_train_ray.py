@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipelines.config import TrainConfig, load_config
-from pipelines.evaluate import load_pairs, verify
-from pipelines.train import Trainee, default_eval_pairs
+from pipelines.evaluate import TorchEmbedder, eval_sets_of, load_pairs, verify
+from pipelines.train import Trainee
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.services
@@ -64,11 +64,12 @@ def test_ray_job_submit_trains_and_beats_untrained(tmp_path, demo_shards):
     assert last < first, (first, last)
     metrics = json.loads(next(l for l in job.stdout.splitlines() if l.startswith("metrics: "))[9:])
     # The same model before training, on the same held-out pairs.
-    pairs = load_pairs(default_eval_pairs(str(demo_shards)))
+    pairs = load_pairs(eval_sets_of(str(demo_shards))[0][0])
     cfg = tiny_cfg(tmp_path)
     manifest = json.loads((demo_shards / "manifest.json").read_text())
-    untrained = verify(Trainee(cfg, manifest["num_classes"], 0, 1, torch.device("cpu")).backbone, *pairs, "cpu")
-    assert metrics["accuracy"] > untrained["accuracy"], (metrics["accuracy"], untrained["accuracy"])
+    untrained = verify(TorchEmbedder(Trainee(cfg, manifest["num_classes"], 0, 1, torch.device("cpu")).backbone), pairs)
+    trained = metrics[f"{pairs.name}.accuracy"]
+    assert trained > untrained["accuracy"], (trained, untrained["accuracy"])
 
 
 def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_shards, ray_local, mlflow_server,
