@@ -20,7 +20,7 @@ import pyarrow as pa
 from cleaning import rewrite, shards, storage
 from cleaning.formats.insightface_bin import dumps_pairs
 
-HELD_OUT = "held_out_for_evaluation"
+HELD_OUT = "holdout/held_out_for_evaluation"
 PAIRS_FILE = "eval/holdout_pairs.bin"
 FACES_FILE = "eval/holdout_faces.parquet"
 

@@ -106,3 +106,147 @@ Content hash: <code>{manifest['content_hash'][:16]}</code></p>
     uri = storage.join(report, "index.html")
     storage.write_bytes(uri, page.encode())
     return uri
+
+
+# -- stage 2 ----------------------------------------------------------------------------------
+
+def _data_uri(png: bytes) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _rows_images(parent: str, manifest_shards: list[str], sizes: list[int], rows: list[int]) -> dict[int, bytes]:
+    """Image bytes of the given global rows of a dataset, reading only the shards they are in."""
+    import pyarrow as pa
+
+    starts = np.cumsum([0] + sizes[:-1])
+    wanted: dict[int, list[int]] = {}
+    for r in sorted(set(rows)):
+        s = int(np.searchsorted(starts, r, side="right") - 1)
+        wanted.setdefault(s, []).append(r)
+    out = {}
+    for s, rs in wanted.items():
+        table = shards.read_table(storage.join(parent, "shards", manifest_shards[s]), ["image"])
+        local = [r - int(starts[s]) for r in rs]
+        for r, img in zip(rs, table.take(pa.array(local)).column("image").to_pylist()):
+            out[r] = img
+    return out
+
+
+def identity_sheet(rows: list[tuple[list[bytes], list[bytes]]], tile: int = 96, per_side: int = 4) -> bytes | None:
+    """One line per identity: its dropped faces (red frame) | its most typical kept faces."""
+    def tiles(images, colour):
+        out = []
+        for data in images[:per_side]:
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA) if img is not None else \
+                np.full((tile, tile, 3), 40, np.uint8)
+            out.append(cv2.copyMakeBorder(img[3:-3, 3:-3], 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=colour))
+        while len(out) < per_side:
+            out.append(np.full((tile, tile, 3), 255, np.uint8))
+        return out
+
+    lines = [np.hstack(tiles(d, (0, 0, 220)) + [np.full((tile, 12, 3), 255, np.uint8)] + tiles(t, (0, 160, 0)))
+             for d, t in rows]
+    if not lines:
+        return None
+    ok, buf = cv2.imencode(".png", np.vstack(lines))
+    return buf.tobytes() if ok else None
+
+
+def write_denoise_report(out: str, manifest: dict, embedded, keys: list[str], identities_per_reason: int = 8) -> str:
+    """`<out>/report/index.html`: one self-contained page (PNGs inline, also written beside
+    it): counts per stage and reason, the sample-to-centre angles with the threshold, and
+    per reason the dropped faces next to their identity's most typical faces."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report = storage.join(out, "report")
+    s2 = manifest["stage2"]
+    parent_uri = manifest["parent"]["uri"]
+    parent = shards.read_json(storage.join(parent_uri, "manifest.json"))
+    sizes = [pq_rows(storage.join(parent_uri, "shards", n)) for n in parent["shards"]]
+    figures: dict[str, bytes] = {}
+
+    h = s2["angle_histogram"]
+    edges = np.array(h["edges_deg"])
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.bar(edges[:-1], h["kept"], width=np.diff(edges), align="edge", alpha=0.7, label="kept")
+    ax.bar(edges[:-1], h["dropped"], width=np.diff(edges), align="edge", alpha=0.7, label="dropped: far from centre",
+           color="tab:red")
+    ax.bar(edges[:-1], h["dropped_other_reasons"], width=np.diff(edges), align="edge", alpha=0.7,
+           label="dropped: other reasons (overlap, small)", color="tab:grey")
+    ax.axvline(h["threshold_deg"], color="k", ls="--", label=f"threshold {h['threshold_deg']:g} deg")
+    ax.set_yscale("symlog")
+    ax.set_xlabel("angle between a face and its identity centre (degrees)")
+    ax.set_ylabel("faces")
+    ax.legend()
+    figures["angles.png"] = _png(fig)
+    plt.close(fig)
+
+    # Per reason: a few identities, their dropped faces beside their most typical kept faces.
+    kept = embedded.kept
+    angles = np.where(np.isfinite(embedded.angles), embedded.angles, 180.0)
+    by_group_kept: dict[int, np.ndarray] = {}
+    order = np.lexsort((angles, embedded.groups))
+    for g in np.unique(embedded.groups):
+        rows = order[np.searchsorted(embedded.groups[order], g, "left"):np.searchsorted(embedded.groups[order], g, "right")]
+        by_group_kept[int(g)] = rows[kept[rows]][:4]
+    sheets_plan: dict[str, list[tuple[list[int], list[int]]]] = {}
+    reasons = embedded.reasons
+    for reason in sorted({r for r in reasons if r is not None}):
+        rows = np.flatnonzero(reasons == reason)
+        groups = list(dict.fromkeys(embedded.groups[rows].tolist()))[:identities_per_reason]
+        sheets_plan[reason] = [(rows[embedded.groups[rows] == g][:4].tolist(), by_group_kept.get(g, np.array([])).tolist())
+                               for g in groups]
+    needed = [r for plan in sheets_plan.values() for d, t in plan for r in d + t]
+    images = _rows_images(parent_uri, parent["shards"], sizes, needed)
+    for reason, plan in sheets_plan.items():
+        png = identity_sheet([([images[r] for r in d], [images[r] for r in t]) for d, t in plan])
+        if png:
+            figures[f"dropped_{reason.replace('/', '__')}.png"] = png
+    for name, png in figures.items():
+        storage.write_bytes(storage.join(report, name), png)
+
+    c = manifest["counts"]
+    stage_rows = "".join(
+        f"<tr><td>{html.escape(st)}</td><td>{v['read']}</td><td>{v['kept']}</td><td>{v['rejected']}</td></tr>"
+        for st, v in c.get("by_stage", {}).items())
+    reason_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in c["by_reason"].items())
+    merges = "".join(f"<li>{html.escape(', '.join(m['identities']))} &rarr; one identity</li>" for m in s2["merges"]) \
+        or "<li>none</li>"
+    overlap = s2["steps"].get("evaluation_overlap", {})
+    over = ", ".join(overlap.get("identities_by_embedding", []) + overlap.get("identities_by_name", [])) or "none"
+    sheets = "".join(
+        f"<h3>{html.escape(name[len('dropped_'):-4].replace('__', '/'))}</h3><p>left, red: dropped; right, green: the identity's most "
+        f"typical kept faces</p><img src=\"{_data_uri(png)}\" alt=\"{html.escape(name)}\">"
+        for name, png in figures.items() if name.startswith("dropped_"))
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>Refinement report: stage 2</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1000px}} td,th{{padding:2px 10px;border-bottom:1px solid #ddd;text-align:left}}
+img{{max-width:100%}}</style></head><body>
+<h1>Refinement report: stage 2 (de-noising with embeddings)</h1>
+<p>Model: <code>{html.escape(s2['model'])}</code><br>Parent: <code>{html.escape(parent_uri)}</code>
+(content hash <code>{manifest['parent']['content_hash'][:16]}</code>)<br>
+This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manifest['num_images']} faces,
+{manifest['num_classes']} identities</p>
+<h2>Counts per stage</h2><table><tr><th>stage</th><th>read</th><th>kept</th><th>rejected</th></tr>{stage_rows}
+<tr><th>all</th><th>{c['read']}</th><th>{c['kept']}</th><th>{c['rejected']}</th></tr></table>
+<h2>Rejected, by reason (both stages)</h2><table><tr><th>reason</th><th>faces</th></tr>{reason_rows}</table>
+<h2>Angle to the identity centre</h2><img src="{_data_uri(figures['angles.png'])}" alt="angle histogram">
+<h2>Identities merged</h2><ul>{merges}</ul>
+<h2>Identities removed as evaluation people</h2><p>{html.escape(over)}</p>
+<h2>Dropped faces</h2>{sheets}
+</body></html>"""
+    uri = storage.join(report, "index.html")
+    storage.write_bytes(uri, page.encode())
+    return uri
+
+
+def pq_rows(uri: str) -> int:
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    return pq.read_metadata(path, filesystem=fs).num_rows

@@ -48,12 +48,13 @@ def shard_uris(root: str, manifest: dict) -> list[str]:
 
 
 def _rejects_table(table: pa.Table, dropped: np.ndarray, reasons: list, details: list, stage: str) -> pa.Table:
+    """Rejects rows; a reason "step/why" fills the stage column with the step, as stage 1 does."""
     rows = table.take(pa.array(dropped))
-    n = len(dropped)
+    split = [reasons[i].split("/", 1) if "/" in reasons[i] else (stage, reasons[i]) for i in dropped]
     return pa.table({
         "key": rows.column("key"), "identity": rows.column("identity"), "source": rows.column("source"),
-        "stage": pa.array([stage] * n, pa.string()),
-        "reason": pa.array([reasons[i] for i in dropped], pa.string()),
+        "stage": pa.array([s for s, _ in split], pa.string()),
+        "reason": pa.array([r for _, r in split], pa.string()),
         "detail": pa.array([details[i] if details else "" for i in dropped], pa.string()),
         "image": rows.column("image"), "det_score": rows.column("det_score"),
         "eye_distance": rows.column("eye_distance"), "blur": rows.column("blur"),

@@ -174,6 +174,40 @@ def cmd_submit_train(args, cfg) -> int:
     return subprocess.call(cmd, env=ray_client_env())
 
 
+def _print_counts(manifest: dict) -> None:
+    c = manifest["counts"]
+    print(f"read {c['read']}  kept {c['kept']}  rejected {c['rejected']}  identities {manifest['num_classes']}")
+    for stage, v in c.get("by_stage", {}).items():
+        print(f"  {stage:10s} read {v['read']}  kept {v['kept']}  rejected {v['rejected']}")
+    for reason, n in c["by_reason"].items():
+        print(f"  {reason:40s} {n}")
+
+
+def cmd_denoise(args, cfg) -> int:
+    from pipelines.denoise import run_denoise
+
+    if args.model.startswith(("models:/", "runs:/")):
+        _use_tracking_server(cfg)
+    manifest = run_denoise(args.data, args.out, args.model, cfg.denoise)
+    _print_counts(manifest)
+    print(f"shards, rejects, manifest and report in {args.out}")
+    return 0
+
+
+def cmd_refine(args, cfg) -> int:
+    from pipelines.denoise import run_refine
+
+    if args.retrain:
+        cfg.denoise.retrain = True
+    summary = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
+    _print_counts(summary["manifest"])
+    print(f"bootstrap model: {summary['bootstrap_checkpoint']}")
+    print(f"refined dataset: {summary['stage2']} (report: {summary['stage2']}/report/index.html)")
+    if "refined_checkpoint" in summary:
+        print(f"model trained on it: {summary['refined_checkpoint']}")
+    return 0
+
+
 def cmd_holdout(args, cfg) -> int:
     from cleaning.holdout import split_holdout
 
@@ -322,6 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
                            help="do not start the local MLflow server when MLFLOW_TRACKING_URI is unset")
         _common(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("denoise", help="stage 2 on Ray: de-noise a stage-1 dataset with a model's embeddings")
+    p.add_argument("--data", required=True, help="stage-1 dataset (folder with manifest.json) or s3:// URI")
+    p.add_argument("--model", required=True, help="checkpoint folder, models:/NAME@ALIAS or runs:/ID/embedder")
+    p.add_argument("--out", required=True, help="the refined dataset (folder or s3:// URI)")
+    _common(p)
+    p.set_defaults(func=cmd_denoise)
+
+    p = sub.add_parser("refine", help="the paper's loop: stage 1 -> bootstrap model -> stage 2 (-> retrain)")
+    p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
+    p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
+    p.add_argument("--out", required=True, help="folder for stage1/, runs/, stage2/ (the refined dataset)")
+    p.add_argument("--scheduler", help="address of an existing Dask scheduler for stage 1")
+    p.add_argument("--retrain", action="store_true", help="train on the refined data at the end (denoise.retrain)")
+    _common(p)
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("holdout", help="move identities out of a refined dataset into evaluation sets")
     p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")

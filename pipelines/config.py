@@ -98,6 +98,44 @@ class CleanConfig:
 
 
 @dataclass
+class DenoiseConfig:
+    """Stage 2 (Ray): de-noise with embeddings; and the `arcface refine` loop. Angles in
+    degrees. Defaults argued from measurements on the demo data (benchmarks/results/
+    stage2_quality.md): they depend on the model that embeds, so check the angle histogram
+    in the report (sub-centre ArcFace used 75 deg with a ResNet-100 trained on MS1M)."""
+
+    workers: int = 2  # embedding actors
+    gpu: bool = False  # one GPU per actor (checkpoints; MLflow models embed on CPU)
+    batch: int = 256
+    # Demo, bootstrap model (tiny IResNet, 2 epochs on stage-1 data): clean faces lie
+    # within 33 deg of their identity centre (99.5th percentile), mislabelled ones beyond
+    # 58 deg (1st percentile); 50 splits them with precision and recall ~0.998.
+    max_angle: float = 50.0
+    # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
+    min_images_to_judge: int = 5
+    # Identities left with fewer faces are dropped (a class needs faces to learn from).
+    min_images_per_identity: int = 2
+    # Use the model's class centres (dominant sub-centre) instead of the embeddings' robust
+    # mean; needs a training checkpoint of a model trained on this dataset's labels.
+    use_model_centres: bool = False
+    # Demo: the same person filed under two ids has centres 6-8 deg apart; distinct
+    # identities' nearest centres are 42+ deg apart.
+    merge_max_angle: float = 25.0
+    # An identity is an evaluation person when at least `overlap_min_faces` evaluation
+    # faces lie within `overlap_max_angle` of its centre. Demo: the 3 overlap identities
+    # have 6 of 6 evaluation faces within 30 deg; no other identity has more than 1 (at
+    # 40 deg a look-alike reaches 4).
+    overlap_max_angle: float = 30.0
+    overlap_min_faces: int = 3
+    # Optional file of identity ids (one per line) known to be in the evaluation sets.
+    exclude_identities: str = ""
+    # `arcface refine`: epochs of the bootstrap model trained on stage-1 data (the rest of
+    # its recipe is [train]); then retrain on the refined data when `retrain` is set.
+    bootstrap_epochs: int = 2
+    retrain: bool = False
+
+
+@dataclass
 class TrainConfig:
     """Training (Ray Train). Defaults: the paper's recipe, sized down only where the demo
     needs it (backbone, embedding size, steps) - see configs/demo-train.toml."""
@@ -152,6 +190,7 @@ class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     clean: CleanConfig = field(default_factory=CleanConfig)
+    denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:

@@ -102,14 +102,14 @@ class _PyfuncEmbedder:
         return np.asarray(self.model.predict(faces, params={"flip": bool(flip)}), np.float32)
 
 
-def load_embedder(uri: str) -> LoadedModel:
+def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
     folder (with an MLmodel file), or a training checkpoint folder (state.json + backbone.pt;
-    local or s3://)."""
+    local or s3://). `device` applies to checkpoints; MLflow models run on the CPU."""
     from cleaning import storage
 
     if storage.exists(storage.join(uri, "state.json")):
-        return LoadedModel(uri, _checkpoint_embedder(uri), "checkpoint")
+        return LoadedModel(uri, _checkpoint_embedder(uri, device), "checkpoint")
     if uri.startswith(("models:/", "runs:/", "m-")) or storage.exists(storage.join(uri, "MLmodel")):
         import mlflow
 
@@ -117,7 +117,7 @@ def load_embedder(uri: str) -> LoadedModel:
     raise ValueError(f"{uri}: neither an MLflow model URI nor a checkpoint folder (state.json + backbone.pt)")
 
 
-def _checkpoint_embedder(uri: str):
+def _checkpoint_embedder(uri: str, device: str = "cpu"):
     from arcface_core.backbones import build_backbone
     from cleaning import storage
     from pipelines.evaluate import TorchEmbedder
@@ -131,7 +131,7 @@ def _checkpoint_embedder(uri: str):
     blob = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "backbone.pt"))), map_location="cpu",
                       weights_only=True)
     backbone.load_state_dict(blob["backbone"])
-    return TorchEmbedder(backbone.eval(), "cpu")
+    return TorchEmbedder(backbone.eval().to(device), device)
 
 
 # -- promotion ----------------------------------------------------------------------------

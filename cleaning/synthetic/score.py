@@ -68,3 +68,41 @@ def score_stage1(out: str, truth_path: str) -> dict:
         "missing": sum(c["missing"] for c in confusion.values()),
         "confusion": {k: dict(v.most_common()) for k, v in sorted(confusion.items())},
     }
+
+
+NOISE_REASON = "intra_class/far_from_identity_centre"
+OVERLAP_REASONS = {"evaluation_overlap/overlaps_evaluation_set", "evaluation_overlap/named_in_evaluation_list"}
+
+
+def score_stage2(out: str, truth_path: str) -> dict:
+    """Stage 2 against the demo's truth: label noise found (precision, recall over the faces
+    that reached stage 2), evaluation-overlap identities removed, duplicate identities merged,
+    clean faces kept."""
+    truth = json.loads(storage.read_bytes(truth_path))
+    manifest = shards.read_json(storage.join(out, "manifest.json"))
+    got = outcomes(out)
+    parent = shards.read_json(storage.join(manifest["parent"]["uri"], "manifest.json"))
+    stage1_steps = {k.split("/")[0] for k in parent["counts"]["by_reason"]}
+    reached = [r for r in truth["images"] if got.get(r["key"], "missing").split("/")[0] not in stage1_steps]
+    overlap_ids = set(truth["eval_overlap_identities"])
+    noise = [r for r in reached if "label_noise" in r["defects"]]
+    flagged = [r for r in reached if got.get(r["key"]) == NOISE_REASON]
+    caught = [r for r in flagged if "label_noise" in r["defects"]]
+    removed_ids = {r["filed_identity"] for r in reached if got.get(r["key"]) in OVERLAP_REASONS}
+    kept_ids = {r["filed_identity"] for r in reached if got.get(r["key"]) == "kept"}
+    labels = manifest["identity_to_label"]
+    merged_pairs = [pair for pair in truth["duplicate_identities"]
+                    if all(p in labels for p in pair) and labels[pair[0]] == labels[pair[1]]]
+    label_sizes = Counter(labels.values())
+    clean = [r for r in reached if not r["defects"] and r["filed_identity"] not in overlap_ids]
+    return {
+        "label_noise": {"reached_stage2": len(noise), "flagged": len(flagged), "caught": len(caught),
+                        "recall": len(caught) / max(1, len(noise)), "precision": len(caught) / max(1, len(flagged))},
+        "overlap_identities": {"truth": sorted(overlap_ids), "removed": sorted(removed_ids),
+                               "all_removed": overlap_ids <= removed_ids and not (overlap_ids & kept_ids)},
+        "duplicate_identities": {"truth": truth["duplicate_identities"], "merged": merged_pairs,
+                                 "other_merges": sum(1 for n in label_sizes.values() if n > 1) - len(merged_pairs)},
+        "clean_kept": sum(got.get(r["key"]) == "kept" for r in clean) / max(1, len(clean)),
+        "accounted": manifest["counts"]["read"] == manifest["counts"]["kept"] + manifest["counts"]["rejected"],
+        "missing": sum(got.get(r["key"], "missing") == "missing" for r in truth["images"]),
+    }
