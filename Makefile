@@ -5,14 +5,16 @@ ARCFACE  := $(VENV)/bin/arcface
 DEMO_RAW ?= data/demo/raw
 FORMAT   ?= vggface2
 INPUT    ?= $(DEMO_RAW)
-CLEAN_OUT ?= data/demo/stage1
+REFINE_OUT ?= data/demo/refined
+# What training reads: the refined (stage-2) dataset.
+CLEAN_OUT ?= $(REFINE_OUT)/stage2
 
 TRAIN_CONFIG ?= configs/demo-train.toml
 MODEL    ?= arcface
 VERSION  ?= latest
 MODEL_URI ?= models:/$(MODEL)@champion
 
-.PHONY: setup run train clean-data demo-data services-up services-down services-status evaluate promote rollback test test-all bench-core clean
+.PHONY: setup run train clean-data stage1 demo-data services-up services-down services-status evaluate promote rollback test test-all bench-core clean
 
 setup: $(VENV)/.installed
 
@@ -26,9 +28,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The main job on its embedded default: refine the demo data, then train on it.
 run: train
 
-# Stage 1 on Dask; on the demo raw data unless INPUT/FORMAT say otherwise.
+# The whole refinement (the paper's loop): stage 1 on Dask -> bootstrap model on Ray Train
+# -> stage 2 on Ray; on the demo raw data unless INPUT/FORMAT say otherwise. The bootstrap
+# model follows TRAIN_CONFIG's [train] recipe for denoise.bootstrap_epochs epochs.
 clean-data: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
-	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(CLEAN_OUT)
+	$(ARCFACE) refine --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --config $(TRAIN_CONFIG)
+
+# Stage 1 alone.
+stage1: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
+	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT)/stage1
 
 $(CLEAN_OUT)/manifest.json:
 	$(MAKE) clean-data

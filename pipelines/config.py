@@ -118,9 +118,12 @@ class DenoiseConfig:
     # Use the model's class centres (dominant sub-centre) instead of the embeddings' robust
     # mean; needs a training checkpoint of a model trained on this dataset's labels.
     use_model_centres: bool = False
-    # Demo: the same person filed under two ids has centres 6-8 deg apart; distinct
-    # identities' nearest centres are 42+ deg apart.
-    merge_max_angle: float = 25.0
+    # Identities whose centres are closer are one person. 0: twice the median angle of the
+    # kept faces to their own centre (derived per run; see cleaning/denoise.MergeIdentities).
+    # Demo: the same person filed under two ids has centres 7 deg (2-epoch bootstrap on the
+    # default demo; median 17) to 30 deg apart (12 epochs on a small demo; median 21) -
+    # training as two classes pushes them apart - while distinct identities are 42+ deg apart.
+    merge_max_angle: float = 0.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation
     # faces lie within `overlap_max_angle` of its centre. Demo: the 3 overlap identities
     # have 6 of 6 evaluation faces within 30 deg; no other identity has more than 1 (at

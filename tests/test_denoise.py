@@ -1,0 +1,203 @@
+"""Stage 2: the de-noise steps on constructed embeddings with known answers, and the whole
+refine loop (stage 1 -> bootstrap model -> stage 2) on demo data with known defects."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities,
+                              angle_deg, contiguous_labels)
+
+
+def around(direction: np.ndarray, n: int, spread_deg: float, rng) -> np.ndarray:
+    """n unit vectors within about `spread_deg` of `direction`."""
+    d = direction / np.linalg.norm(direction)
+    noise = rng.normal(size=(n, len(d)))
+    noise -= (noise @ d)[:, None] * d  # orthogonal to d
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    angle = np.radians(rng.uniform(0, spread_deg, n))[:, None]
+    return (np.cos(angle) * d + np.sin(angle) * noise).astype(np.float32)
+
+
+def basis(i: int, dim: int = 16) -> np.ndarray:
+    v = np.zeros(dim, np.float32)
+    v[i] = 1
+    return v
+
+
+def test_intra_class_drops_far_faces_and_leaves_small_identities_unjudged():
+    rng = np.random.default_rng(0)
+    # Identity 0: 14 faces within 20 deg of e0 plus 6 (30%) filed from identity 1's person (e1, 90 deg away).
+    # Identity 1: 20 faces around e1. Identity 2: 3 faces, one of them far: too few to judge.
+    emb = np.concatenate([around(basis(0), 14, 20, rng), around(basis(1), 6, 20, rng), around(basis(1), 20, 20, rng),
+                          around(basis(2), 2, 10, rng), basis(3)[None]])
+    groups = np.array([0] * 20 + [1] * 20 + [2] * 3)
+    data = EmbeddedSet(emb, groups, np.array([f"id{g}" for g in groups], object))
+    step = IntraClassOutliers(max_angle=50, min_images_to_judge=5)
+    step(data)
+    dropped = np.flatnonzero(~data.kept)
+    assert dropped.tolist() == list(range(14, 20))  # exactly the mislabelled faces, despite 30% of them
+    assert set(data.reasons[dropped]) == {"intra_class/far_from_identity_centre"}
+    assert all(d.endswith("deg from identity centre") for d in data.details[dropped])
+    assert np.all(data.angles[:14] < 25) and np.all(data.angles[14:20] > 60)
+    assert np.isnan(data.angles[40:]).all() and step.counts()["unjudged_identities"] == 1
+    assert step.counts()["dropped"] == {"intra_class/far_from_identity_centre": 6}
+
+
+def test_dominant_subcentre_rule():
+    rng = np.random.default_rng(1)
+    # One identity, two sub-centres: 12 faces near e0 (dominant), 4 near e1 (the noise mode).
+    emb = np.concatenate([around(basis(0), 12, 15, rng), around(basis(1), 4, 15, rng)])
+    data = EmbeddedSet(emb, np.zeros(16, np.int64), np.array(["a"] * 16, object))
+    centres = np.stack([basis(1), basis(0)])[None]  # (C=1, K=2, D): the dominant one is second
+    IntraClassOutliers(max_angle=75, min_images_to_judge=5, model_centres=centres)(data)
+    assert np.flatnonzero(~data.kept).tolist() == list(range(12, 16))
+    with pytest.raises(ValueError, match="not trained"):
+        IntraClassOutliers(75, 5, model_centres=centres)(EmbeddedSet(emb, np.arange(16) % 2, np.array(["a"] * 16)))
+
+
+def test_merge_overlap_small_and_relabel():
+    rng = np.random.default_rng(2)
+    # Groups: 0 and 3 are one person (centres ~5 deg apart); 1 and 2 distinct; 4 has 1 face.
+    directions = [basis(0), basis(1), basis(2), basis(0) + 0.09 * basis(5), basis(4)]
+    sizes = [10, 10, 10, 8, 1]
+    emb = np.concatenate([around(d, n, 15, rng) for d, n in zip(directions, sizes)])
+    groups = np.repeat(np.arange(5), sizes)
+    ids = np.array([f"id{g}" for g in groups], object)
+    data = EmbeddedSet(emb, groups, ids)
+    merge = MergeIdentities(max_angle=25)
+    merge(data)
+    assert [(m.into, m.groups, m.identities) for m in merge.merges] == [(0, [0, 3], ["id0", "id3"])]
+    assert set(data.groups[groups == 3]) == {0} and data.kept.all()  # merging drops nothing
+    # Evaluation faces: 4 of person 1 (within 30 deg of its centre), 1 stray near person 2.
+    eval_emb = np.concatenate([around(basis(1), 4, 10, rng), around(basis(2), 1, 10, rng)])
+    overlap = EvaluationOverlap(eval_emb, max_angle=30, min_faces=3, names={"id4"})
+    overlap(data)
+    assert set(np.flatnonzero(~data.kept)) == set(np.flatnonzero((groups == 1) | (groups == 4)))
+    assert overlap.figures["identities_by_embedding"] == ["id1"] and overlap.figures["identities_by_name"] == ["id4"]
+    SmallIdentities(min_images=2)(data)  # id4 already dropped by name: its first reason stands
+    assert set(data.reasons[groups == 4]) == {"evaluation_overlap/named_in_evaluation_list"}
+    labels, id_map = contiguous_labels(data)
+    assert id_map == {"id0": 0, "id3": 0, "id2": 1}
+    assert (labels[groups == 1] == -1).all() and (labels[groups == 2] == 1).all()
+
+
+def test_small_identities_dropped_with_reason():
+    rng = np.random.default_rng(3)
+    emb = np.concatenate([around(basis(0), 5, 10, rng), around(basis(1), 1, 10, rng)])
+    data = EmbeddedSet(emb, np.array([0] * 5 + [1]), np.array(["a"] * 5 + ["b"], object))
+    step = SmallIdentities(min_images=2)
+    step(data)
+    assert data.reasons.tolist() == [None] * 5 + ["small_identities/identity_too_small"]
+    assert step.counts()["identities_dropped"] == 1
+
+
+def test_angle_deg_is_safe_at_the_ends():
+    assert angle_deg(np.array([1.0000001, -1.0000001, 0.0])).tolist() == [0.0, 180.0, 90.0]
+
+
+@pytest.fixture(scope="module")
+def refined(tmp_path_factory):
+    """The whole loop on a demo with known defects: stage 1 -> bootstrap model -> stage 2."""
+    import ray
+
+    from cleaning.synthetic.demo import generate
+    from pipelines.config import DemoConfig, load_config
+    from pipelines.denoise import run_refine
+
+    root = tmp_path_factory.mktemp("refine")
+    generate(root / "raw", DemoConfig(identities=40, images_per_identity=16, seed=5, eval_identities=12,
+                                      eval_pairs=120, workers=2), ["vggface2"])
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo-train.toml")
+    cfg.denoise.bootstrap_epochs = 12
+    cfg.train.checkpoint_every = 1000
+    cfg.clean.records_per_partition = 200
+    try:
+        summary = run_refine(str(root / "raw"), "vggface2", str(root / "out"), cfg)
+    finally:
+        ray.shutdown()
+    return root, summary
+
+
+def test_refine_finds_label_noise_overlap_and_duplicates(refined):
+    from cleaning.synthetic.score import score_stage2
+
+    root, summary = refined
+    score = score_stage2(summary["stage2"], str(root / "raw" / "ground_truth.json"))
+    noise = score["label_noise"]
+    print(json.dumps(score, indent=1))
+    assert noise["reached_stage2"] >= 40
+    assert noise["precision"] >= 0.95 and noise["recall"] >= 0.95, noise
+    assert score["overlap_identities"]["all_removed"], score["overlap_identities"]
+    assert len(score["duplicate_identities"]["merged"]) == len(score["duplicate_identities"]["truth"])
+    assert score["duplicate_identities"]["other_merges"] == 0
+    assert score["clean_kept"] >= 0.98
+    assert score["accounted"] and score["missing"] == 0
+
+
+def test_refined_dataset_accounts_for_every_input(refined):
+    root, summary = refined
+    out = root / "out" / "stage2"
+    m = summary["manifest"]
+    rows = {"kept": sum(pq.read_metadata(p).num_rows for p in (out / "shards").glob("*.parquet")),
+            "rejected": sum(pq.read_metadata(p).num_rows for p in (out / "rejects").glob("*.parquet"))}
+    assert rows == {"kept": m["counts"]["kept"], "rejected": m["counts"]["rejected"]}
+    assert m["counts"]["read"] == rows["kept"] + rows["rejected"]
+    s1, s2 = m["counts"]["by_stage"]["stage1"], m["counts"]["by_stage"]["stage2"]
+    assert s2["read"] == s1["kept"] and s2["kept"] == m["num_images"]
+    labels = pq.read_table(out / "shards").column("label").to_pylist()
+    assert sorted(set(labels)) == list(range(m["num_classes"]))
+    # Stage-2 rejects name their step and say why.
+    rejects = pq.read_table(out / "rejects", columns=["stage", "reason", "detail"]).to_pylist()
+    intra = [r for r in rejects if r["stage"] == "intra_class"]
+    assert intra and all(r["reason"] == "far_from_identity_centre" and "deg" in r["detail"] for r in intra)
+    # The report: self-contained HTML with the angle histogram and per-reason sheets, figures in the manifest.
+    page = (out / "report" / "index.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3 and "far_from_identity_centre" in page
+    hist = m["stage2"]["angle_histogram"]
+    assert sum(hist["kept"]) + sum(hist["dropped"]) + sum(hist["dropped_other_reasons"]) == s2["read"]
+    assert sum(hist["dropped"]) == m["counts"]["by_reason"]["intra_class/far_from_identity_centre"]
+
+
+def test_report_renders_in_headless_chromium(refined, tmp_path):
+    """The report as a browser shows it (Chromium from the OS packages; .ci/run installs it)."""
+    import shutil
+    import subprocess
+
+    import cv2
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run does)")
+    root, summary = refined
+    shot = tmp_path / "report.png"
+    page = root / "out" / "stage2" / "report" / "index.html"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", "--window-size=1100,1400",
+                    f"--screenshot={shot}", page.as_uri()], check=True, timeout=120, capture_output=True)
+    img = cv2.imread(str(shot))
+    assert img is not None and img.shape[:2] == (1400, 1100)
+    # The inline histogram rendered: matplotlib's tab:blue bars (kept faces, alpha 0.7) are on screen.
+    blue = (np.abs(img.astype(int) - [203, 160, 98]).sum(axis=2) < 40).sum()  # BGR of #1f77b4 at 0.7 on white
+    assert blue > 500, blue
+
+
+def test_merge_threshold_derived_from_the_face_spread():
+    rng = np.random.default_rng(4)
+    # Two ids of one person 30 deg apart, faces within 40 deg of their centres (median ~20):
+    # derived threshold ~40 deg merges them; a third identity 60 deg away stays.
+    a, b = basis(0), np.cos(np.radians(30)) * basis(0) + np.sin(np.radians(30)) * basis(1)
+    c = np.cos(np.radians(60)) * basis(0) - np.sin(np.radians(60)) * basis(1)
+    emb = np.concatenate([around(a, 30, 40, rng), around(b, 30, 40, rng), around(c, 30, 40, rng)])
+    data = EmbeddedSet(emb, np.repeat([0, 1, 2], 30), np.repeat(np.array(["a", "b", "c"], object), 30))
+    IntraClassOutliers(max_angle=60, min_images_to_judge=5)(data)
+    merge = MergeIdentities(max_angle=0, relative=2.0)
+    merge(data)
+    assert 30 < merge.figures["max_angle"] < 50
+    assert [m.identities for m in merge.merges] == [["a", "b"]]
+    with pytest.raises(ValueError, match="IntraClassOutliers first"):
+        MergeIdentities(0)(EmbeddedSet(emb, np.repeat([0, 1, 2], 30), np.repeat(np.array(["a"], object), 90)))
