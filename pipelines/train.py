@@ -230,7 +230,7 @@ def train_loop(config: dict) -> None:
             losses.append(loss)
             if steps_log:
                 with open(steps_log, "a") as fh:
-                    fh.write(json.dumps({"step": step, "loss": float(loss), "world": world}) + "\n")
+                    fh.write(json.dumps({"step": step, "loss": float(loss), "world": world, "time": round(time.time(), 3)}) + "\n")
             if cfg.fail_at_step and step == cfg.fail_at_step and rank == world - 1:
                 marker = os.path.join(cfg.storage, cfg.name, "failed-once")
                 if not os.path.exists(marker):
