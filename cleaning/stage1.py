@@ -117,6 +117,16 @@ def staged_uris(out: str, index: int) -> dict[str, str]:
             "counts": storage.join(out, "staging", f"{name}.json")}
 
 
+def _worker_name() -> str:
+    """The Dask worker running this task (provenance: which machine made which shard)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().address)
+    except (ImportError, ValueError):
+        return "local"
+
+
 def process_partition(part: Partition, cfg: CleanConfig, out: str) -> dict:
     uris = staged_uris(out, part.index)
     if storage.exists(uris["counts"]):  # finished on an earlier run
@@ -156,6 +166,7 @@ def process_partition(part: Partition, cfg: CleanConfig, out: str) -> dict:
         "reasons": dict(Counter(zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist()))
                         .most_common()) if rejects.num_rows else {},
         "steps": {s.name: s.counts() for s in chain.all()},
+        "worker": _worker_name(),
     }
     counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem

@@ -142,6 +142,7 @@ def build_manifest(input_uri, fmt, out, cfg, counts, labels, shard_uris, seconds
         "num_images": kept,
         "identity_to_label": labels,
         "shards": [u.rsplit("/", 1)[-1] for u in sorted(shard_uris)],
+        "executed_by": {str(c["partition"]): c.get("worker", "") for c in counts},
         "clean_config": dataclasses.asdict(cfg.clean),
         "content_hash": shards.content_hash(shard_uris),
         "seconds": round(seconds, 1),

@@ -145,6 +145,9 @@ def cmd_submit_train(args, cfg) -> int:
         address = f"http://{host}:{cfg.services.ray_dashboard_port}"
     env_vars = {k: v for k, v in os.environ.items()
                 if k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL",)}
+    from pipelines.train import code_version
+
+    env_vars["ARCFACE_CODE_VERSION"] = code_version()
     if "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
         services.up(("mlflow",))  # the embedded default: the local tracking server
         env_vars["MLFLOW_TRACKING_URI"] = services.mlflow_uri

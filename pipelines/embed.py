@@ -70,16 +70,15 @@ class ShardEmbedder:
 
 def embed_dataset(data: str, model_uri: str, workers: int = 2, gpu: bool = False, batch: int = 256) -> str:
     """Embed every shard of `data` (skipping those done); returns the embeddings folder."""
-    import ray
-
     manifest = rewrite.read_manifest(data)
     out_dir = embeddings_dir(data, model_uri)
     todo = [(storage.join(data, "shards", n), storage.join(out_dir, n)) for n in manifest["shards"]]
     todo = [(s, o) for s, o in todo if not storage.exists(o)]
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False,
-                     num_cpus=None if os.environ.get("RAY_ADDRESS") else max(2, workers), log_to_driver=True)
+        from pipelines.ray_connect import connect
+
+        connect(num_cpus=max(2, workers))
+        import ray
         cpus = max(1, int(ray.available_resources().get("CPU", workers)) // max(1, workers)) if not gpu else 2
         actor = ray.remote(num_cpus=cpus if not gpu else 1, num_gpus=1 if gpu else 0)(ShardEmbedder)
         actors = [actor.remote(model_uri, "cuda" if gpu else "cpu", cpus, batch)

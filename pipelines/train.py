@@ -178,6 +178,19 @@ class Trainee:
         return state
 
 
+def _record_placement(cfg: TrainConfig, rank: int) -> None:
+    """Which node each rank runs on (run folder `placement.jsonl`, local storage only)."""
+    import ray
+    import socket
+
+    if cfg.storage.startswith("s3://"):
+        return
+    os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
+    with open(os.path.join(cfg.storage, cfg.name, "placement.jsonl"), "a") as fh:
+        fh.write(json.dumps({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                             "host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 3)}) + "\n")
+
+
 def _steps_log(cfg: TrainConfig) -> str | None:
     if cfg.storage.startswith("s3://"):
         return None
@@ -197,6 +210,7 @@ def train_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     data = ShardDataset(config["data"])
+    _record_placement(cfg, rank)
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     if steps_per_epoch == 0:
         raise ValueError(f"{data.num_samples} samples make no global batch of {cfg.batch_size}")
@@ -413,9 +427,12 @@ def _loss_png(history) -> bytes:
 
 # -- driver ---------------------------------------------------------------------------
 
-def _code_version() -> str:
+def code_version() -> str:
+    """The git commit of the code; `submit-train` passes it in, since Ray's working-dir copy has no .git."""
     import subprocess
 
+    if os.environ.get("ARCFACE_CODE_VERSION"):
+        return os.environ["ARCFACE_CODE_VERSION"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               timeout=5).stdout.strip()
@@ -435,7 +452,6 @@ def eval_sets_for(data: str, cfg: TrainConfig) -> tuple[list[str], list[str]]:
 
 
 def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -444,16 +460,15 @@ def run_training(data: str, cfg: TrainConfig, resume: str | None = None):
         os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
     if not data.startswith("s3://"):
         data = os.path.abspath(data)
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or "local", include_dashboard=False, num_cpus=None if address else max(2, cfg.workers),
-                 log_to_driver=True)
+    from pipelines.ray_connect import connect
+
+    connect(num_cpus=max(2, cfg.workers))
     eval_sets = eval_sets_for(data, cfg)
     config = {
         "train": dataclasses.asdict(cfg), "data": data,
         "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI", ""),
         "eval_sets": eval_sets,
-        "code_version": _code_version(),
+        "code_version": code_version(),
         "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
         "resume_from": resume or "",
     }

@@ -11,6 +11,8 @@ os.environ.update(
     AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
     AWS_EC2_METADATA_DISABLED="true", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true",
     RAY_USAGE_STATS_ENABLED="0", ARCFACE_PROGRESS="0",
+    # A local Ray (ray.init) keeps every listener on 127.0.0.1 (read when Ray is first imported).
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
 )
 os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from cleaning.align import align_face
 from cleaning.formats.insightface_bin import dumps_pairs
@@ -184,7 +186,7 @@ def build_eval_pairs(plan: Plan) -> tuple[bytes, dict]:
         issame.append(same)
         pair_people.append([people[a][0], people[b][0]])
     meta = {"pairs": len(issame), "positives": int(sum(issame)), "people": [p for p, _ in people],
-            "pair_people": pair_people}
+            "pair_people": pair_people, "faces": [(people[p][0], face) for p, row in enumerate(faces) for face in row]}
     return dumps_pairs(images, issame), meta
 
 
@@ -366,8 +368,15 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str]) ->
         (out / "eval").mkdir(exist_ok=True)
         (out / "eval" / "demo_pairs.bin").write_bytes(pairs_bin)
         overlap = [identity_name(fmt, i) for i in plan.overlap]
-        pair_people = [[identity_name(fmt, int(p[6:])) if p.startswith("train_") else p for p in pp]
-                       for pp in pairs_meta["pair_people"]]
+
+        def person(p: str) -> str:
+            return identity_name(fmt, int(p[6:])) if p.startswith("train_") else p
+
+        # The same faces for 1:N identification (pipelines/evaluate.py: *_faces.parquet).
+        faces_table = pa.table({"image": [f for _, f in pairs_meta["faces"]],
+                                "identity": [person(p) for p, _ in pairs_meta["faces"]]})
+        pq.write_table(faces_table, out / "eval" / "demo_faces.parquet", compression="zstd")
+        pair_people = [[person(p) for p in pp] for pp in pairs_meta["pair_people"]]
         counts: dict[str, int] = {}
         for rec in records:
             for d in rec["defects"] or ["clean"]:
@@ -378,6 +387,7 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str]) ->
             "num_records": len(records), "defect_counts": dict(sorted(counts.items())),
             "duplicate_identities": [[identity_name(fmt, a), identity_name(fmt, o)] for a, o in plan.alias_of.items()],
             "eval_overlap_identities": overlap,
+            "eval_faces": {"file": "eval/demo_faces.parquet", "faces": faces_table.num_rows},
             "eval_pairs": {"file": "eval/demo_pairs.bin", "pairs": pairs_meta["pairs"],
                            "positives": pairs_meta["positives"], "pair_identities": pair_people},
             "malformed_rows": malformed,

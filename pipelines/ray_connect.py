@@ -1,0 +1,30 @@
+"""Connect this driver to Ray: the cluster in RAY_ADDRESS, else a local instance on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+
+def connect(num_cpus: int) -> None:
+    """`ray job submit` sets RAY_ADDRESS to the cluster's GCS address; a dashboard URL
+    (http://HOST:8265, as `arcface services env` exports for job submission) means the
+    cluster this machine belongs to ("auto"). Without RAY_ADDRESS a local Ray starts with
+    every listener on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 must be set before Ray
+    is first imported; see STACK-NOTES), with `num_cpus` CPUs."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address.startswith(("http://", "https://")):
+        log.info("RAY_ADDRESS is a dashboard URL: joining the local node's cluster (address='auto')")
+        address = "auto"
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
