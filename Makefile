@@ -14,7 +14,7 @@ MODEL    ?= arcface
 VERSION  ?= latest
 MODEL_URI ?= models:/$(MODEL)@champion
 
-.PHONY: setup run train clean-data stage1 demo-data services-up services-down services-status evaluate promote rollback test test-all bench-core clean
+.PHONY: setup run train clean-data stage1 demo-data services-up services-down services-status evaluate promote rollback rehearsal test test-all bench-core clean
 
 setup: $(VENV)/.installed
 
@@ -70,6 +70,11 @@ services-down: setup
 
 services-status: setup
 	$(ARCFACE) services status
+
+# The cluster runbook (infra/README.md) on one machine: Dask scheduler + 2 workers, Ray head +
+# a second node, MLflow; stage 1, a 2-node training job, promotion.
+rehearsal: setup
+	infra/rehearsal/multinode.sh
 
 test: setup
 	$(VENV)/bin/pytest

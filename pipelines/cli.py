@@ -143,12 +143,24 @@ def cmd_submit_train(args, cfg) -> int:
         # A GCS address (host:6379 or ray://host:10001): jobs go to that host's dashboard.
         host = address.split("://")[-1].split(":")[0]
         address = f"http://{host}:{cfg.services.ray_dashboard_port}"
+    # Settings travel with the job; secrets do not: a job's runtime env is shown in the Ray
+    # dashboard. Credentials come from the cluster (instance role, IRSA, the nodes' env).
+    secret = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
+              "MLFLOW_TRACKING_TOKEN")
+    from cleaning.storage import s3_endpoint
+
+    local_s3 = (s3_endpoint() or "").startswith(("http://127.0.0.1", "http://localhost"))  # moto's fake keys
     env_vars = {k: v for k, v in os.environ.items()
-                if k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL",)}
+                if (k.startswith(("MLFLOW_", "AWS_")) or k == "ARCFACE_LOG_LEVEL")
+                and (k not in secret or (local_s3 and k.startswith("AWS_")))}
+    if any(k in os.environ and k not in env_vars for k in secret):
+        log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
     from pipelines.train import code_version
 
     env_vars["ARCFACE_CODE_VERSION"] = code_version()
-    if "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
+    if "MLFLOW_TRACKING_URI" not in os.environ and cfg.services.mlflow_tracking_uri:
+        env_vars["MLFLOW_TRACKING_URI"] = cfg.services.mlflow_tracking_uri
+    elif "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
         services.up(("mlflow",))  # the embedded default: the local tracking server
         env_vars["MLFLOW_TRACKING_URI"] = services.mlflow_uri
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
@@ -252,11 +264,12 @@ def cmd_evaluate(args, cfg) -> int:
 
 
 def _use_tracking_server(cfg) -> None:
-    """MLFLOW_TRACKING_URI if set, else the local server of `arcface services up`."""
+    """MLFLOW_TRACKING_URI if set, else services.mlflow_tracking_uri, else the local server
+    of `arcface services up`."""
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         from infra.local_services import LocalServices
 
-        os.environ["MLFLOW_TRACKING_URI"] = LocalServices(cfg).mlflow_uri
+        os.environ["MLFLOW_TRACKING_URI"] = cfg.services.mlflow_tracking_uri or LocalServices(cfg).mlflow_uri
 
 
 def _registry_name(args, cfg) -> str:

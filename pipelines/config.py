@@ -25,6 +25,9 @@ class ServicesConfig:
     ray_num_cpus: int = 2
     ray_object_store_bytes: int = 1_000_000_000
     mlflow_port: int = 5000
+    # A shared tracking server (https://...); MLFLOW_TRACKING_URI wins over it, and with
+    # neither, commands use the local server of `arcface services up`.
+    mlflow_tracking_uri: str = ""
     s3_port: int = 9000
     start_timeout_s: float = 90.0
 

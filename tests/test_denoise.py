@@ -100,7 +100,7 @@ def test_angle_deg_is_safe_at_the_ends():
 
 
 @pytest.fixture(scope="module")
-def refined(tmp_path_factory):
+def refined(tmp_path_factory, mlflow_server):
     """The whole loop on a demo with known defects: stage 1 -> bootstrap model -> stage 2."""
     import ray
 
@@ -115,10 +115,14 @@ def refined(tmp_path_factory):
     cfg.denoise.bootstrap_epochs = 12
     cfg.train.checkpoint_every = 1000
     cfg.clean.records_per_partition = 200
+    import os
+
+    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server  # the refinement is logged when tracking is on
     try:
         summary = run_refine(str(root / "raw"), "vggface2", str(root / "out"), cfg)
     finally:
         ray.shutdown()
+        del os.environ["MLFLOW_TRACKING_URI"]
     return root, summary
 
 
@@ -160,6 +164,20 @@ def test_refined_dataset_accounts_for_every_input(refined):
     hist = m["stage2"]["angle_histogram"]
     assert sum(hist["kept"]) + sum(hist["dropped"]) + sum(hist["dropped_other_reasons"]) == s2["read"]
     assert sum(hist["dropped"]) == m["counts"]["by_reason"]["intra_class/far_from_identity_centre"]
+
+
+def test_refinement_logged_to_mlflow(refined, mlflow_server):
+    import mlflow
+
+    _, summary = refined
+    client = mlflow.MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("refinement")
+    (run,) = client.search_runs([experiment.experiment_id])
+    m = summary["manifest"]
+    assert run.data.metrics["kept"] == m["counts"]["kept"] and run.data.metrics["num_classes"] == m["num_classes"]
+    assert run.data.params["data.content_hash"] == m["content_hash"]
+    assert run.data.metrics["rejected.intra_class.far_from_identity_centre"] > 0
+    assert "report/index.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
 
 
 def test_report_renders_in_headless_chromium(refined, tmp_path):

@@ -1,6 +1,5 @@
 """MLflow for real: a tracked training run, its registered model loaded elsewhere, gated promotion."""
 
-import json
 import os
 import subprocess
 import sys
