@@ -249,6 +249,10 @@ def train_loop(config: dict) -> None:
                 marker = os.path.join(cfg.storage, cfg.name, "failed-once")
                 if not os.path.exists(marker):
                     open(marker, "w").close()
+                    # Ray Train's controller learns of reported checkpoints by polling the
+                    # workers (every 2 s by default); give it time to register the last one, so the test knows
+                    # which checkpoint the run must resume from.
+                    time.sleep(5)
                     os._exit(1)  # a worker dies mid-run (test hook)
             last = step == total
             if tracker and (step % cfg.log_every == 0 or last):

@@ -111,3 +111,18 @@ def test_image_folder_odd_files(tmp_path):
                                       ("a/b", False), ("a\\b", False), ("", False)])
 def test_safe_identity(name, ok):
     assert readers.safe_identity(name) is ok
+
+
+def test_our_recordio_writer_reads_back(tmp_path):
+    from cleaning.formats.recordio import write_rec
+    from cleaning.readers import read_record, unpack_record
+
+    rng = np.random.default_rng(1)
+    bodies = [cv2.imencode(".jpg", rng.integers(0, 255, (112, 112, 3), np.uint8))[1].tobytes() for _ in range(4)]
+    bodies[1] = bodies[1][:64] + MAGIC + bodies[1][64:]  # aligned magic inside: a split record
+    assert write_rec(str(tmp_path / "x"), [(i * 10, b) for i, b in enumerate(bodies)]) == 4
+    offsets = [int(line.split("\t")[1]) for line in (tmp_path / "x.idx").read_text().splitlines()]
+    with open(tmp_path / "x.rec", "rb") as fh:
+        for i, off in enumerate(offsets):
+            flag, labels, _, payload = unpack_record(read_record(fh, off))
+            assert labels[0] == i * 10 and payload == bodies[i]
