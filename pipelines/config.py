@@ -128,9 +128,9 @@ class DenoiseConfig:
     # training as two classes pushes them apart - while distinct identities are 42+ deg apart.
     merge_max_angle: float = 0.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation
-    # faces lie within `overlap_max_angle` of its centre. Demo: the 3 overlap identities
-    # have 6 of 6 evaluation faces within 30 deg; no other identity has more than 1 (at
-    # 40 deg a look-alike reaches 4).
+    # faces lie within `overlap_max_angle` of its centre. Demo (2-epoch bootstrap): the 3
+    # overlap identities have 6, 6 and 5 of their 6 evaluation faces within 30 deg, no other
+    # identity more than 1; at 40 deg a look-alike identity reaches all 6.
     overlap_max_angle: float = 30.0
     overlap_min_faces: int = 3
     # Optional file of identity ids (one per line) known to be in the evaluation sets.
