@@ -102,14 +102,40 @@ class ShardDataset:
 
 
 def decode_face(data: bytes, flip: bool) -> np.ndarray:
-    """JPEG -> CHW float32 RGB in [-1, 1], mirrored when `flip`."""
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    if flip:
-        img = img[:, ::-1]
-    # Contiguous CHW: np.stack keeps a transposed view's layout, and torch 2.13's oneDNN
-    # 1x1-convolution backward crashed (SIGSEGV) on such channels-last-strided input.
-    return np.ascontiguousarray(((img.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1))
+    """JPEG -> CHW float32 RGB in [-1, 1], mirrored when `flip` (one face, as a per-sample
+    loader would; BatchStream decodes to uint8 and normalises whole batches instead)."""
+    return np.ascontiguousarray(((decode_face_uint8(data, flip).astype(np.float32) - 127.5) / 127.5)
+                                .transpose(2, 0, 1))
+
+
+def decode_face_uint8(data: bytes, flip: bool) -> np.ndarray:
+    """JPEG -> HWC uint8 RGB, mirrored when `flip`."""
+    img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    return cv2.flip(img, 1) if flip else img
+
+
+def to_input(faces_uint8: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], contiguous: one vectorised pass
+    (torch's kernels, multi-threaded) instead of four numpy passes per face. Contiguous NCHW
+    because torch 2.13's oneDNN 1x1-convolution backward crashed (SIGSEGV) on channels-last-
+    strided CPU input."""
+    n, h, w, _ = faces_uint8.shape
+    out = torch.empty((n, 3, h, w), dtype=torch.float32)
+    out.copy_(torch.from_numpy(faces_uint8).permute(0, 3, 1, 2))  # 3x faster than permute().float().contiguous()
+    return out.mul_(1 / 127.5).sub_(1.0)
+
+
+def flip_mask(seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
+    """Whether each sample is mirrored: a hash of (seed, epoch, sample), so the same on any
+    worker count and on resume; vectorised (a generator per sample cost ~25% of loading)."""
+    with np.errstate(over="ignore"):
+        x = samples.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64((seed * 1_000_003 + epoch) % 2**63)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x & np.uint64(1)).astype(bool)
 
 
 class BatchStream:
@@ -136,10 +162,9 @@ class BatchStream:
     def _load(self, epoch: int, step: int):
         ids = self.samples(epoch, step)
         images, labels = self.data.fetch(ids)
-        # The flip of a sample depends on (seed, epoch, sample) only: same on any worker count.
-        flips = [self.flip and bool(np.random.default_rng([self.seed, epoch, int(i), 7]).random() < 0.5) for i in ids]
-        faces = list(self.pool.map(decode_face, images, flips))
-        return torch.from_numpy(np.ascontiguousarray(np.stack(faces))), torch.from_numpy(labels)
+        flips = flip_mask(self.seed, epoch, ids) if self.flip else np.zeros(len(ids), bool)
+        faces = np.stack(list(self.pool.map(decode_face_uint8, images, flips.tolist())))
+        return to_input(faces), torch.from_numpy(labels)
 
     def iterate(self, epoch: int, start_step: int, end_step: int):
         """Yields (step, images, labels) with the next batch decoding in the background."""
