@@ -443,7 +443,14 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         log.error("config: %s", exc)
         return 2
-    return int(args.func(args, cfg) or 0)
+    try:
+        return int(args.func(args, cfg) or 0)
+    except (OSError, ValueError) as exc:
+        # Bad input (a missing dataset, a file that is not what it claims): one clear line;
+        # the traceback only with --log-level DEBUG.
+        log.debug("traceback", exc_info=True)
+        log.error("%s: %s", type(exc).__name__, exc)
+        return 1
 
 
 if __name__ == "__main__":

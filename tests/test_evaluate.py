@@ -114,3 +114,12 @@ def test_holdout_moves_identities_into_eval_sets(tmp_path, demo_shards):
     again = split_holdout(str(demo_shards), str(tmp_path / "again"), identities=4, pairs=40, seed=3)
     assert again["content_hash"] == m["content_hash"]
     assert (tmp_path / "again/eval/holdout_pairs.bin").read_bytes() == (out / "eval/holdout_pairs.bin").read_bytes()
+
+
+def test_cli_bad_input_is_one_clear_error(tmp_path, caplog):
+    from pipelines.cli import main
+
+    assert main(["holdout", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--identities", "3"]) == 1
+    assert "no manifest.json" in caplog.text
+    assert main(["evaluate", "--model", str(tmp_path), "--pairs", str(tmp_path / "lfw.bin")]) == 1
+    assert "neither an MLflow model URI nor a checkpoint folder" in caplog.text
