@@ -234,17 +234,23 @@ def train_loop(config: dict) -> None:
     eval_sets = _load_eval_sets(config, cfg) if rank == 0 else None
     steps_log = _steps_log(cfg) if rank == 0 else None
     window = time.perf_counter()
-    losses = []
+    losses, pending = [], []  # losses of this logging window (MLflow); steps not yet in steps.jsonl
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         end = min(steps_per_epoch, in_epoch + (total - step))
         for _, images, labels in stream.iterate(epoch, in_epoch, end):
             loss = trainee.step(images, labels, lr_at(step, cfg, total))
             step += 1
-            losses.append(loss)
+            if tracker:
+                losses.append(loss)
             if steps_log:
-                with open(steps_log, "a") as fh:
-                    fh.write(json.dumps({"step": step, "loss": float(loss), "world": world, "time": round(time.time(), 3)}) + "\n")
+                # On GPU the losses wait on the device and are written in one host sync per
+                # logging window; on CPU (tests, the demo) every step is written at once.
+                pending.append((step, loss, time.time()))
+                if device.type == "cpu" or step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 \
+                        or step == total:
+                    _write_steps(steps_log, pending, world)
+                    pending = []
             if cfg.fail_at_step and step == cfg.fail_at_step and rank == world - 1:
                 marker = os.path.join(cfg.storage, cfg.name, "failed-once")
                 if not os.path.exists(marker):
@@ -261,12 +267,13 @@ def train_loop(config: dict) -> None:
                                  len(losses) * cfg.batch_size / max(seconds, 1e-9))
                 window, losses = time.perf_counter(), []
             evaluate_now = (cfg.eval_every and step % cfg.eval_every == 0) or last
-            metrics = {"step": step, "loss": float(loss)}
+            report_now = step % cfg.checkpoint_every == 0 or last
+            metrics = {"step": step, "loss": float(loss)} if evaluate_now or report_now else {}
             if evaluate_now and eval_sets is not None:
                 results = _evaluate(trainee, eval_sets, device)
                 metrics.update(scalar_metrics(results))
                 tracker.log_eval(step, results)
-            if step % cfg.checkpoint_every == 0 or last:
+            if report_now:
                 state = {"step": step, "world": world, "num_classes": data.num_classes,
                          "dataset": data.content_hash, "config": dataclasses.asdict(cfg),
                          "mlflow_run_id": tracker.run_id if tracker else state.get("mlflow_run_id")}
@@ -278,6 +285,13 @@ def train_loop(config: dict) -> None:
     stream.close()
     if tracker:
         tracker.finish(trainee.backbone, data)
+
+
+def _write_steps(path: str, pending: list, world: int) -> None:
+    values = torch.stack([loss for _, loss, _ in pending]).tolist()  # one host sync for the lot
+    with open(path, "a") as fh:
+        for (step, _, at), value in zip(pending, values):
+            fh.write(json.dumps({"step": step, "loss": value, "world": world, "time": round(at, 3)}) + "\n")
 
 
 def _ray_storage(uri: str):
