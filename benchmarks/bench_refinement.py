@@ -3,6 +3,7 @@ training on the stage-2 output beats training on the stage-1 output at the same 
 
 Usage (writes benchmarks/results/refinement_demo.{json,md}):
     .venv/bin/python benchmarks/bench_refinement.py [--identities 300 --images-per-identity 30 --steps 512]
+    .venv/bin/python benchmarks/bench_refinement.py --label-noise 0.3 --results-name refinement_demo_noise30
 
 1. Render the demo raw data (VGGFace2 layout; 10% label noise, duplicate identities,
    identities that also appear in the evaluation pairs, ...).
@@ -50,6 +51,8 @@ def main():
     ap.add_argument("--identities", type=int, default=300)
     ap.add_argument("--images-per-identity", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--label-noise", type=float, default=0.10, help="share of images filed under the wrong identity")
+    ap.add_argument("--results-name", default="refinement_demo", help="file stem under --out")
     ap.add_argument("--eval-identities", type=int, default=100, help="held-out identities in the demo's eval sets")
     ap.add_argument("--eval-pairs", type=int, default=3000)
     ap.add_argument("--steps", type=int, default=512, help="training steps for each of the two final models")
@@ -61,7 +64,8 @@ def main():
         tmp = Path(tmp)
         t = time.perf_counter()
         generate(tmp / "raw", DemoConfig(identities=args.identities, images_per_identity=args.images_per_identity,
-                                         seed=args.seed, eval_identities=args.eval_identities,
+                                         seed=args.seed, label_noise=args.label_noise,
+                                         eval_identities=args.eval_identities,
                                          eval_pairs=args.eval_pairs, workers=2), ["vggface2"])
         times["demo_data_s"] = time.perf_counter() - t
         truth = json.loads((tmp / "raw" / "ground_truth.json").read_text())
@@ -95,15 +99,17 @@ def main():
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}, "
                          f"torch {torch.__version__}, ray {ray.__version__}",
               "demo": {"identities": args.identities, "images_per_identity": args.images_per_identity,
-                       "seed": args.seed, "eval_identities": args.eval_identities, "eval_pairs": args.eval_pairs},
+                       "seed": args.seed, "label_noise": args.label_noise, "eval_identities": args.eval_identities,
+                       "eval_pairs": args.eval_pairs},
               "steps": args.steps, "batch": cfg.train.batch_size, "times": times, **results}
     out = Path(args.out)
-    (out / "refinement_demo.json").write_text(json.dumps(record, indent=1))
+    (out / f"{args.results_name}.json").write_text(json.dumps(record, indent=1))
     s, a, b = results["stage2_score"], results["trained_on_stage1"], results["trained_on_stage2"]
     md = [
         "# Refinement on demo data (stage 1 -> bootstrap -> stage 2), and training on its output",
         "", f"Command: `{record['command']}`  ", f"Machine: {record['machine']}  ",
-        f"Demo: {args.identities} identities x {args.images_per_identity}, seed {args.seed}, VGGFace2 layout, "
+        f"Demo: {args.identities} identities x {args.images_per_identity}, seed {args.seed}, label noise "
+        f"{args.label_noise:.0%}, VGGFace2 layout, "
         f"{args.eval_identities} held-out identities / {args.eval_pairs} pairs; "
         f"refine {times['refine_s']:.0f} s (stage 2 alone {results['stage2_seconds']:.0f} s)", "",
         "## Stage 2 against the ground truth", "",
@@ -134,7 +140,7 @@ def main():
     md += ["", "`demo_pairs`: all held-out pairs (include the 3 overlap identities, which the stage-1 model trained "
            "on); `heldout_only`: the pairs without them; `demo_faces`: 1:N identification (MegaFace protocol) on "
            "the same held-out faces.", ""]
-    (out / "refinement_demo.md").write_text("\n".join(md))
+    (out / f"{args.results_name}.md").write_text("\n".join(md))
     print("\n".join(md))
 
 

@@ -146,8 +146,10 @@ def recorded_evaluation(version) -> dict[str, float]:
 
 def _common_figure(candidate: dict[str, float], champion: dict[str, float], metric: str) -> tuple[float, float, list]:
     """Mean of `metric` over the evaluation sets both versions were measured on."""
-    sets = sorted({k.rsplit(".", 1)[0] for k in candidate if k.endswith("." + metric)}
-                  & {k.rsplit(".", 1)[0] for k in champion if k.endswith("." + metric)})
+    def sets_of(figures: dict[str, float]) -> set[str]:  # metric names may hold dots (tar_at_far_0.01)
+        return {k[:-len(metric) - 1] for k in figures if k.endswith("." + metric)}
+
+    sets = sorted(sets_of(candidate) & sets_of(champion))
     if not sets:
         raise PromotionRefused(
             f"no evaluation set with '{metric}' was measured on both versions (candidate: "

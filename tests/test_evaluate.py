@@ -123,3 +123,13 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, caplog):
     assert "no manifest.json" in caplog.text
     assert main(["evaluate", "--model", str(tmp_path), "--pairs", str(tmp_path / "lfw.bin")]) == 1
     assert "neither an MLflow model URI nor a checkpoint folder" in caplog.text
+
+
+def test_promotion_figure_with_a_dotted_metric_name():
+    from pipelines.registry import PromotionRefused, _common_figure
+
+    cand = {"lfw-1a2b3c4d.tar_at_far_0.01": 0.9, "lfw-1a2b3c4d.accuracy": 0.99, "cfp-0f0f0f0f.tar_at_far_0.01": 0.7}
+    champ = {"lfw-1a2b3c4d.tar_at_far_0.01": 0.8, "agedb-00000000.tar_at_far_0.01": 0.5}
+    assert _common_figure(cand, champ, "tar_at_far_0.01") == (0.9, 0.8, ["lfw-1a2b3c4d"])
+    with pytest.raises(PromotionRefused, match="no evaluation set"):
+        _common_figure(cand, champ, "rank1")
