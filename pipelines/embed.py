@@ -78,7 +78,11 @@ def embed_dataset(data: str, model_uri: str, workers: int = 2, gpu: bool = False
 
         connect(num_cpus=max(2, workers))
         import ray
-        cpus = max(1, int(ray.available_resources().get("CPU", workers)) // max(1, workers)) if not gpu else 2
+
+        # CPU actors share the free CPUs, but no actor asks for more than one node has.
+        largest_node = max(int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"])
+        free = int(ray.available_resources().get("CPU", workers))
+        cpus = max(1, min(largest_node, free // max(1, workers))) if not gpu else 2
         actor = ray.remote(num_cpus=cpus if not gpu else 1, num_gpus=1 if gpu else 0)(ShardEmbedder)
         actors = [actor.remote(model_uri, "cuda" if gpu else "cpu", cpus, batch)
                   for _ in range(min(workers, len(todo)))]
