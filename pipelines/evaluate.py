@@ -16,7 +16,6 @@ model (pipelines/registry.py `load_embedder`).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 from dataclasses import dataclass
@@ -166,10 +165,11 @@ def roc_png(results: dict[str, dict], title: str = "ROC") -> bytes | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    from cleaning.report import _png
+
+    png = _png(fig)
     plt.close(fig)
-    return buf.getvalue()
+    return png
 
 
 def eval_sets_of(data: str) -> tuple[list[str], list[str]]:

@@ -424,8 +424,6 @@ def _log_png(png: bytes | None, folder: str, name: str) -> None:
 
 
 def _loss_png(history) -> bytes:
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -437,10 +435,11 @@ def _loss_png(history) -> bytes:
     ax.set_xlabel("step")
     ax.set_ylabel("loss (mean over logging window)")
     ax.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    from cleaning.report import _png
+
+    png = _png(fig)
     plt.close(fig)
-    return buf.getvalue()
+    return png
 
 
 # -- driver ---------------------------------------------------------------------------
