@@ -51,6 +51,10 @@ class MarginSoftmax(nn.Module):
     def target_cos(self, cos: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def set_step(self, step: int) -> None:
+        """Per-step hook for margins with a schedule (SphereFace's lambda); the training
+        loop calls it before every step."""
+
     def forward(self, cos: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
         if cos.dtype != torch.float64:  # reduced precision in, float32 math (float64 kept for checks)
             cos = cos.float()
@@ -150,17 +154,3 @@ def subcentre_max(cos: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     if ck % k:
         raise ValueError(f"{ck} centres is not a multiple of K={k}")
     return cos.view(b, ck // k, k).max(dim=2)
-
-
-def build_margin(name: str, s: float = 64.0, m: float | None = None, m1: float = 1.0, m2: float = 0.5,
-                 m3: float = 0.0, straight_through: bool = False) -> MarginSoftmax:
-    name = name.lower()
-    if name == "arcface":
-        return ArcFace(s, 0.5 if m is None else m, straight_through)
-    if name == "cosface":
-        return CosFace(s, 0.35 if m is None else m)
-    if name == "sphereface":
-        return SphereFace(s, 4 if m is None else int(m))
-    if name == "combined":
-        return CombinedMargin(s, m1, m2, m3, straight_through)
-    raise ValueError(f"unknown margin {name!r}: arcface, cosface, sphereface or combined")

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipelines.train_data import BatchStream, ShardDataset, decode_face  # noqa: E402
+from dataset import RefinedDataset  # noqa: E402
+from pipelines.training.data import BatchStream, ShardDataset, decode_face  # noqa: E402
 
 
 def bench_ours(data_uri: str, batch: int, batches: int, threads: int) -> float:
@@ -96,7 +97,7 @@ def bench_ray_data(data_uri: str, batch: int, batches: int) -> float:
             faces = np.stack([decode_face(b, f) for b, f in zip(rows["image"], flips)])
             return {"image": faces, "label": np.asarray(rows["label"])}
 
-        ds = ray.data.read_parquet(os.path.join(os.path.abspath(data_uri), "shards"), columns=["image", "label"])
+        ds = ray.data.read_parquet(RefinedDataset.open(data_uri).shard_uris(), columns=["image", "label"])
         ds = ds.map_batches(decode, batch_size=batch, batch_format="numpy")
         it = ds.iter_torch_batches(batch_size=batch, drop_last=True)
         start, n = None, 0

@@ -30,11 +30,13 @@ sys.path.insert(0, str(ROOT))
 from cleaning.formats.insightface_bin import dumps_pairs, loads_pairs  # noqa: E402
 from cleaning.synthetic.demo import generate  # noqa: E402
 from cleaning.synthetic.score import score_stage2  # noqa: E402
-from pipelines.config import DemoConfig, load_config  # noqa: E402
+from cleaning.synthetic.demo import DemoConfig  # noqa: E402
+from dataset.refined import eval_folder  # noqa: E402
+from pipelines.config import load_config  # noqa: E402
 from pipelines.denoise import run_refine  # noqa: E402
 from pipelines.evaluate import evaluate  # noqa: E402
 from pipelines.registry import load_embedder  # noqa: E402
-from pipelines.train import run_training  # noqa: E402
+from pipelines.training.driver import run_training  # noqa: E402
 
 
 def pairs_without(bin_path: Path, truth: dict, out: Path) -> Path:
@@ -72,19 +74,19 @@ def main():
         t = time.perf_counter()
         summary = run_refine(str(tmp / "raw"), "vggface2", str(tmp / "refined"), cfg)
         times["refine_s"] = time.perf_counter() - t
-        manifest = summary["manifest"]
-        results["stage2_score"] = score_stage2(summary["stage2"], str(tmp / "raw" / "ground_truth.json"))
+        manifest = summary.stage2.manifest.to_dict()
+        results["stage2_score"] = score_stage2(summary.stage2.uri, str(tmp / "raw" / "ground_truth.json"))
         results["counts"] = manifest["counts"]
         results["stage2_seconds"] = manifest["stage2"]["seconds"]
 
-        all_pairs = tmp / "raw" / "eval" / "demo_pairs.bin"
+        all_pairs = Path(eval_folder(tmp / "raw")) / "demo_pairs.bin"
         clean_pairs = pairs_without(all_pairs, truth, tmp / "heldout_only.bin")
-        faces = tmp / "raw" / "eval" / "demo_faces.parquet"
-        for name, data in (("stage1", summary["stage1"]), ("stage2", summary["stage2"])):
+        faces = Path(eval_folder(tmp / "raw")) / "demo_faces.parquet"
+        for name, data in (("stage1", summary.stage1), ("stage2", summary.stage2)):
             train = dataclasses.replace(cfg.train, name=f"on_{name}", storage=str(tmp / "runs"), max_steps=args.steps,
                                         epochs=1000, registered_model="", eval_every=0, checkpoint_every=args.steps)
             t = time.perf_counter()
-            result = run_training(data, train)
+            result = run_training(data, train, cfg.margin)
             times[f"train_on_{name}_s"] = time.perf_counter() - t
             if result.error:
                 raise RuntimeError(result.error)

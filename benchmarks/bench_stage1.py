@@ -30,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cleaning.synthetic.demo import generate  # noqa: E402
-from pipelines.clean_data import run_clean_data  # noqa: E402
-from pipelines.config import Config, DemoConfig  # noqa: E402
+from cleaning.synthetic.demo import DemoConfig  # noqa: E402
+from dataset import RefinedDataset  # noqa: E402
+from pipelines.clean_data import CleanConfig, run_clean_data  # noqa: E402
 
 
 def make_photos(root: Path, count: int, seed: int = 0) -> None:
@@ -51,11 +52,10 @@ def make_photos(root: Path, count: int, seed: int = 0) -> None:
 
 
 def run_case(name: str, src: str, fmt: str, workers: int, out_root: Path) -> dict:
-    cfg = Config()
-    cfg.clean.workers = workers
-    cfg.clean.records_per_partition = 200
+    cfg = CleanConfig(workers=workers, records_per_partition=200)
     start = time.perf_counter()
-    manifest = run_clean_data(src, fmt, str(out_root / name.replace("/", "_")), cfg)
+    manifest = run_clean_data(src, fmt, RefinedDataset.create(out_root / name.replace("/", "_")),
+                              cfg).manifest.to_dict()
     seconds = time.perf_counter() - start
     read = manifest["counts"]["read"]
     return {"case": name, "images": read, "kept": manifest["counts"]["kept"], "seconds": round(seconds, 1),

@@ -17,12 +17,14 @@ import threading
 import numpy as np
 import pyarrow as pa
 
-from cleaning import rewrite, shards, storage
+from cleaning import rewrite
 from cleaning.formats.insightface_bin import dumps_pairs
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 HELD_OUT = "holdout/held_out_for_evaluation"
-PAIRS_FILE = "eval/holdout_pairs.bin"
-FACES_FILE = "eval/holdout_faces.parquet"
+PAIRS_FILE = "holdout_pairs.bin"
+FACES_FILE = "holdout_faces.parquet"
 
 
 def build_pairs(faces_by_identity: dict[str, list[bytes]], num_pairs: int, seed: int) -> tuple[list[bytes], list[bool]]:
@@ -46,12 +48,11 @@ def build_pairs(faces_by_identity: dict[str, list[bytes]], num_pairs: int, seed:
     return images, issame
 
 
-def split_holdout(src: str, dst: str, identities: int, pairs: int = 600, seed: int = 0,
-                  min_images: int = 2) -> dict:
-    parent = rewrite.read_manifest(src)
-    id_to_label: dict[str, int] = parent["identity_to_label"]
+def split_holdout(src: RefinedDataset, dst: RefinedDataset, identities: int, pairs: int = 600, seed: int = 0,
+                  min_images: int = 2) -> RefinedDataset:
+    id_to_label: dict[str, int] = src.manifest.identity_to_label
     counts: dict[str, int] = {}
-    for uri in rewrite.shard_uris(src, parent):
+    for uri in src.shard_uris():
         for ident in shards.read_table(uri, columns=["identity"]).column("identity").to_pylist():
             counts[ident] = counts.get(ident, 0) + 1
     eligible = sorted(i for i, n in counts.items() if n >= min_images)
@@ -79,11 +80,11 @@ def split_holdout(src: str, dst: str, identities: int, pairs: int = 600, seed: i
         for ident in faces:  # threads finish in any order; the pair set must not depend on it
             faces[ident].sort()
         images, issame = build_pairs(faces, pairs, seed)
-        storage.write_bytes(storage.join(dst, PAIRS_FILE), dumps_pairs(images, issame))
+        storage.write_bytes(dst.eval_file(PAIRS_FILE), dumps_pairs(images, issame))
         rows = [(img, ident) for ident in sorted(faces) for img in faces[ident]]
-        shards.write_table(storage.join(dst, FACES_FILE),
+        shards.write_table(dst.eval_file(FACES_FILE),
                            pa.table({"image": [r[0] for r in rows], "identity": [r[1] for r in rows]}))
 
     return rewrite.rewrite_dataset(src, dst, decide, new_label, stage="holdout", before_manifest=write_eval_sets,
-                                   extra={"holdout": {"identities": sorted(held), "pairs_file": PAIRS_FILE,
-                                                      "faces_file": FACES_FILE, "pairs": pairs, "seed": seed}})
+                                   extra={"holdout": {"identities": sorted(held), "pairs_file": dst.eval_file(PAIRS_FILE),
+                                                      "faces_file": dst.eval_file(FACES_FILE), "pairs": pairs, "seed": seed}})

@@ -26,7 +26,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow.fs as pafs
 
-from cleaning import storage
+from dataset import storage
 
 FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

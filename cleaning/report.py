@@ -1,6 +1,7 @@
 """A self-contained HTML report of a refinement run: counts, histograms, contact sheets.
 
-Written to `<out>/report/index.html` with its PNGs beside it; viewable offline.
+Written to the dataset's report folder (`RefinedDataset.report_index`) with its PNGs
+beside it; viewable offline.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ import io
 import cv2
 import numpy as np
 
-from cleaning import shards, storage
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 SHEET_COLS, SHEET_MAX = 8, 24
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     return buf.getvalue()
@@ -39,15 +41,15 @@ def contact_sheet(images: list[bytes], tile: int = 112) -> bytes | None:
     return buf.tobytes() if ok else None
 
 
-def write_report(out: str, manifest: dict) -> str:
+def write_report(ds: RefinedDataset) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    report = storage.join(out, "report")
-    reject_files = storage.list_files(storage.join(out, "rejects"), suffix=".parquet")
-    shard_files = storage.list_files(storage.join(out, "shards"), suffix=".parquet")
+    manifest = ds.manifest.to_dict()
+    reject_files = ds.reject_uris()
+    shard_files = ds.shard_uris()
     rejects = [shards.read_table(u, ["reason", "image", "blur", "det_score"]) for u in reject_files]
     kept = [shards.read_table(u, ["image", "blur", "det_score", "label"]) for u in shard_files]
 
@@ -66,7 +68,7 @@ def write_report(out: str, manifest: dict) -> str:
         ax.set_title(col)
         if len(k) or len(r):
             ax.legend()
-    storage.write_bytes(storage.join(report, "quality.png"), _png(fig))
+    storage.write_bytes(ds.report_file("quality.png"), figure_png(fig))
     plt.close(fig)
     sections.append('<h2>Quality figures</h2><img src="quality.png" alt="quality histograms">')
 
@@ -82,11 +84,11 @@ def write_report(out: str, manifest: dict) -> str:
         png = contact_sheet(images)
         if png:
             name = f"rejected_{reason}.png"
-            storage.write_bytes(storage.join(report, name), png)
+            storage.write_bytes(ds.report_file(name), png)
             sheets.append(f"<h3>{html.escape(reason)}</h3><img src=\"{name}\" alt=\"{html.escape(reason)}\">")
     if kept and kept[0].num_rows:
         png = contact_sheet(kept[0].column("image").to_pylist()[:SHEET_MAX])
-        storage.write_bytes(storage.join(report, "kept_sample.png"), png)
+        storage.write_bytes(ds.report_file("kept_sample.png"), png)
         sheets.insert(0, '<h3>kept (sample)</h3><img src="kept_sample.png" alt="kept faces">')
     sections.append("<h2>Contact sheets</h2>" + "".join(sheets))
 
@@ -103,9 +105,8 @@ Content hash: <code>{manifest['content_hash'][:16]}</code></p>
 <h2>Rejected, by stage and reason</h2><table><tr><th>stage/reason</th><th>count</th></tr>{rows}</table>
 {''.join(sections)}
 </body></html>"""
-    uri = storage.join(report, "index.html")
-    storage.write_bytes(uri, page.encode())
-    return uri
+    storage.write_bytes(ds.report_index, page.encode())
+    return ds.report_index
 
 
 # -- stage 2 ----------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def _data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode()
 
 
-def _rows_images(parent: str, manifest_shards: list[str], sizes: list[int], rows: list[int]) -> dict[int, bytes]:
+def _rows_images(shard_uris: list[str], sizes: list[int], rows: list[int]) -> dict[int, bytes]:
     """Image bytes of the given global rows of a dataset, reading only the shards they are in."""
     import pyarrow as pa
 
@@ -127,7 +128,7 @@ def _rows_images(parent: str, manifest_shards: list[str], sizes: list[int], rows
         wanted.setdefault(s, []).append(r)
     out = {}
     for s, rs in wanted.items():
-        table = shards.read_table(storage.join(parent, "shards", manifest_shards[s]), ["image"])
+        table = shards.read_table(shard_uris[s], ["image"])
         local = [r - int(starts[s]) for r in rs]
         for r, img in zip(rs, table.take(pa.array(local)).column("image").to_pylist()):
             out[r] = img
@@ -155,7 +156,7 @@ def identity_sheet(rows: list[tuple[list[bytes], list[bytes]]], tile: int = 96, 
     return buf.tobytes() if ok else None
 
 
-def write_denoise_report(out: str, manifest: dict, embedded, keys: list[str], identities_per_reason: int = 8) -> str:
+def write_denoise_report(ds: RefinedDataset, embedded, identities_per_reason: int = 8) -> str:
     """`<out>/report/index.html`: one self-contained page (PNGs inline, also written beside
     it): counts per stage and reason, the sample-to-centre angles with the threshold, and
     per reason the dropped faces next to their identity's most typical faces."""
@@ -164,11 +165,12 @@ def write_denoise_report(out: str, manifest: dict, embedded, keys: list[str], id
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    report = storage.join(out, "report")
+    manifest = ds.manifest.to_dict()
     s2 = manifest["stage2"]
-    parent_uri = manifest["parent"]["uri"]
-    parent = shards.read_json(storage.join(parent_uri, "manifest.json"))
-    sizes = [pq_rows(storage.join(parent_uri, "shards", n)) for n in parent["shards"]]
+    parent = ds.parent()
+    parent_uri = parent.uri
+    parent_shards = parent.shard_uris()
+    sizes = [pq_rows(u) for u in parent_shards]
     figures: dict[str, bytes] = {}
 
     h = s2["angle_histogram"]
@@ -184,7 +186,7 @@ def write_denoise_report(out: str, manifest: dict, embedded, keys: list[str], id
     ax.set_xlabel("angle between a face and its identity centre (degrees)")
     ax.set_ylabel("faces")
     ax.legend()
-    figures["angles.png"] = _png(fig)
+    figures["angles.png"] = figure_png(fig)
     plt.close(fig)
 
     # Per reason: a few identities, their dropped faces beside their most typical kept faces.
@@ -203,13 +205,13 @@ def write_denoise_report(out: str, manifest: dict, embedded, keys: list[str], id
         sheets_plan[reason] = [(rows[embedded.groups[rows] == g][:4].tolist(), by_group_kept.get(g, np.array([])).tolist())
                                for g in groups]
     needed = [r for plan in sheets_plan.values() for d, t in plan for r in d + t]
-    images = _rows_images(parent_uri, parent["shards"], sizes, needed)
+    images = _rows_images(parent_shards, sizes, needed)
     for reason, plan in sheets_plan.items():
         png = identity_sheet([([images[r] for r in d], [images[r] for r in t]) for d, t in plan])
         if png:
             figures[f"dropped_{reason.replace('/', '__')}.png"] = png
     for name, png in figures.items():
-        storage.write_bytes(storage.join(report, name), png)
+        storage.write_bytes(ds.report_file(name), png)
 
     c = manifest["counts"]
     stage_rows = "".join(
@@ -240,9 +242,8 @@ This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manife
 <h2>Identities removed as evaluation people</h2><p>{html.escape(over)}</p>
 <h2>Dropped faces</h2>{sheets}
 </body></html>"""
-    uri = storage.join(report, "index.html")
-    storage.write_bytes(uri, page.encode())
-    return uri
+    storage.write_bytes(ds.report_index, page.encode())
+    return ds.report_index
 
 
 def pq_rows(uri: str) -> int:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from cleaning import shards, storage
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +37,6 @@ class ShardDecision:
 Decide = Callable[[str, pa.Table], ShardDecision]
 
 
-def read_manifest(root: str) -> dict:
-    uri = storage.join(root, "manifest.json")
-    if not storage.exists(uri):
-        raise FileNotFoundError(f"{root}: no manifest.json (not a refined dataset, or not finished)")
-    return shards.read_json(uri)
-
-
-def shard_uris(root: str, manifest: dict) -> list[str]:
-    return [storage.join(root, "shards", name) for name in manifest["shards"]]
-
-
 def _rejects_table(table: pa.Table, dropped: np.ndarray, reasons: list, details: list, stage: str) -> pa.Table:
     """Rejects rows; a reason "step/why" fills the stage column with the step, as stage 1 does."""
     rows = table.take(pa.array(dropped))
@@ -61,8 +51,8 @@ def _rejects_table(table: pa.Table, dropped: np.ndarray, reasons: list, details:
     }, schema=shards.REJECT_SCHEMA)
 
 
-def _rewrite_shard(src_uri: str, dst: str, decide: Decide, stage: str, row_group_rows: int) -> dict:
-    name = src_uri.rsplit("/", 1)[-1]
+def _rewrite_shard(src_uri: str, dst: RefinedDataset, decide: Decide, stage: str, row_group_rows: int) -> dict:
+    name = storage.name(src_uri)
     table = shards.read_table(src_uri)
     d = decide(name, table)
     labels = np.asarray(d.labels, np.int32)
@@ -76,34 +66,34 @@ def _rewrite_shard(src_uri: str, dst: str, decide: Decide, stage: str, row_group
     if len(kept):  # a shard left empty is not written (and not listed in the manifest)
         out = table.take(pa.array(kept)).set_column(table.schema.get_field_index("label"), "label",
                                                     pa.array(labels[kept], pa.int32()))
-        shards.write_table(storage.join(dst, "shards", name), out.cast(shards.SHARD_SCHEMA), row_group_rows)
+        shards.write_table(dst.shard(name), out.cast(shards.SHARD_SCHEMA), row_group_rows)
     stem = name[: -len(".parquet")]
     if len(dropped):
-        shards.write_table(storage.join(dst, "rejects", f"{stage}-{stem}.parquet"),
+        shards.write_table(dst.reject(f"{stage}-{stem}.parquet"),
                            _rejects_table(table, dropped, d.reasons, d.details, stage), row_group_rows)
     return {"shard": name, "read": table.num_rows, "kept": len(kept),
             "reasons": Counter(d.reasons[i] for i in dropped)}
 
 
-def rewrite_dataset(src: str, dst: str, decide: Decide, identity_to_label: dict[str, int], stage: str,
-                    extra: dict | None = None, row_group_rows: int = 1000, threads: int = 4,
-                    before_manifest: Callable[[], None] | None = None) -> dict:
-    """Write the derived dataset under `dst` and return its manifest. The manifest is
-    written last (after `before_manifest`, for files the caller adds), so its presence
-    means the dataset is complete."""
+def rewrite_dataset(src: RefinedDataset, dst: RefinedDataset, decide: Decide, identity_to_label: dict[str, int],
+                    stage: str, extra: dict | None = None, row_group_rows: int = 1000, threads: int = 4,
+                    before_manifest: Callable[[], None] | None = None) -> RefinedDataset:
+    """Write the derived dataset `dst` and return it, opened. The manifest is written last
+    (after `before_manifest`, for files the caller adds), so its presence means the dataset
+    is complete."""
     started = time.perf_counter()
-    parent = read_manifest(src)
-    if storage.join(src, "") == storage.join(dst, ""):
+    parent = src.manifest.to_dict()
+    if src.uri == dst.uri:
         raise ValueError("a derived dataset needs its own folder (the parent stays as it is)")
     labels_used = sorted(set(identity_to_label.values()))
     if labels_used != list(range(len(labels_used))):
         raise ValueError("labels must be contiguous 0..C-1")
     with ThreadPoolExecutor(max(1, threads)) as pool:
         results = list(pool.map(lambda u: _rewrite_shard(u, dst, decide, stage, row_group_rows),
-                                shard_uris(src, parent)))
+                                src.shard_uris()))
     # The parent's rejects come along, so this folder accounts for every input on its own.
-    for uri in storage.list_files(storage.join(src, "rejects"), ".parquet"):
-        storage.write_bytes(storage.join(dst, "rejects", uri.rsplit("/", 1)[-1]), storage.read_bytes(uri))
+    for uri in src.reject_uris():
+        storage.write_bytes(dst.reject(storage.name(uri)), storage.read_bytes(uri))
 
     read = sum(r["read"] for r in results)
     kept = sum(r["kept"] for r in results)
@@ -127,7 +117,7 @@ def rewrite_dataset(src: str, dst: str, decide: Decide, identity_to_label: dict[
     if new_counts["read"] != new_counts["kept"] + new_counts["rejected"]:
         raise RuntimeError(f"accounting broke: {new_counts}")
     written = [r["shard"] for r in results if r["kept"]]
-    shard_list = [storage.join(dst, "shards", name) for name in written]
+    shard_list = [dst.shard(name) for name in written]
     manifest = {
         **{k: v for k, v in parent.items() if k not in ("counts", "content_hash", "seconds", "identity_to_label")},
         "counts": new_counts,
@@ -136,12 +126,12 @@ def rewrite_dataset(src: str, dst: str, decide: Decide, identity_to_label: dict[
         "identity_to_label": identity_to_label,
         "shards": written,
         "content_hash": shards.content_hash(shard_list),
-        "parent": {"uri": src, "content_hash": parent["content_hash"], "stage": parent.get("stage", "stage1")},
+        "parent": {"uri": src.uri, "content_hash": parent["content_hash"], "stage": parent.get("stage", "stage1")},
         "stage": stage,
         "seconds": round(time.perf_counter() - started, 1),
         **(extra or {}),
     }
     if before_manifest:
         before_manifest()
-    shards.write_json(storage.join(dst, "manifest.json"), manifest)
-    return manifest
+    dst.write_manifest(manifest)
+    return dst

@@ -7,22 +7,36 @@ run again (by Dask's retry or a rerun of the job) and a finished one is skipped.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections import Counter
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pyarrow as pa
 
-from cleaning import shards, storage
 from cleaning.readers import Partition, read_partition
-from cleaning.steps import Face, Step, build_steps
-from pipelines.config import CleanConfig
+from cleaning.steps import Face, Step, StepChain
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 log = logging.getLogger(__name__)
 
 MAX_REJECT_IMAGE_BYTES = 1 << 20
 _DETECTOR = {}
+
+
+@dataclass(frozen=True)
+class PartitionSettings:
+    """What a stage-1 task needs besides its steps (the job fills it from its config)."""
+
+    detector_min_face: int = 20
+    detector_device: str = "auto"
+    detector_batch: int = 32
+    redetect: bool = False  # ignore landmarks the source gives
+    jpeg_quality: int = 95
+    row_group_rows: int = 1000
 
 
 def get_detector(min_face: int, device: str):
@@ -110,11 +124,10 @@ def _by_identity(samples):
         yield group
 
 
-def staged_uris(out: str, index: int) -> dict[str, str]:
+def staged_uris(out: RefinedDataset, index: int) -> dict[str, str]:
     name = shards.part_name(index)
-    return {"kept": storage.join(out, "staging", f"{name}.parquet"),
-            "rejects": storage.join(out, "rejects", f"{name}.parquet"),
-            "counts": storage.join(out, "staging", f"{name}.json")}
+    return {"kept": out.staging(f"{name}.parquet"), "rejects": out.reject(f"{name}.parquet"),
+            "counts": out.staging(f"{name}.json")}
 
 
 def _worker_name() -> str:
@@ -127,11 +140,11 @@ def _worker_name() -> str:
         return "local"
 
 
-def process_partition(part: Partition, cfg: CleanConfig, out: str) -> dict:
+def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings, out: RefinedDataset) -> dict:
     uris = staged_uris(out, part.index)
     if storage.exists(uris["counts"]):  # finished on an earlier run
         return shards.read_json(uris["counts"])
-    chain = build_steps(cfg)
+    chain = copy.deepcopy(steps)
     tables = _Tables(cfg.jpeg_quality)
     read = 0
     for group in _by_identity(read_partition(part)):

@@ -18,7 +18,6 @@ import numpy as np
 
 from cleaning.align import AlignmentError, align_face
 from cleaning.readers import RawSample
-from pipelines.config import CleanConfig
 
 
 @dataclass
@@ -362,17 +361,12 @@ class NearDuplicate(Step):
 
 @dataclass
 class StepChain:
+    """The steps of stage 1, in order; the job assembles them from its config. Each
+    partition runs a fresh copy (`copy.deepcopy`), so counts and duplicate memories never
+    leak between partitions."""
+
     before_detection: list[Step] = field(default_factory=list)
     after_detection: list[Step] = field(default_factory=list)
 
     def all(self) -> list[Step]:
         return self.before_detection + self.after_detection
-
-
-def build_steps(cfg: CleanConfig) -> StepChain:
-    return StepChain(
-        before_detection=[RecordCheck(), ExactDuplicate(), Decode(cfg.max_pixels),
-                          SourceLandmarks(cfg.landmark_margin)],
-        after_detection=[Detected(), DetectionScore(cfg.min_det_score), FaceSize(cfg.min_eye_distance_px),
-                         Align(), Blur(cfg.min_blur), NearDuplicate(cfg.near_duplicate_bits, cfg.near_duplicate_correlation)],
-    )

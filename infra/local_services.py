@@ -20,9 +20,28 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import Config, state_path
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServicesConfig:
+    # Everything local services write (pids, logs, MLflow's SQLite db and artifacts) lives here.
+    state_dir: str = ".arcface"
+    host: str = "127.0.0.1"
+    ray_port: int = 6379
+    ray_dashboard_port: int = 8265
+    ray_num_cpus: int = 2
+    ray_object_store_bytes: int = 1_000_000_000
+    mlflow_port: int = 5000
+    # A shared tracking server (https://...); set from MLFLOW_TRACKING_URI when that is
+    # set. Empty: commands use (and start) the local server of `arcface services up`.
+    mlflow_tracking_uri: str = ""
+    # A Ray cluster (GCS address or dashboard URL); set from RAY_ADDRESS when that is set.
+    # Empty: a local Ray (the head of `arcface services up` for submitted jobs).
+    ray_address: str = ""
+    s3_port: int = 9000
+    start_timeout_s: float = 90.0
 
 SERVICES = ("ray", "mlflow", "s3")
 
@@ -93,9 +112,12 @@ class Status:
 
 
 class LocalServices:
-    def __init__(self, cfg: Config):
-        self.cfg = cfg.services
-        self.root = state_path(cfg)
+    """The local Ray head, MLflow server and S3 endpoint (`arcface services`), from the
+    services section alone."""
+
+    def __init__(self, cfg: ServicesConfig):
+        self.cfg = cfg
+        self.root = Path(cfg.state_dir).resolve()
         self.logs = self.root / "logs"
 
     # -- addresses -----------------------------------------------------------------

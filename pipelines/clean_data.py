@@ -14,16 +14,78 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cleaning import readers, shards, storage
-from cleaning.stage1 import process_partition, staged_uris
-from pipelines.config import Config
+from cleaning import readers
+from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
+from cleaning.steps import (Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize, NearDuplicate,
+                            RecordCheck, SourceLandmarks, StepChain)
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 from pipelines.logs import progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CleanConfig:
+    """Stage 1 (Dask): thresholds and execution. Defaults argued from measurements in
+    benchmarks/results/stage1_thresholds.md (demo data and real photos)."""
+
+    # Records per Dask task; a task writes one shard. Folder formats group whole identities.
+    records_per_partition: int = 2000
+    workers: int = 2
+    memory_limit: str = "4GiB"
+    # 40 MP: a 7000x5700 photo still passes; a decompression bomb (e.g. 30000x30000) does not.
+    max_pixels: int = 40_000_000
+    # MTCNN's own O-Net threshold is 0.7. On the demo every detection between 0.7 and 0.9 was
+    # a real face (hard pose or light), and images without a face gave no detection at all;
+    # on real photos low scores are profiles and occlusions. 0.8 drops the least sure.
+    min_det_score: float = 0.8
+    # The template puts the eyes 35.2 px apart: below 14 px the aligned crop is upsampled
+    # 2.5x and more, and holds little identity information.
+    min_eye_distance_px: float = 14.0
+    # Laplacian variance of the aligned central face. Demo (sharp faces vs faces blurred
+    # with sigma 2.5-3.5 px; blurred median ~12-15): at 25, source landmarks (9,061 images):
+    # blurred recall 0.91, precision 0.99; at 30: 0.96 but precision 0.89 (small sharp faces
+    # upsampled by alignment score low). With MTCNN landmarks 25 and 30 both keep precision
+    # 1.0 (recall of detected blurred faces 0.69 / 0.75). 25 keeps sharp faces safe.
+    min_blur: float = 25.0
+    # Hamming distance (of 256 dHash bits) under which two photos of an identity are one photo.
+    # Demo: re-encoded/rescaled/shifted copies lie 9-60 bits apart; different photos of
+    # the same identity (other pose, light, background) 93+ (5th percentile) around 127.
+    near_duplicate_bits: int = 64
+    # ... and whose 32x32 thumbnails correlate at least this much (demo: copies >= 0.87;
+    # other photos that pass the hash screen <= 0.73).
+    near_duplicate_correlation: float = 0.8
+    # Landmarks may sit slightly outside the image (cropped chins); more is an annotation error.
+    landmark_margin: float = 0.05
+    detector_min_face: int = 20
+    detector_device: str = "auto"
+    detector_batch: int = 32
+    # VGGFace2 ships landmarks; set true to re-detect anyway.
+    redetect: bool = False
+    jpeg_quality: int = 95
+    row_group_rows: int = 1000
+
+
+def build_steps(cfg: CleanConfig) -> StepChain:
+    """Stage 1's steps, in order, from the config (each step takes plain arguments)."""
+    return StepChain(
+        before_detection=[RecordCheck(), ExactDuplicate(), Decode(cfg.max_pixels),
+                          SourceLandmarks(cfg.landmark_margin)],
+        after_detection=[Detected(), DetectionScore(cfg.min_det_score), FaceSize(cfg.min_eye_distance_px),
+                         Align(), Blur(cfg.min_blur), NearDuplicate(cfg.near_duplicate_bits, cfg.near_duplicate_correlation)],
+    )
+
+
+def partition_settings(cfg: CleanConfig) -> PartitionSettings:
+    return PartitionSettings(detector_min_face=cfg.detector_min_face, detector_device=cfg.detector_device,
+                             detector_batch=cfg.detector_batch, redetect=cfg.redetect, jpeg_quality=cfg.jpeg_quality,
+                             row_group_rows=cfg.row_group_rows)
 
 
 def _worker_setup():
@@ -32,9 +94,9 @@ def _worker_setup():
     torch.set_num_threads(1)  # one task per worker thread; torch must not oversubscribe
 
 
-def finalize_partition(out: str, index: int, labels: dict[str, int], row_group_rows: int) -> str:
+def finalize_partition(out: RefinedDataset, index: int, labels: dict[str, int], row_group_rows: int) -> str:
     """Staged kept rows + the global identity->label map -> the final shard."""
-    uri = storage.join(out, "shards", f"{shards.part_name(index)}.parquet")
+    uri = out.shard(f"{shards.part_name(index)}.parquet")
     staged = shards.read_table(staged_uris(out, index)["kept"])
     ids = staged.column("identity").to_pylist()
     label = pa.array([labels[i] for i in ids], pa.int32())
@@ -57,24 +119,25 @@ class _EnvironmentKept:
         os.environ.update(self.saved)
 
 
-def _client(scheduler: str | None, cfg: Config):
+def _client(scheduler: str | None, cfg: CleanConfig):
     from dask.distributed import Client, LocalCluster
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=cfg.clean.workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, host="127.0.0.1", memory_limit=cfg.clean.memory_limit)
+    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit)
     return Client(cluster), cluster
 
 
-def _run_on_dask(parts, out: str, cfg: Config, scheduler: str | None):
+def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
     from dask.distributed import as_completed
 
     client, cluster = _client(scheduler, cfg)
+    steps, settings = build_steps(cfg), partition_settings(cfg)
     try:
         client.run(_worker_setup)
-        futures = [client.submit(process_partition, p, cfg.clean, out, key=f"stage1-{p.index}-{id(parts)}", retries=2,
-                                 pure=False) for p in parts]
+        futures = [client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{id(parts)}",
+                                 retries=2, pure=False) for p in parts]
         counts = []
         for fut in progress(as_completed(futures), total=len(futures), desc="stage 1 partitions"):
             counts.append(fut.result())
@@ -88,7 +151,7 @@ def _run_on_dask(parts, out: str, cfg: Config, scheduler: str | None):
         labels = {ident: n for n, ident in enumerate(sorted(kept_ids))}
         label_future = client.scatter(labels, broadcast=True)
         final = client.map(finalize_partition, [out] * len(parts), [p.index for p in parts],
-                           [label_future] * len(parts), [cfg.clean.row_group_rows] * len(parts), pure=False)
+                           [label_future] * len(parts), [cfg.row_group_rows] * len(parts), pure=False)
         shard_uris = client.gather(final)
         del final, futures
     finally:
@@ -98,28 +161,26 @@ def _run_on_dask(parts, out: str, cfg: Config, scheduler: str | None):
     return shard_uris, counts, labels
 
 
-def run_clean_data(input_uri: str, fmt: str, out: str, cfg: Config, scheduler: str | None = None) -> dict:
+def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConfig,
+                   scheduler: str | None = None) -> RefinedDataset:
+    """Stage 1 of `input_uri` (raw, in format `fmt`) into `out`; returns it, finished."""
     started = time.perf_counter()
-    if not storage.is_s3(input_uri):
-        input_uri = os.path.abspath(input_uri)  # the manifest must lead back to the source from anywhere
-    if not storage.is_s3(out):
-        out = os.path.abspath(out)
-    parts = readers.plan(fmt, input_uri, cfg.clean.records_per_partition)
+    input_uri = storage.absolute(input_uri)  # the manifest must lead back to the source from anywhere
+    parts = readers.plan(fmt, input_uri, cfg.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():
         shard_uris, counts, labels = _run_on_dask(parts, out, cfg, scheduler)
-    manifest = build_manifest(input_uri, fmt, out, cfg, counts, labels, shard_uris, time.perf_counter() - started)
-    shards.write_json(storage.join(out, "manifest.json"), manifest)
+    out.write_manifest(build_manifest(input_uri, fmt, cfg, counts, labels, shard_uris, time.perf_counter() - started))
     try:
         from cleaning.report import write_report
 
-        write_report(out, manifest)
+        write_report(out)
     except Exception:  # the report is a view; the dataset stands without it
         log.exception("report failed")
-    return manifest
+    return out
 
 
-def build_manifest(input_uri, fmt, out, cfg, counts, labels, shard_uris, seconds) -> dict:
+def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris, seconds) -> dict:
     read = sum(c["read"] for c in counts)
     kept = sum(c["kept"] for c in counts)
     rejected = sum(c["rejected"] for c in counts)
@@ -141,9 +202,9 @@ def build_manifest(input_uri, fmt, out, cfg, counts, labels, shard_uris, seconds
         "num_classes": len(labels),
         "num_images": kept,
         "identity_to_label": labels,
-        "shards": [u.rsplit("/", 1)[-1] for u in sorted(shard_uris)],
+        "shards": [storage.name(u) for u in sorted(shard_uris)],
         "executed_by": {str(c["partition"]): c.get("worker", "") for c in counts},
-        "clean_config": dataclasses.asdict(cfg.clean),
+        "clean_config": dataclasses.asdict(cfg),
         "content_hash": shards.content_hash(shard_uris),
         "seconds": round(seconds, 1),
         "stage": "stage1",

@@ -13,8 +13,8 @@ import os
 import sys
 import time
 
-from pipelines.config import load_config
-from pipelines.logs import setup_logging
+from pipelines.config import ConfigError, load_config, to_toml
+from pipelines.logs import progress, setup_logging
 
 log = logging.getLogger("arcface")
 
@@ -27,14 +27,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_config_show(args, cfg) -> int:
-    print(json.dumps(cfg.to_dict(), indent=2))
+    print(to_toml(cfg))
     return 0
 
 
 def cmd_services(args, cfg) -> int:
     from infra.local_services import LocalServices, ServiceError
 
-    services = LocalServices(cfg)
+    services = LocalServices(cfg.services)
     try:
         if args.action == "up":
             wanted = tuple(args.only.split(",")) if args.only else ("ray", "mlflow") + (("s3",) if args.s3 else ())
@@ -69,7 +69,7 @@ def cmd_demo_data(args, cfg) -> int:
             setattr(demo, key, value)
     formats = list(FORMATS) if "all" in args.format else args.format
     start = time.perf_counter()
-    summary = generate(args.out, demo, formats)
+    summary = generate(args.out, demo, formats, progress=progress)
     elapsed = time.perf_counter() - start
     for fmt, info in summary.items():
         print(f"{fmt:13s} {info['records']:6d} records  {info['path']}")
@@ -86,14 +86,12 @@ def cmd_fetch_weights(args, cfg) -> int:
 
 
 def cmd_clean_data(args, cfg) -> int:
+    from dataset import RefinedDataset
     from pipelines.clean_data import run_clean_data
 
-    manifest = run_clean_data(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
-    c = manifest["counts"]
-    print(f"read {c['read']}  kept {c['kept']}  rejected {c['rejected']}  identities {manifest['num_classes']}")
-    for reason, n in c["by_reason"].items():
-        print(f"  {reason:40s} {n}")
-    print(f"shards, rejects, manifest and report in {args.out} ({manifest['seconds']} s)")
+    out = run_clean_data(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler)
+    _print_counts(out.manifest)
+    print(f"shards, rejects, manifest and report in {out.uri} ({out.manifest.extra.get('seconds')} s)")
     return 0
 
 
@@ -112,17 +110,19 @@ def _train_overrides(args, cfg) -> None:
 
 
 def cmd_train(args, cfg) -> int:
-    from pipelines.train import run_training
+    from pipelines.training.driver import run_training
 
     _train_overrides(args, cfg)
-    result = run_training(args.data, cfg.train, resume=args.resume)
+    mlflow_uri = cfg.services.mlflow_tracking_uri
+    result = run_training(args.data, cfg.train, cfg.margin, resume=args.resume, mlflow_uri=mlflow_uri,
+                          ray_address=cfg.services.ray_address)
     if result.error:
         log.error("training failed: %s", result.error)
         return 1
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
     print(f"metrics: {json.dumps(result.metrics)}")
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        print(f"MLflow: {os.environ['MLFLOW_TRACKING_URI']} (experiment {cfg.train.mlflow_experiment})")
+    if mlflow_uri:
+        print(f"MLflow: {mlflow_uri} (experiment {cfg.train.mlflow_experiment})")
     return 0
 
 
@@ -134,8 +134,8 @@ def cmd_submit_train(args, cfg) -> int:
 
     from infra.local_services import LocalServices, ray_client_env
 
-    services = LocalServices(cfg)
-    address = os.environ.get("RAY_ADDRESS")
+    services = LocalServices(cfg.services)
+    address = cfg.services.ray_address
     if not address:
         services.up(("ray",))
         address = services.ray_dashboard
@@ -147,7 +147,7 @@ def cmd_submit_train(args, cfg) -> int:
     # dashboard. Credentials come from the cluster (instance role, IRSA, the nodes' env).
     secret = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
               "MLFLOW_TRACKING_TOKEN")
-    from cleaning.storage import s3_endpoint
+    from dataset.storage import s3_endpoint
 
     local_s3 = (s3_endpoint() or "").startswith(("http://127.0.0.1", "http://localhost"))  # moto's fake keys
     env_vars = {k: v for k, v in os.environ.items()
@@ -155,12 +155,12 @@ def cmd_submit_train(args, cfg) -> int:
                 and (k not in secret or (local_s3 and k.startswith("AWS_")))}
     if any(k in os.environ and k not in env_vars for k in secret):
         log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
-    from pipelines.train import code_version
+    from pipelines.training.driver import code_version
 
     env_vars["ARCFACE_CODE_VERSION"] = code_version()
-    if "MLFLOW_TRACKING_URI" not in os.environ and cfg.services.mlflow_tracking_uri:
+    if cfg.services.mlflow_tracking_uri:
         env_vars["MLFLOW_TRACKING_URI"] = cfg.services.mlflow_tracking_uri
-    elif "MLFLOW_TRACKING_URI" not in os.environ and not args.no_mlflow:
+    elif not args.no_mlflow:
         services.up(("mlflow",))  # the embedded default: the local tracking server
         env_vars["MLFLOW_TRACKING_URI"] = services.mlflow_uri
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
@@ -189,9 +189,9 @@ def cmd_submit_train(args, cfg) -> int:
     return subprocess.call(cmd, env=ray_client_env())
 
 
-def _print_counts(manifest: dict) -> None:
-    c = manifest["counts"]
-    print(f"read {c['read']}  kept {c['kept']}  rejected {c['rejected']}  identities {manifest['num_classes']}")
+def _print_counts(manifest) -> None:
+    c = manifest.counts
+    print(f"read {c['read']}  kept {c['kept']}  rejected {c['rejected']}  identities {manifest.num_classes}")
     for stage, v in c.get("by_stage", {}).items():
         print(f"  {stage:10s} read {v['read']}  kept {v['kept']}  rejected {v['rejected']}")
     for reason, n in c["by_reason"].items():
@@ -199,13 +199,15 @@ def _print_counts(manifest: dict) -> None:
 
 
 def cmd_denoise(args, cfg) -> int:
+    from dataset import RefinedDataset
     from pipelines.denoise import run_denoise
 
-    if args.model.startswith(("models:/", "runs:/")):
-        _use_tracking_server(cfg)
-    manifest = run_denoise(args.data, args.out, args.model, cfg.denoise)
-    _print_counts(manifest)
-    print(f"shards, rejects, manifest and report in {args.out}")
+    mlflow_uri = _use_tracking_server(cfg) if args.model.startswith(("models:/", "runs:/")) \
+        else cfg.services.mlflow_tracking_uri
+    out = run_denoise(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
+                      ray_address=cfg.services.ray_address, mlflow_uri=mlflow_uri)
+    _print_counts(out.manifest)
+    print(f"shards, rejects, manifest and report in {out.uri}")
     return 0
 
 
@@ -214,34 +216,37 @@ def cmd_refine(args, cfg) -> int:
 
     if args.retrain:
         cfg.denoise.retrain = True
-    summary = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
-    _print_counts(summary["manifest"])
-    print(f"bootstrap model: {summary['bootstrap_checkpoint']}")
-    print(f"refined dataset: {summary['stage2']} (report: {summary['stage2']}/report/index.html)")
-    if "refined_checkpoint" in summary:
-        print(f"model trained on it: {summary['refined_checkpoint']}")
+    result = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
+    _print_counts(result.stage2.manifest)
+    print(f"bootstrap model: {result.bootstrap_checkpoint}")
+    print(f"refined dataset: {result.stage2.uri} (report: {result.stage2.report_index})")
+    if result.refined_checkpoint:
+        print(f"model trained on it: {result.refined_checkpoint}")
     return 0
 
 
 def cmd_holdout(args, cfg) -> int:
     from cleaning.holdout import split_holdout
+    from dataset import RefinedDataset
 
-    manifest = split_holdout(args.data, args.out, args.identities, pairs=args.pairs, seed=args.seed)
-    h = manifest["holdout"]
-    print(f"held out {len(h['identities'])} identities; training set: {manifest['num_classes']} identities, "
-          f"{manifest['num_images']} images in {args.out}")
+    out = split_holdout(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.identities,
+                        pairs=args.pairs, seed=args.seed)
+    h = out.manifest.extra["holdout"]
+    print(f"held out {len(h['identities'])} identities; training set: {out.manifest.num_classes} identities, "
+          f"{out.manifest.num_images} images in {out.uri}")
     print(f"evaluation sets: {h['pairs_file']} ({h['pairs']} pairs), {h['faces_file']}")
     return 0
 
 
 def cmd_evaluate(args, cfg) -> int:
-    from pipelines.evaluate import dumps, eval_sets_of, evaluate, roc_png
+    from dataset import RefinedDataset
+    from dataset.refined import split_eval_sets
+    from pipelines.evaluate import dumps, evaluate, roc_png
     from pipelines.registry import load_embedder
 
-    pairs = [p for p in args.pairs if not p.endswith(".parquet")]
-    faces = [p for p in args.pairs if p.endswith(".parquet")]
+    pairs, faces = split_eval_sets(args.pairs)
     if args.data:
-        more_pairs, more_faces = eval_sets_of(args.data)
+        more_pairs, more_faces = RefinedDataset.open(args.data).eval_sets()
         pairs, faces = pairs + more_pairs, faces + more_faces
     if not pairs and not faces:
         log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet) or --data DATASET")
@@ -253,7 +258,7 @@ def cmd_evaluate(args, cfg) -> int:
     text = dumps(results)
     print(text)
     if args.out:
-        from cleaning import storage
+        from dataset import storage
 
         storage.write_bytes(storage.join(args.out, "evaluation.json"), (text + "\n").encode())
         png = roc_png(results, title=args.model)
@@ -263,13 +268,16 @@ def cmd_evaluate(args, cfg) -> int:
     return 0
 
 
-def _use_tracking_server(cfg) -> None:
-    """MLFLOW_TRACKING_URI if set, else services.mlflow_tracking_uri, else the local server
-    of `arcface services up`."""
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        from infra.local_services import LocalServices
+def _use_tracking_server(cfg) -> str:
+    """Point MLflow at the configured tracking server (services.mlflow_tracking_uri, which
+    MLFLOW_TRACKING_URI sets), else at the local server of `arcface services up`."""
+    import mlflow
 
-        os.environ["MLFLOW_TRACKING_URI"] = cfg.services.mlflow_tracking_uri or LocalServices(cfg).mlflow_uri
+    from infra.local_services import LocalServices
+
+    uri = cfg.services.mlflow_tracking_uri or LocalServices(cfg.services).mlflow_uri
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def _registry_name(args, cfg) -> str:
@@ -282,8 +290,9 @@ def _registry_name(args, cfg) -> str:
 def cmd_promote(args, cfg) -> int:
     from pipelines.registry import PromotionRefused, promote
 
-    pairs = [p for p in args.pairs if not p.endswith(".parquet")]
-    faces = [p for p in args.pairs if p.endswith(".parquet")]
+    from dataset.refined import split_eval_sets
+
+    pairs, faces = split_eval_sets(args.pairs)
     name = _registry_name(args, cfg)
     _use_tracking_server(cfg)
     try:
@@ -440,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     try:
         cfg = load_config(args.config, args.overrides)
-    except (OSError, ValueError) as exc:
+    except (OSError, ConfigError) as exc:
         log.error("config: %s", exc)
         return 2
     try:

@@ -16,48 +16,69 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from cleaning import rewrite, shards, storage
+from cleaning import rewrite
 from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities,
                               contiguous_labels)
-from pipelines.config import Config, DenoiseConfig
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 log = logging.getLogger(__name__)
 
 STAGE = "stage2"
+REFINE_LAYOUT = {"stage1": "stage1", "stage2": "stage2", "runs": "runs", "bootstrap": "bootstrap.json"}
 
 
-def load_model_centres(checkpoint: str) -> np.ndarray:
-    """The class centres of a training checkpoint as (C, K, D), from its per-rank files."""
-    import io
-    import json
+@dataclass
+class DenoiseConfig:
+    """Stage 2 (Ray): de-noise with embeddings; and the `arcface refine` loop. Angles in
+    degrees. Defaults argued from measurements on the demo data (benchmarks/results/
+    stage2_quality.md): they depend on the model that embeds, so check the angle histogram
+    in the report (sub-centre ArcFace used 75 deg with a ResNet-100 trained on MS1M)."""
 
-    import torch
+    workers: int = 2  # embedding actors
+    gpu: bool = False  # one GPU per actor (checkpoints; MLflow models embed on CPU)
+    batch: int = 256
+    # Demo, bootstrap model (tiny IResNet, 2 epochs on stage-1 data): clean faces lie
+    # within 33 deg of their identity centre (99.5th percentile), mislabelled ones beyond
+    # 58 deg (1st percentile); 50 splits them with precision and recall ~0.998.
+    max_angle: float = 50.0
+    # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
+    min_images_to_judge: int = 5
+    # Identities left with fewer faces are dropped (a class needs faces to learn from).
+    min_images_per_identity: int = 2
+    # Use the model's class centres (dominant sub-centre) instead of the embeddings' robust
+    # mean; needs a training checkpoint of a model trained on this dataset's labels.
+    use_model_centres: bool = False
+    # Identities whose centres are closer are one person. 0: twice the median angle of the
+    # kept faces to their own centre (derived per run; see cleaning/denoise.MergeIdentities).
+    # Demo: the same person filed under two ids has centres 7 deg (2-epoch bootstrap on the
+    # default demo; median 17) to 30 deg apart (12 epochs on a small demo; median 21) -
+    # training as two classes pushes them apart - while distinct identities are 42+ deg apart.
+    merge_max_angle: float = 0.0
+    # An identity is an evaluation person when at least `overlap_min_faces` evaluation
+    # faces lie within `overlap_max_angle` of its centre. Demo (2-epoch bootstrap): the 3
+    # overlap identities have 6, 6 and 5 of their 6 evaluation faces within 30 deg, no other
+    # identity more than 1; at 40 deg a look-alike identity reaches all 6.
+    overlap_max_angle: float = 30.0
+    overlap_min_faces: int = 3
+    # Optional file of identity ids (one per line) known to be in the evaluation sets.
+    exclude_identities: str = ""
+    # `arcface refine`: epochs of the bootstrap model trained on stage-1 data (the rest of
+    # its recipe is [train]); then retrain on the refined data when `retrain` is set.
+    bootstrap_epochs: int = 2
+    retrain: bool = False
 
-    state = json.loads(storage.read_bytes(storage.join(checkpoint, "state.json")))
-    k = int(state["config"]["subcentres"])
-    parts = []
-    for uri in storage.list_files(checkpoint, ".pt", recursive=False):
-        name = uri.rsplit("/", 1)[-1]
-        if name.startswith("centres-"):
-            lo = int(name[8:-3].split("-")[0])
-            blob = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-            parts.append((lo, blob["weight"].float().numpy()))
-    if not parts:
-        raise ValueError(f"{checkpoint}: no centres-*.pt files (model centres need a training checkpoint)")
-    weight = np.concatenate([w for _, w in sorted(parts, key=lambda p: p[0])])
-    return weight.reshape(-1, k, weight.shape[1])
 
-
-def evaluation_faces(data: str) -> np.ndarray:
+def evaluation_faces(data: RefinedDataset) -> np.ndarray:
     """Every distinct face of the evaluation sets that come with the dataset, uint8 NHWC."""
-    from pipelines.evaluate import eval_sets_of, load_faces, load_pairs
+    from pipelines.evaluate import load_faces, load_pairs
 
-    pair_uris, face_uris = eval_sets_of(data)
+    pair_uris, face_uris = data.eval_sets()
     faces = [load_pairs(u).faces for u in pair_uris] + [load_faces(u).faces for u in face_uris]
     if not faces:
         return np.zeros((0, 112, 112, 3), np.uint8)
@@ -74,29 +95,27 @@ def _read_names(path: str) -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
-def run_denoise(data: str, out: str, model_uri: str, cfg: DenoiseConfig) -> dict:
+def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
+                ray_address: str = "", mlflow_uri: str = "") -> RefinedDataset:
     from pipelines.embed import embed_dataset, read_embeddings
     from pipelines.registry import load_embedder
+    from pipelines.training import checkpoint
 
     started = time.perf_counter()
-    if not storage.is_s3(out):
-        out = os.path.abspath(out)
-    if not storage.is_s3(data):
-        data = os.path.abspath(data)
-    embed_dataset(data, model_uri, workers=cfg.workers, gpu=cfg.gpu, batch=cfg.batch)
+    embed_dataset(data, model_uri, workers=cfg.workers, gpu=cfg.gpu, batch=cfg.batch, ray_address=ray_address)
     emb, keys, sizes = read_embeddings(data, model_uri)
-    parent = rewrite.read_manifest(data)
     labels, identities, shard_keys = [], [], []
-    for uri in rewrite.shard_uris(data, parent):
+    for uri in data.shard_uris():
         t = shards.read_table(uri, columns=["key", "label", "identity"])
         labels += t.column("label").to_pylist()
         identities += t.column("identity").to_pylist()
         shard_keys += t.column("key").to_pylist()
     if shard_keys != keys:
-        raise RuntimeError(f"{data}: embeddings are out of step with the shards; delete {data}/embeddings and rerun")
+        raise RuntimeError(f"{data.uri}: embeddings are out of step with the shards; delete "
+                           f"{data.embeddings(model_uri)} and rerun")
     eval_faces = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
-    centres = load_model_centres(model_uri) if cfg.use_model_centres else None
+    centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
     embedded = EmbeddedSet(emb, np.asarray(labels, np.int64), np.asarray(identities, object))
     steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres),
@@ -108,7 +127,7 @@ def run_denoise(data: str, out: str, model_uri: str, cfg: DenoiseConfig) -> dict
         log.info("%s: %s", step.name, step.counts())
     new_labels, id_map = contiguous_labels(embedded)
 
-    offsets = dict(zip(parent["shards"], np.cumsum([0] + sizes[:-1]).tolist()))
+    offsets = dict(zip(data.manifest.shards, np.cumsum([0] + sizes[:-1]).tolist()))
 
     def decide(name: str, table) -> rewrite.ShardDecision:
         lo = offsets[name]
@@ -132,77 +151,89 @@ def run_denoise(data: str, out: str, model_uri: str, cfg: DenoiseConfig) -> dict
                             "threshold_deg": cfg.max_angle},
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)  # embedding and decisions
-    manifest = rewrite.rewrite_dataset(data, out, decide, id_map, stage=STAGE, extra={STAGE: summary})
+    rewrite.rewrite_dataset(data, out, decide, id_map, stage=STAGE, extra={STAGE: summary})
     try:
         from cleaning.report import write_denoise_report
 
-        write_denoise_report(out, manifest, embedded, keys)
+        write_denoise_report(out, embedded)
     except Exception:  # the report is a view; the dataset stands without it
         log.exception("report failed")
-    _track(manifest, out)
-    return manifest
+    if mlflow_uri:
+        _track(out, mlflow_uri)
+    return out
 
 
-def _track(manifest: dict, out: str) -> None:
-    """Log the refinement to MLflow when a tracking server is configured."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        return
+def _track(out: RefinedDataset, mlflow_uri: str) -> None:
+    """Log the refinement to MLflow's `refinement` experiment."""
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    manifest = out.manifest.to_dict()
+    mlflow.set_tracking_uri(mlflow_uri)
     mlflow.set_experiment("refinement")
     s = manifest[STAGE]
-    with mlflow.start_run(run_name=f"denoise {out.rstrip('/').rsplit('/', 1)[-1]}"):
+    with mlflow.start_run(run_name=f"denoise {storage.name(out.uri)}"):
         mlflow.log_params({f"denoise.{k}": v for k, v in s["config"].items()})
-        mlflow.log_params({"model": s["model"], "data.parent": manifest["parent"]["uri"], "data.out": out,
+        mlflow.log_params({"model": s["model"], "data.parent": manifest["parent"]["uri"], "data.out": out.uri,
                            "data.content_hash": manifest["content_hash"]})
         c = manifest["counts"]
         mlflow.log_metrics({"read": c["read"], "kept": c["kept"], "rejected": c["rejected"],
                             "num_classes": manifest["num_classes"],
                             **{f"rejected.{k.replace('/', '.')}": v for k, v in c["by_reason"].items()}})
-        mlflow.log_dict({k: v for k, v in manifest.items() if k != "identity_to_label"}, "manifest.json")
-        if storage.exists(storage.join(out, "report", "index.html")) and not storage.is_s3(out):
-            mlflow.log_artifacts(os.path.join(out, "report"), "report")
+        mlflow.log_dict(out.manifest.summary(), "manifest_summary.json")
+        if storage.exists(out.report_index) and not storage.is_s3(out.uri):
+            mlflow.log_artifacts(out.report_folder, "report")
 
 
 # -- the loop -------------------------------------------------------------------------------
 
-def run_refine(input_uri: str, fmt: str, out: str, cfg: Config, scheduler: str | None = None) -> dict:
-    """stage 1 -> bootstrap model -> stage 2 (-> retrain). Returns a summary."""
-    from pipelines.clean_data import run_clean_data
-    from pipelines.train import run_training
+@dataclass
+class RefineResult:
+    stage1: RefinedDataset
+    stage2: RefinedDataset
+    bootstrap_checkpoint: str
+    refined_checkpoint: str = ""
 
-    if not storage.is_s3(out):
-        out = os.path.abspath(out)
-    stage1, stage2 = storage.join(out, "stage1"), storage.join(out, "stage2")
-    runs = storage.join(out, "runs")
-    summary: dict = {"stage1": stage1, "stage2": stage2}
-    if not storage.exists(storage.join(stage1, "manifest.json")):
-        run_clean_data(input_uri, fmt, stage1, cfg, scheduler=scheduler)
+
+def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = None) -> RefineResult:
+    """stage 1 -> bootstrap model -> stage 2 (-> retrain), under `out`:
+    stage1/ (a refined dataset), runs/ (checkpoints), bootstrap.json (which checkpoint the
+    bootstrap model is, written once it is complete), stage2/ (the refined dataset).
+    `cfg` is the whole Config: the loop runs every stage."""
+    from pipelines.clean_data import run_clean_data
+    from pipelines.training.driver import run_training
+
+    out = storage.absolute(out)
+    stage1 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage1"]))
+    stage2 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage2"]))
+    runs = storage.join(out, REFINE_LAYOUT["runs"])
+    services = cfg.services
+    if not stage1.is_complete():
+        run_clean_data(input_uri, fmt, stage1, cfg.clean, scheduler=scheduler)
     else:
-        log.info("stage 1 done before: %s", stage1)
-    marker = storage.join(out, "bootstrap.json")  # written once the bootstrap model is complete
+        log.info("stage 1 done before: %s", stage1.uri)
+    marker = storage.join(out, REFINE_LAYOUT["bootstrap"])
     if storage.exists(marker):
         bootstrap = shards.read_json(marker)["checkpoint"]
     else:
         boot = dataclasses.replace(cfg.train, name="bootstrap", storage=runs, epochs=cfg.denoise.bootstrap_epochs,
                                    max_steps=0, registered_model="", eval_every=0)
-        result = run_training(stage1, boot)
+        result = run_training(stage1, boot, cfg.margin, ray_address=services.ray_address)
         if result.error:
             raise RuntimeError(f"bootstrap training failed: {result.error}")
         bootstrap = result.checkpoint.path
         if storage.is_s3(runs) and not bootstrap.startswith("s3://"):
             bootstrap = "s3://" + bootstrap
         shards.write_json(marker, {"checkpoint": bootstrap, "config": dataclasses.asdict(boot)})
-    summary["bootstrap_checkpoint"] = bootstrap
-    if not storage.exists(storage.join(stage2, "manifest.json")):
-        run_denoise(stage1, stage2, bootstrap, cfg.denoise)
-    summary["manifest"] = rewrite.read_manifest(stage2)
+    summary = RefineResult(RefinedDataset.open(stage1.uri), stage2, bootstrap)
+    if not stage2.is_complete():
+        run_denoise(summary.stage1, stage2, bootstrap, cfg.denoise, ray_address=services.ray_address,
+                    mlflow_uri=services.mlflow_tracking_uri)
+    summary.stage2 = RefinedDataset.open(stage2.uri)
     if cfg.denoise.retrain:
         final = dataclasses.replace(cfg.train, name="refined", storage=runs)
-        result = run_training(stage2, final)
+        result = run_training(summary.stage2, final, cfg.margin, ray_address=services.ray_address,
+                              mlflow_uri=services.mlflow_tracking_uri)
         if result.error:
             raise RuntimeError(f"training on the refined data failed: {result.error}")
-        summary["refined_checkpoint"] = result.checkpoint.path
+        summary.refined_checkpoint = result.checkpoint.path
     return summary

@@ -2,10 +2,10 @@
 
 Each actor loads the model once (an MLflow model URI or a training checkpoint) and embeds
 whole shards: it reads a shard's images, decodes them on a thread pool, embeds in batches
-(with the flip test) and writes `embeddings/<model tag>/part-NNNNN.parquet` beside the
-shards, one row per shard row in the same order (key, label, embedding). The model tag is a
-hash of the model URI, so embeddings of different models never mix and a rerun skips the
-shards already embedded.
+(with the flip test) and writes the dataset's embedding shard for that model
+(`RefinedDataset.embedding_shard`), one row per shard row in the same order (key, label,
+embedding). Embeddings of different models never mix, and a rerun skips the shards already
+embedded.
 
 Why actors over whole shards rather than Ray Data's map_batches: the output stays aligned
 row for row with its shard (stage 2 writes decisions back by position), and a shard is the
@@ -14,25 +14,17 @@ unit of resume.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 
-from cleaning import rewrite, shards, storage
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 from pipelines.logs import progress
 
 log = logging.getLogger(__name__)
-
-
-def model_tag(model_uri: str) -> str:
-    return hashlib.sha256(model_uri.encode()).hexdigest()[:12]
-
-
-def embeddings_dir(data: str, model_uri: str) -> str:
-    return storage.join(data, "embeddings", model_tag(model_uri))
 
 
 class ShardEmbedder:
@@ -67,16 +59,15 @@ class ShardEmbedder:
         return table.num_rows
 
 
-def embed_dataset(data: str, model_uri: str, workers: int = 2, gpu: bool = False, batch: int = 256) -> str:
+def embed_dataset(data: RefinedDataset, model_uri: str, workers: int = 2, gpu: bool = False, batch: int = 256,
+                  ray_address: str = "") -> str:
     """Embed every shard of `data` (skipping those done); returns the embeddings folder."""
-    manifest = rewrite.read_manifest(data)
-    out_dir = embeddings_dir(data, model_uri)
-    todo = [(storage.join(data, "shards", n), storage.join(out_dir, n)) for n in manifest["shards"]]
+    todo = [(data.shard(n), data.embedding_shard(model_uri, n)) for n in data.manifest.shards]
     todo = [(s, o) for s, o in todo if not storage.exists(o)]
     if todo:
         from pipelines.ray_connect import connect
 
-        connect(num_cpus=max(2, workers))
+        connect(ray_address, num_cpus=max(2, workers))
         import ray
 
         # CPU actors share the free CPUs, but no actor asks for more than one node has.
@@ -92,17 +83,15 @@ def embed_dataset(data: str, model_uri: str, workers: int = 2, gpu: bool = False
             pass
         for a in actors:
             ray.kill(a)
-    log.info("embeddings of %d shards in %s", len(manifest["shards"]), out_dir)
-    return out_dir
+    log.info("embeddings of %d shards in %s", len(data.manifest.shards), data.embeddings(model_uri))
+    return data.embeddings(model_uri)
 
 
-def read_embeddings(data: str, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:
+def read_embeddings(data: RefinedDataset, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:
     """(embeddings (N, D), keys, rows per shard) in shard order, checked against the shards."""
-    manifest = rewrite.read_manifest(data)
-    out_dir = embeddings_dir(data, model_uri)
     embs, keys, sizes = [], [], []
-    for name in manifest["shards"]:
-        table = shards.read_table(storage.join(out_dir, name))
+    for name in data.manifest.shards:
+        table = shards.read_table(data.embedding_shard(model_uri, name))
         column = table.column("embedding").combine_chunks()
         dim = column.type.list_size
         embs.append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))

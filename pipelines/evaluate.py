@@ -26,8 +26,8 @@ import torch
 
 from arcface_core.embedder import AlignedFaceEmbedder, embed_faces
 from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
-from cleaning import shards, storage
 from cleaning.formats.insightface_bin import loads_pairs
+from dataset import shards, storage
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def decode_aligned(blobs: list[bytes]) -> np.ndarray:
 
 
 def set_name(uri: str, data: bytes) -> str:
-    stem = uri.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    stem = storage.name(uri).rsplit(".", 1)[0]
     return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}"
 
 
@@ -141,6 +141,17 @@ def evaluate(embedder, pair_uris: list[str] = (), face_uris: list[str] = (), fli
     return results
 
 
+def load_sets(pair_uris: list[str], face_uris: list[str]) -> list:
+    """Pair sets and identification sets, loaded once (training evaluates them repeatedly)."""
+    return [load_pairs(u) for u in pair_uris] + [load_faces(u) for u in face_uris]
+
+
+def evaluate_backbone(backbone: torch.nn.Module, sets: list, device) -> dict[str, dict]:
+    """An in-training backbone on loaded sets (rank 0 of `arcface train`)."""
+    embedder = TorchEmbedder(backbone, device)
+    return {s.name: verify(embedder, s) if isinstance(s, PairSet) else identify(embedder, s) for s in sets}
+
+
 def scalar_metrics(results: dict[str, dict]) -> dict[str, float]:
     """Flat `<set>.<metric>` figures (the ROC left out), as MLflow metrics and version tags."""
     return {f"{name}.{k}": float(v) for name, m in results.items() for k, v in m.items() if k != "roc"}
@@ -165,45 +176,11 @@ def roc_png(results: dict[str, dict], title: str = "ROC") -> bytes | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    from cleaning.report import _png
+    from cleaning.report import figure_png
 
-    png = _png(fig)
+    png = figure_png(fig)
     plt.close(fig)
     return png
-
-
-def eval_sets_of(data: str) -> tuple[list[str], list[str]]:
-    """The evaluation sets that come with a refined dataset: the eval/ folders of the
-    dataset and of its parent (`arcface holdout` writes them), and the raw source's eval/
-    folder or the one beside it (the demo's pairs)."""
-    try:
-        manifest = shards.read_json(storage.join(data, "manifest.json"))
-    except (OSError, ValueError):
-        return [], []
-    folders = [storage.join(data, "eval")]
-    if manifest.get("parent", {}).get("uri"):
-        folders.append(storage.join(manifest["parent"]["uri"], "eval"))
-    source = manifest.get("source", {}).get("uri", "").rstrip("/")
-    if source:
-        folders.append(storage.join(source, "eval"))
-        folders.append(storage.join(source.rsplit("/", 1)[0], "eval"))
-    files = []
-    for folder in folders:
-        try:
-            files += storage.list_files(folder, recursive=False)
-        except (OSError, FileNotFoundError):
-            continue
-    seen, pair_uris, face_uris = set(), [], []
-    for f in files:  # the same file reached twice (a parent's copy) counts once
-        name = f.rsplit("/", 1)[-1]
-        if name in seen:
-            continue
-        seen.add(name)
-        if name.endswith(".bin"):
-            pair_uris.append(f)
-        elif name.endswith("_faces.parquet"):
-            face_uris.append(f)
-    return pair_uris, face_uris
 
 
 def dumps(results: dict[str, dict]) -> str:

@@ -8,13 +8,13 @@ import os
 log = logging.getLogger(__name__)
 
 
-def connect(num_cpus: int) -> None:
-    """`ray job submit` sets RAY_ADDRESS to the cluster's GCS address; a dashboard URL
-    (http://HOST:8265, as `arcface services env` exports for job submission) means the
-    cluster this machine belongs to ("auto"). Without RAY_ADDRESS a local Ray starts with
-    every listener on 127.0.0.1 (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 must be set before Ray
-    is first imported; see STACK-NOTES), with `num_cpus` CPUs."""
-    address = os.environ.get("RAY_ADDRESS", "")
+def connect(address: str, num_cpus: int) -> None:
+    """`address` is `services.ray_address` (from RAY_ADDRESS, which `ray job submit` sets to
+    the cluster's GCS address); a dashboard URL (http://HOST:8265, as `arcface services env`
+    exports for job submission) means the cluster this machine belongs to ("auto"). Without
+    an address a local Ray starts with every listener on 127.0.0.1
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 must be set before Ray is first imported; see
+    STACK-NOTES), with `num_cpus` CPUs."""
     if not address:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray

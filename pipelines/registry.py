@@ -10,7 +10,6 @@ The `champion` alias (registry aliases, not the deprecated stages) names the ver
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -106,31 +105,26 @@ def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
     folder (with an MLmodel file), or a training checkpoint folder (state.json + backbone.pt;
     local or s3://). `device` applies to checkpoints; MLflow models run on the CPU."""
-    from cleaning import storage
+    from dataset import storage
+    from pipelines.training import checkpoint
 
-    if storage.exists(storage.join(uri, "state.json")):
+    if checkpoint.is_checkpoint(uri):
         return LoadedModel(uri, _checkpoint_embedder(uri, device), "checkpoint")
     if uri.startswith(("models:/", "runs:/", "m-")) or storage.exists(storage.join(uri, "MLmodel")):
         import mlflow
 
         return LoadedModel(uri, _PyfuncEmbedder(mlflow.pyfunc.load_model(uri)), "mlflow")
-    raise ValueError(f"{uri}: neither an MLflow model URI nor a checkpoint folder (state.json + backbone.pt)")
+    raise ValueError(f"{uri}: neither an MLflow model URI nor a training checkpoint folder")
 
 
 def _checkpoint_embedder(uri: str, device: str = "cpu"):
     from arcface_core.backbones import build_backbone
-    from cleaning import storage
     from pipelines.evaluate import TorchEmbedder
+    from pipelines.training import checkpoint
 
-    state = json.loads(storage.read_bytes(storage.join(uri, "state.json")))
-    cfg = state["config"]
+    cfg = checkpoint.read_state(uri)["config"]
     backbone = build_backbone(cfg["backbone"], cfg["embedding_size"])
-    import io
-
-    # weights_only: a checkpoint is data, never code.
-    blob = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, "backbone.pt"))), map_location="cpu",
-                      weights_only=True)
-    backbone.load_state_dict(blob["backbone"])
+    backbone.load_state_dict(checkpoint.read_backbone(uri)["backbone"])
     return TorchEmbedder(backbone.eval().to(device), device)
 
 

@@ -47,7 +47,7 @@ def s3_bucket(s3_endpoint, monkeypatch):
 def demo_raw(tmp_path_factory):
     """A tiny demo raw dataset in all three layouts (rendered once per session)."""
     from cleaning.synthetic.demo import FORMATS, generate
-    from pipelines.config import DemoConfig
+    from cleaning.synthetic.demo import DemoConfig
 
     out = tmp_path_factory.mktemp("demo_raw")
     cfg = DemoConfig(identities=24, images_per_identity=12, seed=7, eval_identities=10, eval_pairs=120, workers=1)
@@ -58,13 +58,12 @@ def demo_raw(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_shards(demo_raw, tmp_path_factory):
     """Stage-1 output of the tiny demo (VGGFace2 layout: landmarks given, no detector needed)."""
-    from pipelines.clean_data import run_clean_data
-    from pipelines.config import Config
+    from dataset import RefinedDataset
+    from pipelines.clean_data import CleanConfig, run_clean_data
 
     out = tmp_path_factory.mktemp("demo_shards")
-    cfg = Config()
-    cfg.clean.records_per_partition = 120
-    run_clean_data(str(demo_raw / "vggface2"), "vggface2", str(out), cfg)
+    run_clean_data(str(demo_raw / "vggface2"), "vggface2", RefinedDataset.create(out),
+                   CleanConfig(records_per_partition=120))
     return out
 
 

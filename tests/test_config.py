@@ -16,7 +16,7 @@ def test_defaults_file_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("[demo]\nidentitys = 5\n", "unknown key 'identitys'"),
+    ("[demo]\nidentitys = 5\n", "unknown key 'demo.identitys'"),
     ("[nope]\nx = 1\n", "unknown config section"),
     ("[demo]\nidentities = 'many'\n", "should be int"),
 ])

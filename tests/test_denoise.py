@@ -104,8 +104,8 @@ def refined(tmp_path_factory, mlflow_server):
     """The whole loop on a demo with known defects: stage 1 -> bootstrap model -> stage 2."""
     import ray
 
-    from cleaning.synthetic.demo import generate
-    from pipelines.config import DemoConfig, load_config
+    from cleaning.synthetic.demo import DemoConfig, generate
+    from pipelines.config import load_config
     from pipelines.denoise import run_refine
 
     root = tmp_path_factory.mktemp("refine")
@@ -115,14 +115,11 @@ def refined(tmp_path_factory, mlflow_server):
     cfg.denoise.bootstrap_epochs = 12
     cfg.train.checkpoint_every = 1000
     cfg.clean.records_per_partition = 200
-    import os
-
-    os.environ["MLFLOW_TRACKING_URI"] = mlflow_server  # the refinement is logged when tracking is on
+    cfg.services.mlflow_tracking_uri = mlflow_server  # the refinement is logged when tracking is on
     try:
         summary = run_refine(str(root / "raw"), "vggface2", str(root / "out"), cfg)
     finally:
         ray.shutdown()
-        del os.environ["MLFLOW_TRACKING_URI"]
     return root, summary
 
 
@@ -130,7 +127,7 @@ def test_refine_finds_label_noise_overlap_and_duplicates(refined):
     from cleaning.synthetic.score import score_stage2
 
     root, summary = refined
-    score = score_stage2(summary["stage2"], str(root / "raw" / "ground_truth.json"))
+    score = score_stage2(summary.stage2.uri, str(root / "raw" / "ground_truth.json"))
     noise = score["label_noise"]
     print(json.dumps(score, indent=1))
     assert noise["reached_stage2"] >= 40
@@ -145,7 +142,7 @@ def test_refine_finds_label_noise_overlap_and_duplicates(refined):
 def test_refined_dataset_accounts_for_every_input(refined):
     root, summary = refined
     out = root / "out" / "stage2"
-    m = summary["manifest"]
+    m = summary.stage2.manifest.to_dict()
     rows = {"kept": sum(pq.read_metadata(p).num_rows for p in (out / "shards").glob("*.parquet")),
             "rejected": sum(pq.read_metadata(p).num_rows for p in (out / "rejects").glob("*.parquet"))}
     assert rows == {"kept": m["counts"]["kept"], "rejected": m["counts"]["rejected"]}
@@ -173,7 +170,7 @@ def test_refinement_logged_to_mlflow(refined, mlflow_server):
     client = mlflow.MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("refinement")
     (run,) = client.search_runs([experiment.experiment_id])
-    m = summary["manifest"]
+    m = summary.stage2.manifest.to_dict()
     assert run.data.metrics["kept"] == m["counts"]["kept"] and run.data.metrics["num_classes"] == m["num_classes"]
     assert run.data.params["data.content_hash"] == m["content_hash"]
     assert run.data.metrics["rejected.intra_class.far_from_identity_centre"] > 0

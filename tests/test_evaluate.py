@@ -10,7 +10,8 @@ import pytest
 
 from cleaning.formats.insightface_bin import UnsafePickleError
 from cleaning.holdout import HELD_OUT, split_holdout
-from pipelines.evaluate import FaceSet, PairSet, eval_sets_of, identify, load_faces, load_pairs, verify
+from dataset import RefinedDataset
+from pipelines.evaluate import FaceSet, PairSet, identify, load_faces, load_pairs, verify
 
 
 def _face(colour: int) -> np.ndarray:
@@ -85,7 +86,8 @@ def test_identification_on_known_answers():
 def test_holdout_moves_identities_into_eval_sets(tmp_path, demo_shards):
     parent = json.loads((demo_shards / "manifest.json").read_text())
     out = tmp_path / "held"
-    m = split_holdout(str(demo_shards), str(out), identities=4, pairs=40, seed=3)
+    m = split_holdout(RefinedDataset.open(demo_shards), RefinedDataset.create(out), identities=4, pairs=40,
+                      seed=3).manifest.to_dict()
     held = set(m["holdout"]["identities"])
     assert len(held) == 4
     # Every input still accounted for, the held-out ones as rejects with a reason.
@@ -107,12 +109,13 @@ def test_holdout_moves_identities_into_eval_sets(tmp_path, demo_shards):
     assert set(faces.identities.tolist()) == held
     pairs = load_pairs(str(out / "eval" / "holdout_pairs.bin"))
     assert len(pairs.issame) == 40 and pairs.issame.sum() == 20
-    pair_uris, face_uris = eval_sets_of(str(out))
+    pair_uris, face_uris = RefinedDataset.open(out).eval_sets()
     names = [u.rsplit("/", 1)[-1] for u in pair_uris]
     assert names == ["holdout_pairs.bin", "demo_pairs.bin"] and face_uris[0].endswith("holdout_faces.parquet")
     # Same seed, same split and the same pair bytes.
-    again = split_holdout(str(demo_shards), str(tmp_path / "again"), identities=4, pairs=40, seed=3)
-    assert again["content_hash"] == m["content_hash"]
+    again = split_holdout(RefinedDataset.open(demo_shards), RefinedDataset.create(tmp_path / "again"), identities=4,
+                          pairs=40, seed=3)
+    assert again.content_hash == m["content_hash"]
     assert (tmp_path / "again/eval/holdout_pairs.bin").read_bytes() == (out / "eval/holdout_pairs.bin").read_bytes()
 
 
@@ -122,7 +125,7 @@ def test_cli_bad_input_is_one_clear_error(tmp_path, caplog):
     assert main(["holdout", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--identities", "3"]) == 1
     assert "no manifest.json" in caplog.text
     assert main(["evaluate", "--model", str(tmp_path), "--pairs", str(tmp_path / "lfw.bin")]) == 1
-    assert "neither an MLflow model URI nor a checkpoint folder" in caplog.text
+    assert "neither an MLflow model URI nor a training checkpoint folder" in caplog.text
 
 
 def test_promotion_figure_with_a_dotted_metric_name():

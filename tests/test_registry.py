@@ -14,7 +14,13 @@ import torch
 from arcface_core.backbones import build_backbone
 from cleaning.holdout import split_holdout
 from pipelines.config import load_config
-from pipelines.evaluate import eval_sets_of, evaluate, load_pairs, scalar_metrics, TorchEmbedder
+from dataset import RefinedDataset
+from pipelines.evaluate import evaluate, load_pairs, scalar_metrics, TorchEmbedder
+from pipelines.training.driver import run_training
+
+
+def eval_sets_of(data: str):
+    return RefinedDataset.open(data).eval_sets()
 from pipelines.registry import CHAMPION, PromotionRefused, load_embedder, lineage, log_embedding_model, promote, rollback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +33,7 @@ LOAD_ELSEWHERE = textwrap.dedent("""
     import sys
     class Block:
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("pipelines", "arcface_core", "cleaning", "infra"):
+            if name.split(".")[0] in ("pipelines", "arcface_core", "cleaning", "dataset", "infra"):
                 raise ImportError(f"project module {name} is not available here")
     sys.meta_path.insert(0, Block())
     import mlflow, numpy as np
@@ -56,14 +62,14 @@ def _register_untrained(data: str, seed: int, dim: int) -> str:
 
 def test_tracked_run_registered_promoted_and_loaded_elsewhere(tmp_path, demo_shards, mlflow_server, ray_local,
                                                               monkeypatch):
-    from pipelines.train import run_training
-
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
     data = str(tmp_path / "data")
-    manifest = split_holdout(str(demo_shards), data, identities=4, pairs=60, seed=1)
-    cfg = load_config(ROOT / "configs" / "demo-train.toml").train
+    manifest = split_holdout(RefinedDataset.open(demo_shards), RefinedDataset.create(data), identities=4, pairs=60,
+                             seed=1).manifest.to_dict()
+    full = load_config(ROOT / "configs" / "demo-train.toml")
+    cfg = full.train
     cfg.storage, cfg.name, cfg.max_steps, cfg.epochs = str(tmp_path / "runs"), "reg", 40, 50
     cfg.checkpoint_every, cfg.eval_every, cfg.registered_model = 40, 0, NAME
 
@@ -73,7 +79,7 @@ def test_tracked_run_registered_promoted_and_loaded_elsewhere(tmp_path, demo_sha
     assert first.promoted and "first champion" in first.message
 
     # v2: a tracked training run registers its model with evaluation and lineage.
-    result = run_training(data, cfg)
+    result = run_training(data, cfg, full.margin, mlflow_uri=mlflow_server)
     assert result.error is None
     v2 = str(max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'")))
     version = client.get_model_version(NAME, v2)

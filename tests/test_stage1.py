@@ -16,17 +16,19 @@ from PIL import Image
 
 from cleaning.detect.weights import have_weights
 from cleaning.synthetic.score import score_stage1
-from pipelines.clean_data import run_clean_data
-from pipelines.config import Config
+from dataset import RefinedDataset
+from pipelines.clean_data import CleanConfig, run_clean_data
 
 pytestmark = pytest.mark.skipif(not have_weights(), reason="MTCNN weights not fetched (make setup)")
 
 
-def small_config() -> Config:
-    cfg = Config()
-    cfg.clean.records_per_partition = 120  # several partitions even on tiny data
-    cfg.clean.workers = 2
-    return cfg
+def small_config() -> CleanConfig:
+    return CleanConfig(records_per_partition=120, workers=2)  # several partitions even on tiny data
+
+
+def clean(src, fmt: str, out) -> dict:
+    """Stage 1 of `src` into `out`; its manifest as a dict."""
+    return run_clean_data(str(src), fmt, RefinedDataset.create(out), small_config()).manifest.to_dict()
 
 
 def rows(out: Path, folder: str) -> int:
@@ -39,7 +41,7 @@ def cleaned(demo_raw, tmp_path_factory):
     results = {}
     for fmt in ("vggface2", "msceleb-tsv", "image-folder"):
         src = demo_raw / fmt / ("images" if fmt == "image-folder" else "")
-        manifest = run_clean_data(str(src), fmt, str(out / fmt), small_config())
+        manifest = clean(src, fmt, out / fmt)
         results[fmt] = (out / fmt, manifest, score_stage1(str(out / fmt), str(demo_raw / fmt / "ground_truth.json")))
     return results
 
@@ -98,7 +100,7 @@ def test_rerun_resumes_and_reproduces(cleaned, demo_raw):
     staged[0].unlink()
     (out / "manifest.json").unlink()
     environment = dict(os.environ)
-    again = run_clean_data(str(demo_raw / "vggface2"), "vggface2", str(out), small_config())
+    again = clean(demo_raw / "vggface2", "vggface2", out)
     # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ & co. in its parent; they must not leak into
     # what runs next in this process (Ray workers ran 2.7x slower with them).
     assert dict(os.environ) == environment
@@ -134,7 +136,7 @@ def test_bad_and_unusual_images(tmp_path):
     ok = cv2.imencode(".jpg", face)[1].tobytes()
     (person / "truncated.jpg").write_bytes(ok[: len(ok) // 2])
     (person / "text.jpg").write_text("this is not an image")
-    manifest = run_clean_data(str(tmp_path / "raw"), "image-folder", str(tmp_path / "out"), small_config())
+    manifest = clean(tmp_path / "raw", "image-folder", tmp_path / "out")
     rejects = pq.read_table(tmp_path / "out" / "rejects").to_pydict()
     got = dict(zip(rejects["key"], rejects["reason"]))
     assert {k: v for k, v in got.items() if v != "near_duplicate"} == {

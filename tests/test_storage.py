@@ -2,7 +2,7 @@ import boto3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleaning import storage
+from dataset import storage
 
 
 def test_local_roundtrip_is_atomic_and_listed(tmp_path):

@@ -3,7 +3,7 @@
 import cv2
 import numpy as np
 
-from pipelines.train_data import decode_face, decode_face_uint8, flip_mask, to_input
+from pipelines.training.data import decode_face, decode_face_uint8, flip_mask, to_input
 
 
 def test_batched_normalisation_equals_the_per_face_reference():

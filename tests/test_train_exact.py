@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.config import TrainConfig
-from pipelines.train import Trainee, lr_at
-from pipelines.train_data import BatchStream, ShardDataset
+from pipelines.training.config import ArcFaceParams, MarginConfig, TrainConfig
+from pipelines.training.data import BatchStream, ShardDataset
+from pipelines.training.step import Trainee, lr_at
 
 from dist_helpers import run_distributed
 
@@ -20,8 +20,8 @@ ATOL = 1e-4  # one step from the same checkpoint
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(backbone="tiny", embedding_size=32, batch_size=16, lr=0.01, scale=16.0, margin_m=0.3,
-                warmup_steps=0, epochs=1, decode_threads=1)
+    base = dict(backbone="tiny", embedding_size=32, batch_size=16, lr=0.01, warmup_steps=0, epochs=1,
+                decode_threads=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -30,7 +30,8 @@ def run_steps(rank, world, data_uri, steps, cfg_kw, load_dir=None, save_dir=None
     torch.set_default_dtype(getattr(torch, dtype))
     cfg = small_cfg(**cfg_kw)
     data = ShardDataset(data_uri)
-    trainee = Trainee(cfg, data.num_classes, rank, world, torch.device("cpu"))
+    margin = MarginConfig(scale=16.0, arcface=ArcFaceParams(m=0.3))
+    trainee = Trainee(cfg, data.num_classes, rank, world, torch.device("cpu"), margin)
     start = 0
     if load_dir:
         start = trainee.load(load_dir)["step"]

@@ -10,9 +10,12 @@ import boto3
 import pytest
 import torch
 
-from pipelines.config import TrainConfig, load_config
-from pipelines.evaluate import TorchEmbedder, eval_sets_of, load_pairs, verify
-from pipelines.train import Trainee
+from dataset import RefinedDataset
+from pipelines.config import load_config
+from pipelines.evaluate import TorchEmbedder, load_pairs, verify
+from pipelines.training.config import TrainConfig
+from pipelines.training.driver import run_training
+from pipelines.training.step import Trainee
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.services
@@ -20,6 +23,9 @@ pytestmark = pytest.mark.services
 
 def steps_log(storage: Path, name: str) -> list[dict]:
     return [json.loads(line) for line in (storage / name / "steps.jsonl").read_text().splitlines()]
+
+
+MARGIN = load_config(ROOT / "configs" / "demo-train.toml").margin
 
 
 def tiny_cfg(tmp_path, **kw) -> TrainConfig:
@@ -64,10 +70,11 @@ def test_ray_job_submit_trains_and_beats_untrained(tmp_path, demo_shards):
     assert last < first, (first, last)
     metrics = json.loads(next(l for l in job.stdout.splitlines() if l.startswith("metrics: "))[9:])
     # The same model before training, on the same held-out pairs.
-    pairs = load_pairs(eval_sets_of(str(demo_shards))[0][0])
+    pairs = load_pairs(RefinedDataset.open(demo_shards).eval_sets()[0][0])
     cfg = tiny_cfg(tmp_path)
     manifest = json.loads((demo_shards / "manifest.json").read_text())
-    untrained = verify(TorchEmbedder(Trainee(cfg, manifest["num_classes"], 0, 1, torch.device("cpu")).backbone), pairs)
+    untrained = verify(TorchEmbedder(Trainee(cfg, manifest["num_classes"], 0, 1, torch.device("cpu"), MARGIN).backbone),
+                       pairs)
     trained = metrics[f"{pairs.name}.accuracy"]
     assert trained > untrained["accuracy"], (trained, untrained["accuracy"])
 
@@ -76,12 +83,10 @@ def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_sh
                                                                monkeypatch):
     import mlflow
 
-    from pipelines.train import run_training
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    cfg = tiny_cfg(tmp_path, name="fault", max_steps=12, checkpoint_every=5, fail_at_step=7, eval_every=0,
-                   max_failures=2)
-    result = run_training(str(demo_shards), cfg)
+    cfg = tiny_cfg(tmp_path, name="fault", max_steps=12, checkpoint_every=5, eval_every=0, max_failures=2)
+    # Failure injection lives in the test (tests/step_hooks.py), not in the training loop.
+    result = run_training(str(demo_shards), cfg, MARGIN, mlflow_uri=mlflow_server,
+                          step_hook=f"{ROOT / 'tests' / 'step_hooks.py'}:fail_once_after_step_7")
     assert result.error is None
     log = steps_log(tmp_path / "runs", "fault")
     steps = [r["step"] for r in log]
@@ -103,15 +108,13 @@ def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_sh
 
 
 def test_shards_from_and_checkpoints_to_s3(tmp_path, demo_shards, s3_bucket, s3_endpoint, ray_local):
-    from pipelines.train import run_training
-
     client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
     for path in demo_shards.rglob("*"):
         if path.is_file() and path.parent.name != "staging":
             client.upload_file(str(path), s3_bucket, f"data/{path.relative_to(demo_shards).as_posix()}")
     cfg = tiny_cfg(tmp_path, name="s3run", max_steps=4, checkpoint_every=2, eval_every=0)
     cfg.storage = f"s3://{s3_bucket}/runs"
-    result = run_training(f"s3://{s3_bucket}/data", cfg)
+    result = run_training(f"s3://{s3_bucket}/data", cfg, MARGIN)
     assert result.error is None
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=s3_bucket, Prefix="runs/s3run/")["Contents"]]
     finals = [k for k in keys if k.endswith("state.json")]
@@ -122,14 +125,35 @@ def test_shards_from_and_checkpoints_to_s3(tmp_path, demo_shards, s3_bucket, s3_
 
 
 def test_resume_on_request_from_a_checkpoint(tmp_path, demo_shards, ray_local):
-    from pipelines.train import run_training
-
     first = run_training(str(demo_shards), tiny_cfg(tmp_path, name="first", max_steps=4, checkpoint_every=4,
-                                                    eval_every=0))
+                                                    eval_every=0), MARGIN)
     assert first.error is None
     second = run_training(str(demo_shards), tiny_cfg(tmp_path, name="second", max_steps=6, checkpoint_every=2,
-                                                     eval_every=0, workers=1),
+                                                     eval_every=0, workers=1), MARGIN,
                           resume=first.checkpoint.path)
     assert second.error is None
     log = steps_log(tmp_path / "runs", "second")
     assert [r["step"] for r in log] == [5, 6] and {r["world"] for r in log} == {1}  # and on 1 worker
+
+
+def test_sphereface_trains_with_its_lambda_annealed(tmp_path, demo_shards, ray_local):
+    """The loop calls the margin's per-step hook: SphereFace's lambda decays as its schedule
+    says, and the loss falls."""
+    from pipelines.training.config import MarginConfig
+
+    margin = MarginConfig(type="sphereface", scale=32.0)
+    cfg = tiny_cfg(tmp_path, name="sphere", max_steps=30, epochs=100, checkpoint_every=30, eval_every=0, workers=1,
+                   warmup_steps=5)
+    result = run_training(str(demo_shards), cfg, margin)
+    assert result.error is None
+    log = steps_log(tmp_path / "runs", "sphere")
+    lam = [r["margin_lambda"] for r in log]
+    p = margin.sphereface
+    assert lam == pytest.approx([max(p.lambda_min, p.lambda_base * (1 + p.gamma * (r["step"] - 1)) ** -p.power)
+                                 for r in log])
+    assert lam[0] == 1000.0 and lam[-1] < 300.0
+    first = sum(r["loss"] for r in log[:8]) / 8
+    last = sum(r["loss"] for r in log[-8:]) / 8
+    assert last < first, (first, last)
+    with result.checkpoint.as_directory() as d:
+        assert json.loads(Path(d, "state.json").read_text())["margin"]["type"] == "sphereface"

@@ -29,10 +29,35 @@ import pyarrow.parquet as pq
 from cleaning.align import align_face
 from cleaning.formats.insightface_bin import dumps_pairs
 from cleaning.synthetic.render import Identity, random_identity, render
-from pipelines.config import DemoConfig
-from pipelines.logs import progress
+from dataset.refined import EVAL, FACES_SUFFIX
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class DemoConfig:
+    identities: int = 300
+    images_per_identity: int = 30
+    seed: int = 0
+    image_size: int = 250
+    # Share of images filed under the wrong identity (MS-Celeb-1M has far more; 10% is enough
+    # to measure whether de-noising finds it).
+    label_noise: float = 0.10
+    exact_duplicate: float = 0.02
+    near_duplicate: float = 0.02
+    undecodable: float = 0.01
+    zero_byte: float = 0.005
+    no_face: float = 0.01
+    tiny_face: float = 0.01
+    blurred: float = 0.01
+    # Identities filed twice under two ids (the paper merges such identities).
+    duplicate_identities: int = 2
+    # Training identities that also appear in the evaluation pair set (must be removed).
+    eval_overlap_identities: int = 3
+    # Held-out identities used to build the evaluation pair set.
+    eval_identities: int = 40
+    eval_pairs: int = 600
+    workers: int = 2
 
 FORMATS = ("vggface2", "msceleb-tsv", "image-folder")
 MSCELEB_TSV = "FaceImageCroppedWithAlignment.tsv"
@@ -340,11 +365,16 @@ def _write_image_folder(out: Path, plan: Plan, images: list[list[DemoImage]], rn
 WRITERS = {"vggface2": _write_vggface2, "msceleb-tsv": _write_msceleb, "image-folder": _write_image_folder}
 
 
-def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str]) -> dict:
+def _no_progress(iterable, **_):
+    return iterable
+
+
+def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], progress=_no_progress) -> dict:
     """Render the demo dataset once and write it in each requested layout.
 
     With one format the layout goes straight into `out_dir`; with several, into
     `out_dir/<format>/`. Each layout gets its own `ground_truth.json` and `eval/` pair set.
+    `progress` wraps the rendering loop (a tqdm-like callable).
     """
     for fmt in formats:
         if fmt not in FORMATS:
@@ -365,17 +395,18 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str]) ->
         out.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([cfg.seed, 7])  # same corruptions whichever formats run together
         records, malformed = WRITERS[fmt](out, plan, images, rng)
-        (out / "eval").mkdir(exist_ok=True)
-        (out / "eval" / "demo_pairs.bin").write_bytes(pairs_bin)
+        # Evaluation sets beside the raw data, where RefinedDataset.eval_sets finds them.
+        (out / EVAL).mkdir(exist_ok=True)
+        (out / EVAL / "demo_pairs.bin").write_bytes(pairs_bin)
         overlap = [identity_name(fmt, i) for i in plan.overlap]
 
         def person(p: str) -> str:
             return identity_name(fmt, int(p[6:])) if p.startswith("train_") else p
 
-        # The same faces for 1:N identification (pipelines/evaluate.py: *_faces.parquet).
+        # The same faces for 1:N identification (an identification set: *_faces.parquet).
         faces_table = pa.table({"image": [f for _, f in pairs_meta["faces"]],
                                 "identity": [person(p) for p, _ in pairs_meta["faces"]]})
-        pq.write_table(faces_table, out / "eval" / "demo_faces.parquet", compression="zstd")
+        pq.write_table(faces_table, out / EVAL / f"demo{FACES_SUFFIX}", compression="zstd")
         pair_people = [[person(p) for p in pp] for pp in pairs_meta["pair_people"]]
         counts: dict[str, int] = {}
         for rec in records:
@@ -387,8 +418,8 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str]) ->
             "num_records": len(records), "defect_counts": dict(sorted(counts.items())),
             "duplicate_identities": [[identity_name(fmt, a), identity_name(fmt, o)] for a, o in plan.alias_of.items()],
             "eval_overlap_identities": overlap,
-            "eval_faces": {"file": "eval/demo_faces.parquet", "faces": faces_table.num_rows},
-            "eval_pairs": {"file": "eval/demo_pairs.bin", "pairs": pairs_meta["pairs"],
+            "eval_faces": {"file": f"{EVAL}/demo{FACES_SUFFIX}", "faces": faces_table.num_rows},
+            "eval_pairs": {"file": f"{EVAL}/demo_pairs.bin", "pairs": pairs_meta["pairs"],
                            "positives": pairs_meta["positives"], "pair_identities": pair_people},
             "malformed_rows": malformed,
             "images": records,

@@ -11,7 +11,8 @@ import json
 import posixpath
 from collections import Counter, defaultdict
 
-from cleaning import shards, storage
+from dataset import shards, storage
+from dataset.refined import RefinedDataset
 
 EXPECTED = {
     "undecodable": {"decode/undecodable", "decode/truncated"},
@@ -32,12 +33,13 @@ def _norm_key(key: str) -> str:
 
 
 def outcomes(out: str) -> dict[str, str]:
-    """key -> 'kept' or 'stage/reason' for every record of a stage-1 output."""
+    """key -> 'kept' or 'stage/reason' for every record of a refined dataset."""
+    ds = RefinedDataset.open(out)
     result = {}
-    for uri in storage.list_files(storage.join(out, "shards"), suffix=".parquet"):
+    for uri in ds.shard_uris():
         for key in shards.read_table(uri, ["key"]).column("key").to_pylist():
             result[_norm_key(key)] = "kept"
-    for uri in storage.list_files(storage.join(out, "rejects"), suffix=".parquet"):
+    for uri in ds.reject_uris():
         t = shards.read_table(uri, ["key", "stage", "reason"])
         for key, stage, reason in zip(*(t.column(c).to_pylist() for c in ("key", "stage", "reason"))):
             result[_norm_key(key)] = f"{stage}/{reason}"
@@ -79,10 +81,10 @@ def score_stage2(out: str, truth_path: str) -> dict:
     that reached stage 2), evaluation-overlap identities removed, duplicate identities merged,
     clean faces kept."""
     truth = json.loads(storage.read_bytes(truth_path))
-    manifest = shards.read_json(storage.join(out, "manifest.json"))
+    ds = RefinedDataset.open(out)
+    manifest = ds.manifest.to_dict()
     got = outcomes(out)
-    parent = shards.read_json(storage.join(manifest["parent"]["uri"], "manifest.json"))
-    stage1_steps = {k.split("/")[0] for k in parent["counts"]["by_reason"]}
+    stage1_steps = {k.split("/")[0] for k in ds.parent().manifest.counts["by_reason"]}
     reached = [r for r in truth["images"] if got.get(r["key"], "missing").split("/")[0] not in stage1_steps]
     overlap_ids = set(truth["eval_overlap_identities"])
     noise = [r for r in reached if "label_noise" in r["defects"]]

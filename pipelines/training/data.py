@@ -19,7 +19,6 @@ The throughput comparison belongs to benchmarks/ (issue 8) and may revisit this.
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,7 +27,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from cleaning import storage
+from dataset import storage
+from dataset.refined import RefinedDataset
 
 
 @dataclass
@@ -40,15 +40,16 @@ class RowGroup:
 
 
 class ShardDataset:
-    def __init__(self, root: str):
-        self.root = root
-        self.manifest = json.loads(storage.read_bytes(storage.join(root, "manifest.json")))
-        self.num_classes = int(self.manifest["num_classes"])
-        self.content_hash = self.manifest["content_hash"]
+    """The row groups of a refined dataset's shards, addressed by global sample index."""
+
+    def __init__(self, data: RefinedDataset | str):
+        self.data = data if isinstance(data, RefinedDataset) else RefinedDataset.open(data)
+        self.root = self.data.uri
+        self.num_classes = self.data.num_classes
+        self.content_hash = self.data.content_hash
         self.groups: list[RowGroup] = []
         start = 0
-        for name in self.manifest["shards"]:
-            uri = storage.join(root, "shards", name)
+        for uri in self.data.shard_uris():
             fs, path = storage.resolve(uri)
             meta = pq.read_metadata(path, filesystem=fs)
             for i in range(meta.num_row_groups):
@@ -62,7 +63,7 @@ class ShardDataset:
 
     def manifest_summary(self) -> dict:
         """The manifest without its per-identity map (lineage for trackers)."""
-        return {k: v for k, v in self.manifest.items() if k != "identity_to_label"} | {"uri": self.root}
+        return self.data.manifest.summary() | {"uri": self.root}
 
     def steps_per_epoch(self, global_batch: int) -> int:
         return self.num_samples // global_batch

@@ -20,6 +20,17 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """The one spelling of a location that means the same from any process: s3:// URIs as
+    they are (without a trailing slash), local paths absolute."""
+    uri = os.fspath(uri)
+    if is_s3(uri):
+        return uri.rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return os.path.abspath(uri)
+
+
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
 
@@ -97,6 +108,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     with fs.open_output_stream(path) as fh:
         fh.write(data)
+
+
+def name(uri: str) -> str:
+    """The last component of a path or URI."""
+    return os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]
 
 
 def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:

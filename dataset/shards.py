@@ -1,11 +1,7 @@
-"""The refined dataset on disk (local or S3): Parquet shards, rejects, manifest.
-
-Layout under the output folder:
-    shards/part-NNNNN.parquet    kept faces (aligned 112x112 JPEG + label + provenance)
-    rejects/part-NNNNN.parquet   every dropped record with stage, reason and detail
-    staging/part-NNNNN.*         per-partition results before labels exist (internal)
-    manifest.json                written last: its presence means the dataset is complete
-Every file is written whole under its final name or not at all (see storage.write_bytes).
+"""The tables of a refined dataset: the schemas of its shards and rejects, and whole-file
+Parquet/JSON reads and writes (local or S3). Where the files live is `dataset.refined`'s
+business; every file is written whole under its final name or not at all
+(see storage.write_bytes).
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cleaning import storage
+from dataset import storage
 
 SCHEMA_VERSION = 1
 

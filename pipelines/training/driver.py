@@ -1,0 +1,106 @@
+"""`arcface train`'s driver: checks the input, then runs `train_loop` on Ray Train (V2).
+
+A TorchTrainer with one worker per `train.workers` (gloo on CPU, nccl on GPU). Checkpoints
+go to `train.storage` (absolute path or s3://) through Ray Train; a worker failure restarts
+from the last one (`train.max_failures`), `--resume` starts from a given one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+
+from dataset import storage
+from dataset.refined import RefinedDataset, split_eval_sets
+from pipelines.training.config import MarginConfig, TrainConfig
+
+
+class TrainingInputError(ValueError):
+    """Input that no retry can fix (checked in the driver, before any worker starts)."""
+
+
+def code_version() -> str:
+    """The git commit of the code; `submit-train` passes it in (ARCFACE_CODE_VERSION),
+    since Ray's working-dir copy has no .git."""
+    if os.environ.get("ARCFACE_CODE_VERSION"):
+        return os.environ["ARCFACE_CODE_VERSION"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip()
+    except Exception:
+        return ""
+
+
+def eval_sets_for(data: RefinedDataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """`train.eval_sets` (comma-separated) if given, else the sets that come with the dataset."""
+    if cfg.eval_sets:
+        return split_eval_sets([u.strip() for u in cfg.eval_sets.split(",") if u.strip()])
+    return data.eval_sets()
+
+
+def ray_storage(uri: str):
+    """(path, filesystem) as Ray Train takes them: S3 goes through our configured pyarrow
+    filesystem (custom endpoints included), local paths are made absolute."""
+    if storage.is_s3(uri):
+        return uri[len("s3://"):], storage.s3_filesystem()
+    return storage.absolute(uri), None
+
+
+def checkpoint_at(path: str | None):
+    """A checkpoint folder (local or s3://) as a Ray Train checkpoint."""
+    if not path:
+        return None
+    from ray.train import Checkpoint
+
+    location, filesystem = ray_storage(path)
+    return Checkpoint(location, filesystem=filesystem)
+
+
+def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> None:
+    """What would fail identically on every attempt fails here, once, in one line."""
+    margin.validate()
+    if cfg.batch_size % cfg.workers:
+        raise TrainingInputError(f"train.batch_size {cfg.batch_size} does not split over {cfg.workers} workers")
+    if data.manifest.num_images < cfg.batch_size:
+        raise TrainingInputError(f"{data.uri}: {data.manifest.num_images} faces make no global batch of "
+                                 f"{cfg.batch_size}; lower train.batch_size or use more data")
+
+
+def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginConfig | None = None,
+                 resume: str | None = None, mlflow_uri: str = "", ray_address: str = "", step_hook: str = ""):
+    """Train on `data`; returns Ray Train's Result. `step_hook` (file.py:function) is called
+    on every worker after every step (see loop.load_step_hook)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_connect import connect
+    from pipelines.training.loop import train_loop
+
+    data = data if isinstance(data, RefinedDataset) else RefinedDataset.open(data)
+    margin = margin or MarginConfig()
+    check_input(data, cfg, margin)
+    cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage))
+    if not storage.is_s3(cfg.storage):
+        os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
+    connect(ray_address, num_cpus=max(2, cfg.workers))
+    config = {
+        "train": dataclasses.asdict(cfg), "margin": dataclasses.asdict(margin), "data": data.uri,
+        "mlflow_uri": mlflow_uri,
+        "eval_sets": eval_sets_for(data, cfg),
+        "code_version": code_version(),
+        "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
+        "resume_from": resume or "",
+        "step_hook": step_hook,
+    }
+    storage_path, storage_filesystem = ray_storage(cfg.storage)
+    run_config = RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+                           failure_config=FailureConfig(max_failures=cfg.max_failures),
+                           checkpoint_config=CheckpointConfig(num_to_keep=3))
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu),
+        torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
+        run_config=run_config,
+    )
+    return trainer.fit()

@@ -1,0 +1,188 @@
+"""`train_loop`: what every Ray Train worker runs.
+
+Flat, in the order a step happens: learning rate and margin schedule -> step -> log ->
+evaluate / checkpoint -> stop. The data position is (epoch, step), so a run resumed from a
+checkpoint, on any worker count, sees the same global batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import os
+import socket
+import tempfile
+import time
+
+import torch
+
+from pipelines.training.config import MarginConfig, TrainConfig
+from pipelines.training.step import Trainee, lr_at
+
+log = logging.getLogger(__name__)
+
+
+def load_step_hook(spec: str):
+    """`/path/to/file.py:function`, called as function(step=, rank=, world=, run_dir=) after
+    every step: an extension point (fault-injection tests use it; profilers could). Loaded
+    from a file path so that it works in Ray workers whatever their sys.path."""
+    if not spec:
+        return None
+    path, _, name = spec.rpartition(":")
+    module_spec = importlib.util.spec_from_file_location(f"arcface_step_hook_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+class StepsLog:
+    """`RUN/steps.jsonl` (local storage): one line per step with loss and wall time. On GPU the
+    losses wait on the device and are written in one host sync per logging window; on CPU
+    every step is written at once (tests and the demo read it live)."""
+
+    def __init__(self, run_dir: str | None, world: int, every: int, eager: bool):
+        self.path = os.path.join(run_dir, "steps.jsonl") if run_dir else None
+        self.world, self.every, self.eager = world, every, eager
+        self.pending: list[tuple[int, torch.Tensor, float, dict]] = []
+
+    def record(self, step: int, loss: torch.Tensor, extra: dict, flush: bool) -> None:
+        if not self.path:
+            return
+        self.pending.append((step, loss, time.time(), extra))
+        if self.eager or flush or step % self.every == 0:
+            values = torch.stack([p[1] for p in self.pending]).tolist()  # one host sync for the lot
+            with open(self.path, "a") as fh:
+                for (s, _, at, more), value in zip(self.pending, values):
+                    fh.write(json.dumps({"step": s, "loss": value, "world": self.world, "time": round(at, 3),
+                                         **more}) + "\n")
+            self.pending = []
+
+
+def _run_dir(cfg: TrainConfig) -> str | None:
+    """The run's own folder for logs beside Ray's checkpoints (local storage only)."""
+    if cfg.storage.startswith("s3://"):
+        return None
+    path = os.path.join(cfg.storage, cfg.name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _record_placement(run_dir: str | None, rank: int) -> None:
+    """Which node each rank runs on (`RUN/placement.jsonl`)."""
+    import ray
+
+    if run_dir:
+        with open(os.path.join(run_dir, "placement.jsonl"), "a") as fh:
+            fh.write(json.dumps({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                                 "host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 3)})
+                     + "\n")
+
+
+def _batches(stream, start: int, total: int, steps_per_epoch: int):
+    """(images, labels) for global steps [start, total), across epoch boundaries."""
+    step = start
+    while step < total:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        end = min(steps_per_epoch, in_epoch + (total - step))
+        for _, images, labels in stream.iterate(epoch, in_epoch, end):
+            yield images, labels
+        step += end - in_epoch
+
+
+def _margin_figures(trainee: Trainee) -> dict:
+    """Schedules worth watching (SphereFace's lambda)."""
+    lam = getattr(trainee.margin, "lam", None)
+    return {"margin_lambda": float(lam)} if lam is not None else {}
+
+
+def train_loop(config: dict) -> None:
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.evaluate import evaluate_backbone, load_sets
+    from pipelines.training.data import BatchStream, ShardDataset
+    from pipelines.training.driver import checkpoint_at
+    from pipelines.training.tracking import Tracker
+
+    cfg = TrainConfig(**config["train"])
+    margin = config_section(MarginConfig, config["margin"])
+    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    data = ShardDataset(config["data"])
+    run_dir = _run_dir(cfg)
+    _record_placement(run_dir, rank)
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
+    total = steps_per_epoch * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+
+    trainee = Trainee(cfg, data.num_classes, rank, world, device, margin)
+    step, state = 0, {}
+    # The run's own latest checkpoint (after a failure) wins over the one asked to start from.
+    start_from = ray.train.get_checkpoint() or checkpoint_at(config.get("resume_from"))
+    if start_from:
+        with start_from.as_directory() as d:
+            state = trainee.load(d)
+        step = state["step"]
+        if rank == 0:
+            log.info("resumed at step %d (checkpoint written by %d workers, now %d)", step, state["world"], world)
+
+    stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, shuffle_rowgroups=cfg.shuffle_rowgroups,
+                         threads=cfg.decode_threads)
+    # A resumed run keeps logging into the MLflow run it started.
+    tracker = Tracker(config, cfg, data, state.get("mlflow_run_id"), resumed_at=step) if rank == 0 else None
+    eval_sets = load_sets(*config["eval_sets"]) if rank == 0 and config.get("eval_sets") else None
+    steps_log = StepsLog(run_dir if rank == 0 else None, world, cfg.log_every, eager=device.type == "cpu")
+    hook = load_step_hook(config.get("step_hook", ""))
+    window_start, window_losses = time.perf_counter(), []
+
+    for images, labels in _batches(stream, step, total, steps_per_epoch):
+        lr = lr_at(step, cfg, total)
+        trainee.margin.set_step(step)
+        loss = trainee.step(images, labels, lr)
+        step += 1
+        last = step == total
+        checkpoint_now = step % cfg.checkpoint_every == 0 or last
+        evaluate_now = bool(cfg.eval_every and step % cfg.eval_every == 0) or last
+
+        figures = _margin_figures(trainee)
+        steps_log.record(step, loss, figures, flush=checkpoint_now)
+        if tracker:
+            window_losses.append(loss)
+            if step % cfg.log_every == 0 or last:
+                seconds = time.perf_counter() - window_start
+                tracker.log_step(step, torch.stack(window_losses).mean().item(), lr,
+                                 len(window_losses) * cfg.batch_size / max(seconds, 1e-9), figures)
+                window_start, window_losses = time.perf_counter(), []
+        if hook:
+            hook(step=step, rank=rank, world=world, run_dir=run_dir)
+
+        metrics = {"step": step, "loss": float(loss)} if evaluate_now or checkpoint_now else {}
+        if evaluate_now and eval_sets:
+            results = evaluate_backbone(trainee.backbone, eval_sets, device)
+            metrics.update(tracker.log_eval(step, results))
+        if checkpoint_now:
+            state = {"step": step, "world": world, "num_classes": data.num_classes, "dataset": data.content_hash,
+                     "config": dataclasses.asdict(cfg), "margin": dataclasses.asdict(margin),
+                     "mlflow_run_id": tracker.run_id if tracker else state.get("mlflow_run_id")}
+            with tempfile.TemporaryDirectory() as tmp:
+                trainee.save(tmp, state)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    stream.close()
+    if tracker:
+        tracker.finish(trainee.backbone, data)
+
+
+def config_section(kind, values: dict):
+    """A config dataclass (with nested sections) from its asdict() form."""
+    kwargs = {}
+    for f in dataclasses.fields(kind):
+        if f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = config_section(f.default_factory, value) if isinstance(value, dict) else value
+    return kind(**kwargs)

@@ -1,0 +1,159 @@
+"""One rank's model and its training step: the backbone (DDP), this rank's slice of the
+class centres (arcface_core's model-parallel margin softmax), both optimizers, AMP.
+
+Exactness: backbone gradients equal the single-process gradient of the mean loss over
+the global batch (the embedding gradient is scaled by the world size to undo DDP's
+averaging; batch norm uses global-batch statistics), so N workers follow the same
+trajectory as one process on the same global batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from arcface_core.backbones import build_backbone
+from arcface_core.classifier import ShardedMarginClassifier
+from arcface_core.margins import ArcFace, CombinedMargin, CosFace, MarginSoftmax, SphereFace
+from arcface_core.sync_bn import convert_global_batchnorm
+from pipelines.training import checkpoint
+from pipelines.training.config import MarginConfig, TrainConfig
+
+INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same on any world size
+
+
+def build_margin(cfg: MarginConfig) -> MarginSoftmax:
+    """The one place a margin is built from config: each margin from its own section."""
+    cfg.validate()
+    s, st = cfg.scale, cfg.straight_through
+    if cfg.type == "arcface":
+        return ArcFace(s, cfg.arcface.m, straight_through=st)
+    if cfg.type == "cosface":
+        return CosFace(s, cfg.cosface.m)
+    if cfg.type == "sphereface":
+        p = cfg.sphereface
+        return SphereFace(s, p.m, lambda_base=p.lambda_base, lambda_min=p.lambda_min, gamma=p.gamma, power=p.power)
+    c = cfg.combined
+    return CombinedMargin(s, c.m1, c.m2, c.m3, straight_through=st)
+
+
+def init_centres(num_classes: int, dim: int, k: int, start: int, end: int, seed: int) -> torch.Tensor:
+    """N(0, 0.01) centres for classes [start, end), identical whatever the sharding."""
+    out = []
+    for block in range(start // INIT_BLOCK, (end - 1) // INIT_BLOCK + 1):
+        b0, b1 = block * INIT_BLOCK, min(num_classes, (block + 1) * INIT_BLOCK)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        w = torch.normal(0.0, 0.01, ((b1 - b0) * k, dim), generator=g)
+        lo, hi = max(start, b0) - b0, min(end, b1) - b0
+        out.append(w[lo * k:hi * k])
+    return torch.cat(out)
+
+
+def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Linear warm-up, then polynomial decay to 0 at the last step (arcface_torch's schedule)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    return cfg.lr * (1 - (step - cfg.warmup_steps) / span) ** cfg.poly_power
+
+
+def make_optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+class Trainee:
+    """The model on one rank: backbone (+DDP), this rank's centres, both optimizers."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, rank: int, world: int, device: torch.device,
+                 margin: MarginConfig | None = None):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        torch.manual_seed(cfg.seed)  # the same backbone initialisation on every rank
+        backbone = build_backbone(cfg.backbone, cfg.embedding_size)
+        if world > 1 and cfg.sync_bn:
+            if device.type == "cuda":
+                backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
+            else:
+                backbone = convert_global_batchnorm(backbone)
+        self.backbone = backbone.to(device)
+        self.head = ShardedMarginClassifier(num_classes, cfg.embedding_size, build_margin(margin or MarginConfig()),
+                                            sample_rate=cfg.sample_rate, subcentres=cfg.subcentres,
+                                            rank=rank, world_size=world, generator_seed=cfg.seed)
+        with torch.no_grad():
+            self.head.weight.copy_(init_centres(num_classes, cfg.embedding_size, cfg.subcentres,
+                                                self.head.class_start, self.head.class_end, cfg.seed))
+        self.head.to(device)
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.backbone, device_ids=[device.index] if device.type == "cuda" else None)
+        else:
+            self.model = self.backbone
+        self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad])
+        self.opt_head = make_optimizer(cfg, [self.head.weight])
+        self.amp_dtype = self._amp_dtype()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+    def _amp_dtype(self):
+        mode = self.cfg.amp
+        if mode == "auto":
+            mode = "bf16" if self.device.type == "cuda" else "off"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for opt in (self.opt_backbone, self.opt_head):
+            for group in opt.param_groups:
+                group["lr"] = lr
+        images = images.to(self.device, dtype=next(self.backbone.parameters()).dtype, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            embeddings = self.model(images)
+        if self.world > 1:
+            # DDP averages backbone gradients over ranks; the loss is already the global mean.
+            embeddings.register_hook(lambda g: g * self.world)
+        loss = self.head(embeddings, labels)  # the head computes its logits in fp32 (or fp64)
+        self.opt_backbone.zero_grad(set_to_none=True)
+        self.opt_head.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt_backbone)
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt_backbone)
+        self.scaler.step(self.opt_head)
+        self.scaler.update()
+        return loss.detach()
+
+    @property
+    def margin(self) -> MarginSoftmax:
+        return self.head.margin
+
+    # -- checkpoints (format: pipelines.training.checkpoint) ----------------------------
+    def save(self, directory: str, state: dict) -> None:
+        momentum = self.opt_head.state.get(self.head.weight, {})
+        checkpoint.write_centres(directory, self.head.class_start, self.head.class_end, self.head.weight, momentum)
+        if self.rank == 0:
+            checkpoint.write_backbone(directory, self.backbone.state_dict(), self.opt_backbone.state_dict(),
+                                      self.scaler.state_dict())
+            checkpoint.write_state(directory, state)
+
+    def load(self, directory: str) -> dict:
+        """Restore from a checkpoint written by any worker count; returns its state."""
+        state = checkpoint.read_state(directory)
+        blob = checkpoint.read_backbone(directory, map_location=self.device)
+        self.backbone.load_state_dict(blob["backbone"])
+        self.opt_backbone.load_state_dict(blob["optimizer"])
+        self.scaler.load_state_dict(blob["scaler"])
+        weight, buffers, opt_step = checkpoint.read_centres(directory, self.head.class_start, self.head.class_end,
+                                                            self.cfg.subcentres)
+        if weight.shape != self.head.weight.shape:
+            raise RuntimeError(f"checkpoint centres are {tuple(weight.shape)}, this rank holds "
+                               f"{tuple(self.head.weight.shape)}")
+        with torch.no_grad():
+            self.head.weight.copy_(weight)
+        if buffers:
+            st = self.opt_head.state[self.head.weight]
+            for name, value in buffers.items():
+                st[name] = value.to(self.device)
+            if opt_step is not None:
+                st["step"] = opt_step
+        return state
