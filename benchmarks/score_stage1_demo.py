@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cleaning.synthetic.demo import FORMATS, generate  # noqa: E402
 from cleaning.synthetic.score import score_stage1  # noqa: E402
-from cleaning.synthetic.demo import DemoConfig  # noqa: E402
+from cleaning.synthetic.demo import DemoConfig, input_root  # noqa: E402
 from dataset import RefinedDataset  # noqa: E402
 from pipelines.clean_data import CleanConfig, run_clean_data  # noqa: E402
 
@@ -37,7 +37,7 @@ def main():
         generate(tmp / "raw", DemoConfig(identities=args.identities, images_per_identity=args.images_per_identity,
                                          seed=args.seed, workers=2), list(FORMATS))
         for fmt in FORMATS:
-            src = tmp / "raw" / fmt / ("images" if fmt == "image-folder" else "")
+            src = input_root(tmp / "raw" / fmt, fmt)
             run_clean_data(str(src), fmt, RefinedDataset.create(tmp / fmt), CleanConfig())
             results[fmt] = score_stage1(str(tmp / fmt), str(tmp / "raw" / fmt / "ground_truth.json"))
     command = "python " + " ".join(sys.argv)

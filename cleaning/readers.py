@@ -17,6 +17,7 @@ import base64
 import binascii
 import csv
 import io
+import logging
 import posixpath
 import re
 import struct
@@ -27,6 +28,8 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from dataset import storage
+
+log = logging.getLogger(__name__)
 
 FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -331,7 +334,52 @@ def unpack_record(record: bytes) -> tuple[int, np.ndarray, int, bytes]:
     return flag, labels, ident, body
 
 
+def _rec_identity_ranges(fh, offsets: dict[int, int], first: int, end: int) -> tuple[list[tuple[int, int]], list]:
+    """[start, end) image indices of each identity record first..end-1 (one read when the
+    identity records lie together, as insightface's tools write them)."""
+    ids = [i for i in range(first, end) if i in offsets]
+    missing = [i for i in range(first, end) if i not in offsets]
+    ranges = []
+    if ids:
+        lo, hi = min(offsets[i] for i in ids), max(offsets[i] for i in ids)
+        span = hi - lo + 4096  # an identity record is ~40 bytes: the last one fits in this
+        block = io.BytesIO(_seek_read(fh, lo, span)) if span <= (64 << 20) else None
+        for i in ids:
+            source, at = (block, offsets[i] - lo) if block is not None else (fh, offsets[i])
+            try:
+                flag, labels, _, _ = unpack_record(read_record(source, at))
+                if flag < 2:
+                    raise RecordIOError("identity record without a [start, end) label")
+                ranges.append((int(labels[0]), int(labels[1])))
+            except RecordIOError as exc:
+                raise RecordIOError(f"identity record {i}: {exc}") from None
+    return ranges, missing
+
+
+def _seek_read(fh, offset: int, size: int) -> bytes:
+    fh.seek(offset)
+    return fh.read(size)
+
+
+def _rec_labels(fh, entries: list[tuple[int, int, int]]) -> list[int | None]:
+    """The label of every record (headers only): how a file without identity records is cut."""
+    labels = []
+    for _, offset, _ in entries:
+        try:
+            fh.seek(offset)
+            head = fh.read(8 + IR_HEADER.size + 4)
+            flag, label, _, _ = IR_HEADER.unpack_from(head, 8)
+            labels.append(int(struct.unpack_from("<f", head, 8 + IR_HEADER.size)[0]) if flag > 0 else int(label))
+        except (struct.error, ValueError):
+            labels.append(None)  # read_partition rejects it with the reason
+    return labels
+
+
 def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partition]:
+    """Partitions of whole identities. With insightface's header record (record 0, label
+    [first identity record, end]) the identity records give each identity's image range;
+    without one, the records' own labels are read (header bytes only) and the cut falls
+    where the label changes."""
     idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
     entries, bad = [], []
     text = storage.read_bytes(idx_uri).decode("utf-8", "replace")
@@ -343,17 +391,42 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
             entries.append((int(parts[0]), int(parts[1]), line_no))
         except ValueError as exc:
             bad.append((line_no, f"train.idx:{line_no}: {exc}: {line[:60]!r}"))
+    offsets = {i: off for i, off, _ in entries}
+    if 0 not in offsets:
+        raise RecordIOError(f"{idx_uri}: no entry for record 0 (an insightface .idx starts there)")
     with storage.open_input(rec_uri) as fh:
-        offsets = {i: off for i, off, _ in entries}
-        if 0 not in offsets:
-            raise RecordIOError(f"{idx_uri}: no entry for the header record 0")
         flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
-    if flag > 0:  # header: images are records 1 .. labels[0]-1
-        image_ids = set(range(1, int(labels[0])))
-        entries = [e for e in entries if e[0] in image_ids]
-    # else: no header record, every record is an image
-    parts = [Partition("insightface-rec", root, n, records=chunk)
-             for n, chunk in enumerate(_group(entries, records_per_partition))]
+        groups: list[list[tuple[int, int, int]]] = []
+        if flag > 0:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
+            first_identity, end_identity = int(labels[0]), int(labels[1])
+            images = {e[0]: e for e in entries if 1 <= e[0] < first_identity}
+            ranges, missing = _rec_identity_ranges(fh, offsets, first_identity, end_identity)
+            for start, end in sorted(ranges):
+                groups.append([images.pop(i) for i in range(start, end) if i in images])
+            if images:  # images no identity record claims: read (and accounted for) all the same
+                groups.append(sorted(images.values()))
+            if missing:  # their images are still read (above); only the grouping is lost
+                log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
+        else:
+            entries.sort()
+            current, last = [], object()
+            for entry, label in zip(entries, _rec_labels(fh, entries)):
+                if current and label != last:
+                    groups.append(current)
+                    current = []
+                current.append(entry)
+                last = label
+            if current:
+                groups.append(current)
+    parts: list[Partition] = []
+    chunk: list[tuple[int, int, int]] = []
+    for group in groups:  # whole identities, about `records_per_partition` records each
+        chunk += group
+        if len(chunk) >= records_per_partition:
+            parts.append(Partition("insightface-rec", root, len(parts), records=chunk))
+            chunk = []
+    if chunk or not parts:
+        parts.append(Partition("insightface-rec", root, len(parts), records=chunk))
     if bad:
         parts[0].extra["bad_idx_lines"] = bad
     return parts

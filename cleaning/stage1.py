@@ -67,7 +67,7 @@ class _Tables:
 
     def keep(self, face: Face) -> None:
         k = self.kept
-        k["image"].append(_jpeg(face.aligned, self.quality))
+        k["image"].append(face.encoded or _jpeg(face.aligned, self.quality))
         k["identity"].append(face.raw.identity)
         k["key"].append(face.raw.key)
         k["source"].append(face.raw.source)
@@ -82,7 +82,9 @@ class _Tables:
 
     def reject(self, face: Face, stage: str, reason: str) -> None:
         r = self.rejects
-        if face.aligned is not None:
+        if face.encoded is not None:
+            image = face.encoded
+        elif face.aligned is not None:
             image = _jpeg(face.aligned, self.quality)
         elif face.raw.data and len(face.raw.data) <= MAX_REJECT_IMAGE_BYTES:
             image = face.raw.data

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from cleaning.align import AlignmentError, align_face
+from cleaning.align import ARCFACE_TEMPLATE, AlignmentError, align_face
 from cleaning.readers import RawSample
 
 
@@ -36,6 +36,7 @@ class Face:
     sha256: str = ""
     detail: str = ""  # why, for a drop (file, line, figure)
     detections: list | None = None  # MTCNN output for this image, set by the batch runner
+    encoded: bytes | None = None  # bytes to store as they are (a pre-aligned 112x112 JPEG: no re-encoding)
 
 
 class Step:
@@ -139,15 +140,33 @@ class Decode(Step):
             return "undecodable"
         face.image = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         if face.raw.aligned:  # insightface-rec: already aligned faces, no detection
-            if face.image.shape[:2] != (112, 112):
-                face.detail = f"{face.raw.source}: {face.image.shape[1]}x{face.image.shape[0]}, expected aligned 112x112"
-                return "not_aligned_112"
-            face.aligned = face.image
+            return self._pre_aligned(face, data)
         if face.raw.box is not None and face.raw.box.max() <= 1.0 and face.raw.landmarks is None:
             h, w = face.image.shape[:2]  # MS-Celeb rectangles are relative
             face.box = face.raw.box * np.array([w, h, w, h], np.float32)
         elif face.raw.box is not None:
             face.box = face.raw.box
+        return None
+
+
+    @staticmethod
+    def _pre_aligned(face: Face, data: bytes) -> str | None:
+        """An aligned crop from the source. A 112x112 JPEG is kept byte for byte (re-encoding
+        would only lose detail); other square crops are resized once; a crop that is not
+        square is no aligned face. The landmarks recorded are the template's, marked as such
+        by face_choice = "pre_aligned"."""
+        h, w = face.image.shape[:2]
+        if h != w:
+            face.detail = f"{face.raw.source}: {w}x{h}, expected a square aligned crop (112x112)"
+            return "not_aligned_112"
+        if (h, w) != (112, 112):
+            face.image = cv2.resize(face.image, (112, 112), interpolation=cv2.INTER_AREA if h > 112 else cv2.INTER_CUBIC)
+        elif data[:2] == b"\xff\xd8":
+            face.encoded = data
+        face.aligned = face.image
+        face.landmarks = ARCFACE_TEMPLATE.astype(np.float32).copy()
+        face.box = np.array([0, 0, 112, 112], np.float32)
+        face.num_faces, face.face_choice = 1, "pre_aligned"
         return None
 
 
@@ -330,26 +349,36 @@ class NearDuplicate(Step):
     the frame (landmarks, relative to image size, within `max_landmark_shift`). Two photos
     of one person against similar plain backgrounds can pass the first two tests; they
     do not also put the face at the same spot with the same pose.
+
+    Pre-aligned crops (insightface-rec) all put the face at the same spot, so the landmark
+    guard says nothing there: they get their own, tighter hash and correlation bounds
+    (`aligned_max_bits`, `aligned_min_correlation`), measured on aligned crops.
     """
 
     name = "near_duplicate"
     reasons = ("near_duplicate",)
 
-    def __init__(self, max_bits: int, min_correlation: float = 0.8, max_landmark_shift: float = 0.03):
+    def __init__(self, max_bits: int, min_correlation: float = 0.8, max_landmark_shift: float = 0.03,
+                 aligned_max_bits: int | None = None, aligned_min_correlation: float | None = None):
         super().__init__()
         self.max_bits, self.min_correlation, self.max_shift = max_bits, min_correlation, max_landmark_shift
+        self.aligned_max_bits = max_bits if aligned_max_bits is None else aligned_max_bits
+        self.aligned_min_correlation = min_correlation if aligned_min_correlation is None else aligned_min_correlation
         self.seen: dict[str, list[tuple]] = {}
 
     def check(self, face):
         face.dhash = difference_hash(face.image)
-        thumb, marks = thumbnail(face.image), relative_landmarks(face)
+        pre_aligned = face.raw.aligned
+        thumb, marks = thumbnail(face.image), None if pre_aligned else relative_landmarks(face)
+        max_bits = self.aligned_max_bits if pre_aligned else self.max_bits
+        min_corr = self.aligned_min_correlation if pre_aligned else self.min_correlation
         kept = self.seen.setdefault(face.raw.identity, [])
         for other, other_thumb, other_marks, key in kept:
             bits = (face.dhash ^ other).bit_count()
-            if bits > self.max_bits:
+            if bits > max_bits:
                 continue
             corr = float(thumb @ other_thumb)
-            if corr < self.min_correlation:
+            if corr < min_corr:
                 continue
             shift = 0.0 if marks is None or other_marks is None else float(np.abs(marks - other_marks).mean())
             if shift <= self.max_shift:

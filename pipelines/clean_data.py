@@ -61,6 +61,13 @@ class CleanConfig:
     # ... and whose 32x32 thumbnails correlate at least this much (demo: copies >= 0.87;
     # other photos that pass the hash screen <= 0.73).
     near_duplicate_correlation: float = 0.8
+    # Pre-aligned crops (insightface-rec) put every face at the template's spot, so the
+    # landmark guard above says nothing there. Measured on demo data written as .rec
+    # (benchmarks/results/aligned_near_duplicates.md, 2 seeds): re-encoded/shifted copies
+    # lie <= 15 bits apart and correlate >= 0.9957; distinct photos of the same identity
+    # >= 17 bits and <= 0.984. The correlation decides; the hash bound is only a cheap screen.
+    near_duplicate_aligned_bits: int = 24
+    near_duplicate_aligned_correlation: float = 0.99
     # Landmarks may sit slightly outside the image (cropped chins); more is an annotation error.
     landmark_margin: float = 0.05
     detector_min_face: int = 20
@@ -78,7 +85,10 @@ def build_steps(cfg: CleanConfig) -> StepChain:
         before_detection=[RecordCheck(), ExactDuplicate(), Decode(cfg.max_pixels),
                           SourceLandmarks(cfg.landmark_margin)],
         after_detection=[Detected(), DetectionScore(cfg.min_det_score), FaceSize(cfg.min_eye_distance_px),
-                         Align(), Blur(cfg.min_blur), NearDuplicate(cfg.near_duplicate_bits, cfg.near_duplicate_correlation)],
+                         Align(), Blur(cfg.min_blur),
+                         NearDuplicate(cfg.near_duplicate_bits, cfg.near_duplicate_correlation,
+                                       aligned_max_bits=cfg.near_duplicate_aligned_bits,
+                                       aligned_min_correlation=cfg.near_duplicate_aligned_correlation)],
     )
 
 
@@ -149,7 +159,8 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
             staged = shards.read_table(staged_uris(out, p.index)["kept"], columns=["identity"])
             kept_ids.update(pc.unique(staged.column("identity")).to_pylist())
         labels = {ident: n for n, ident in enumerate(sorted(kept_ids))}
-        label_future = client.scatter(labels, broadcast=True)
+        # One future holding the whole map (a dict passed bare would be scattered key by key).
+        [label_future] = client.scatter([labels], broadcast=True)
         final = client.map(finalize_partition, [out] * len(parts), [p.index for p in parts],
                            [label_future] * len(parts), [cfg.row_group_rows] * len(parts), pure=False)
         shard_uris = client.gather(final)
@@ -171,6 +182,9 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
     with _EnvironmentKept():
         shard_uris, counts, labels = _run_on_dask(parts, out, cfg, scheduler)
     out.write_manifest(build_manifest(input_uri, fmt, cfg, counts, labels, shard_uris, time.perf_counter() - started))
+    if not labels:
+        log.warning("%s: no face was kept (every input is in rejects/ with its reason); the dataset is empty",
+                    out.uri)
     try:
         from cleaning.report import write_report
 

@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="write the synthetic raw demo dataset with known defects")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", action="append", choices=["vggface2", "msceleb-tsv", "image-folder", "all"],
+    p.add_argument("--format", action="append",
+                   choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec", "all"],
                    default=None, help="raw layout; repeatable; 'all' writes each into a subfolder (default vggface2)")
     p.add_argument("--identities", type=int, help="number of training identities (config demo.identities)")
     p.add_argument("--images-per-identity", type=int, help="images per identity (config demo.images_per_identity)")

@@ -59,7 +59,7 @@ class DemoConfig:
     eval_pairs: int = 600
     workers: int = 2
 
-FORMATS = ("vggface2", "msceleb-tsv", "image-folder")
+FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
 MSCELEB_TSV = "FaceImageCroppedWithAlignment.tsv"
 
 # Defects an image slot can carry (besides clean). Order fixes how the random draw maps.
@@ -222,6 +222,8 @@ def identity_name(fmt: str, i: int) -> str:
         return f"n{i + 1:06d}"
     if fmt == "msceleb-tsv":
         return f"m.0{i + 1:05x}"
+    if fmt == "insightface-rec":
+        return str(i)  # the class label is the identity (as the reader reports it)
     return f"person_{i + 1:05d}"
 
 
@@ -362,7 +364,42 @@ def _write_image_folder(out: Path, plan: Plan, images: list[list[DemoImage]], rn
     return records, []
 
 
-WRITERS = {"vggface2": _write_vggface2, "msceleb-tsv": _write_msceleb, "image-folder": _write_image_folder}
+REC_FOLDER = "faces_emore"  # as insightface distributes MS1MV2
+
+
+def input_root(layout_root: str | os.PathLike, fmt: str) -> Path:
+    """The folder a reader of `fmt` takes, inside one layout the demo wrote."""
+    sub = {"image-folder": IMAGE_FOLDER_ROOT, "insightface-rec": REC_FOLDER}.get(fmt, "")
+    return Path(layout_root) / sub if sub else Path(layout_root)
+
+
+def _write_insightface_rec(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np.random.Generator) -> tuple[list, list]:
+    """The layout of insightface's MS1M releases: faces already aligned to 112x112 (with the
+    rendered landmarks, as the release was aligned with a detector's), JPEG 95, in
+    train.rec/.idx with the header record, identity records and `property`. A release holds
+    no photo without an alignable face, so no-face and tiny-face slots are left out; damaged
+    payloads (empty, not an image) stay, as transfer damage. Keys are the reader's: rec:<index>."""
+    from cleaning.formats.recordio import write_rec
+
+    items, records = [], []
+    for i, slots in enumerate(images):
+        for img in slots:
+            if img.defects and img.defects[0] in ("no_face", "tiny_face"):
+                continue
+            if img.landmarks is None:  # undecodable / zero-byte: the payload as it is
+                payload = img.data
+            else:
+                photo = cv2.imdecode(np.frombuffer(img.data, np.uint8), cv2.IMREAD_COLOR)
+                payload = _jpeg(align_face(photo, np.asarray(img.landmarks, np.float32)), 95)
+            items.append((i, payload))
+            records.append(_record("insightface-rec", img, f"rec:{len(items)}", f"{REC_FOLDER}/train.rec#{len(items)}"))
+    (out / REC_FOLDER).mkdir(parents=True, exist_ok=True)
+    write_rec(out / REC_FOLDER, items)
+    return records, []
+
+
+WRITERS = {"vggface2": _write_vggface2, "msceleb-tsv": _write_msceleb, "image-folder": _write_image_folder,
+           "insightface-rec": _write_insightface_rec}
 
 
 def _no_progress(iterable, **_):
