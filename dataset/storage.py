@@ -72,6 +72,22 @@ def join(uri: str | os.PathLike, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def check_bucket(uri: str) -> None:
+    """An s3:// location's bucket must exist before any work is scheduled (a missing bucket
+    would otherwise surface as a worker's traceback, once per retry)."""
+    if not is_s3(uri):
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    try:
+        info = s3_filesystem().get_file_info(bucket)
+    except OSError as exc:
+        raise OSError(f"s3://{bucket}: not reachable ({exc}); check AWS_ENDPOINT_URL and credentials") from None
+    if info.type == pafs.FileType.NotFound:
+        where = f" at {s3_endpoint()}" if s3_endpoint() else ""
+        raise FileNotFoundError(f"s3 bucket {bucket!r} does not exist{where}: create it (locally, "
+                                "`arcface services up --s3` creates the bucket `arcface`)")
+
+
 def s3_client():
     """A boto3 client configured like `s3_filesystem` (for what pyarrow.fs does not cover)."""
     import boto3

@@ -41,6 +41,8 @@ class ServicesConfig:
     # Empty: a local Ray (the head of `arcface services up` for submitted jobs).
     ray_address: str = ""
     s3_port: int = 9000
+    # The bucket `arcface services up --s3` creates on the local endpoint.
+    s3_bucket: str = "arcface"
     start_timeout_s: float = 90.0
 
 SERVICES = ("ray", "mlflow", "s3")
@@ -48,6 +50,11 @@ SERVICES = ("ray", "mlflow", "s3")
 
 class ServiceError(RuntimeError):
     pass
+
+
+# moto accepts any keys; these are the ones its documentation uses. Local endpoint only.
+LOCAL_S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 def _bin(name: str) -> str:
@@ -138,9 +145,12 @@ class LocalServices:
         return f"http://{self.cfg.host}:{self.cfg.s3_port}"
 
     def env(self, with_s3: bool = False) -> dict[str, str]:
-        env = {"RAY_ADDRESS": self.ray_dashboard, "MLFLOW_TRACKING_URI": self.mlflow_uri}
+        """What a client needs for the local services. With `with_s3`: the local endpoint and
+        moto's test credentials (local-only: they open nothing anywhere else)."""
+        # RAY_AUTH_MODE: the local head asks its clients for the machine's Ray token.
+        env = {"RAY_ADDRESS": self.ray_dashboard, "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_AUTH_MODE": "token"}
         if with_s3:
-            env["AWS_ENDPOINT_URL"] = self.s3_endpoint
+            env.update(AWS_ENDPOINT_URL=self.s3_endpoint, **LOCAL_S3_ENV)
         return env
 
     # -- health ----------------------------------------------------------------------
@@ -242,12 +252,26 @@ class LocalServices:
     def _start_s3(self) -> None:
         if self.s3_up():
             log.info("s3: already answering at %s", self.s3_endpoint)
+            self._create_bucket()
             return
         self._check_port_free("s3", self.cfg.s3_port, "s3_port")
         cmd = [_bin("moto_server"), "-H", self.cfg.host, "-p", str(self.cfg.s3_port)]
         log.info("s3: starting moto server (%s)", self.logs / "s3.log")
         proc = self._spawn("s3", cmd)
         self._wait("s3", self.s3_up, self.logs / "s3.log", proc)
+        self._create_bucket()
+
+    def _create_bucket(self) -> None:
+        """The default bucket, so that `s3://BUCKET/...` works right after `up --s3`."""
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=self.s3_endpoint, region_name=LOCAL_S3_ENV["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=LOCAL_S3_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=LOCAL_S3_ENV["AWS_SECRET_ACCESS_KEY"])
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if self.cfg.s3_bucket not in existing:
+            client.create_bucket(Bucket=self.cfg.s3_bucket)
+            log.info("s3: created bucket %s", self.cfg.s3_bucket)
 
     # -- stop --------------------------------------------------------------------------
     def down(self) -> None:
@@ -285,6 +309,52 @@ class LocalServices:
         deadline = time.monotonic() + 10
         while group_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+# -- what commands need: a tracking server and a Ray cluster ----------------------------------
+
+def tracking_uri(cfg: ServicesConfig, start: bool = True) -> str:
+    """The MLflow tracking server commands use: the configured one (MLFLOW_TRACKING_URI or
+    services.mlflow_tracking_uri), which must answer within seconds, else the local server
+    of `arcface services up` (started here when `start` and it is not running)."""
+    uri = cfg.mlflow_tracking_uri
+    if uri:
+        if uri.startswith(("http://", "https://")) and not http_ok(f"{uri.rstrip('/')}/health", timeout=5.0,
+                                                                    protected_ok=True):
+            raise ServiceError(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI / "
+                               "services.mlflow_tracking_uri) does not answer: start it, or unset it to use "
+                               "the local one (`arcface services up`)")
+        return uri
+    services = LocalServices(cfg)
+    if not services.mlflow_up():
+        if not start:
+            raise ServiceError(f"no MLflow tracking server at {services.mlflow_uri}: start it with "
+                               "`arcface services up` (or set MLFLOW_TRACKING_URI)")
+        services.up(("mlflow",))
+    return services.mlflow_uri
+
+
+def check_ray(address: str, dashboard_port: int = 8265) -> None:
+    """A configured Ray address must answer within seconds (ray.init would wait minutes)."""
+    if not address or address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        ok = http_ok(f"{address.rstrip('/')}/api/version", timeout=5.0, protected_ok=True)
+    else:
+        hostport = address.split("://")[-1]
+        host, _, port = hostport.rpartition(":")
+        ok = port.isdigit() and _tcp_ok(host or "127.0.0.1", int(port))
+    if not ok:
+        raise ServiceError(f"no Ray cluster answers at {address} (RAY_ADDRESS / services.ray_address): start it "
+                           "(`arcface services up` for the local head), or unset it to use a local Ray")
+
+
+def _tcp_ok(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def group_alive(pgid: int) -> bool:

@@ -177,6 +177,7 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
     """Stage 1 of `input_uri` (raw, in format `fmt`) into `out`; returns it, finished."""
     started = time.perf_counter()
     input_uri = storage.absolute(input_uri)  # the manifest must lead back to the source from anywhere
+    storage.check_bucket(out.uri)
     parts = readers.plan(fmt, input_uri, cfg.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():

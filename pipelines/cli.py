@@ -44,6 +44,8 @@ def cmd_services(args, cfg) -> int:
             print("all local services stopped")
             return 0
         elif args.action == "env":
+            if args.s3:
+                print("# the local S3 endpoint (moto) and its test credentials: local-only, they open nothing else")
             for key, value in services.env(with_s3=args.s3).items():
                 print(f"export {key}={value}")
             return 0
@@ -110,10 +112,13 @@ def _train_overrides(args, cfg) -> None:
 
 
 def cmd_train(args, cfg) -> int:
+    from infra.local_services import check_ray, tracking_uri
     from pipelines.training.driver import run_training
 
     _train_overrides(args, cfg)
-    mlflow_uri = cfg.services.mlflow_tracking_uri
+    check_ray(cfg.services.ray_address)
+    # Tracked when a server is configured (submit-train configures the local one); it must answer.
+    mlflow_uri = tracking_uri(cfg.services) if cfg.services.mlflow_tracking_uri else ""
     result = run_training(args.data, cfg.train, cfg.margin, resume=args.resume, mlflow_uri=mlflow_uri,
                           ray_address=cfg.services.ray_address)
     if result.error:
@@ -132,10 +137,19 @@ def cmd_submit_train(args, cfg) -> int:
     import subprocess
     from pathlib import Path
 
-    from infra.local_services import LocalServices, ray_client_env
+    import copy
 
+    from dataset import RefinedDataset
+    from infra.local_services import LocalServices, check_ray, ray_client_env, tracking_uri
+    from pipelines.training.driver import check_input
+
+    # What would fail in the job on every attempt fails here, before anything is submitted.
+    planned = copy.deepcopy(cfg)
+    _train_overrides(args, planned)
+    check_input(RefinedDataset.open(args.data), planned.train, planned.margin)
     services = LocalServices(cfg.services)
     address = cfg.services.ray_address
+    check_ray(address)
     if not address:
         services.up(("ray",))
         address = services.ray_dashboard
@@ -158,11 +172,9 @@ def cmd_submit_train(args, cfg) -> int:
     from pipelines.training.driver import code_version
 
     env_vars["ARCFACE_CODE_VERSION"] = code_version()
-    if cfg.services.mlflow_tracking_uri:
-        env_vars["MLFLOW_TRACKING_URI"] = cfg.services.mlflow_tracking_uri
-    elif not args.no_mlflow:
-        services.up(("mlflow",))  # the embedded default: the local tracking server
-        env_vars["MLFLOW_TRACKING_URI"] = services.mlflow_uri
+    if cfg.services.mlflow_tracking_uri or not args.no_mlflow:
+        # The configured server (which must answer), else the local one, started if needed.
+        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri(cfg.services)
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
              if not args.data.startswith("s3://") else args.data]
     if args.config:
@@ -182,11 +194,31 @@ def cmd_submit_train(args, cfg) -> int:
         entry.append("--gpu")
     if args.resume:
         entry += ["--resume", args.resume]
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+    ray = str(Path(sys.executable).parent / "ray")
+    job_id = f"arcface-{planned.train.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
            "--working-dir", str(Path(__file__).resolve().parents[1]),
            "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entry]
-    log.info("submitting: %s", " ".join(shlex.quote(c) for c in cmd[:8]) + " ...")
-    return subprocess.call(cmd, env=ray_client_env())
+    log.info("submitting %s: %s", job_id, " ".join(shlex.quote(c) for c in cmd[:6]) + " ...")
+    # A head that has just started answers before its job agent does ("No available agent"):
+    # that one answer is worth waiting for; any other refusal is final.
+    deadline = time.monotonic() + 120
+    while True:
+        submitted = subprocess.run(cmd, env=ray_client_env(), capture_output=True, text=True)
+        said = submitted.stdout + submitted.stderr
+        if submitted.returncode == 0:
+            break
+        if "No available agent" not in said or time.monotonic() > deadline:
+            log.error("ray job submit failed: %s", said.strip().splitlines()[-1] if said.strip() else "no output")
+            return 1
+        time.sleep(3)
+    # Follow the job's logs here until it ends (Ctrl-C leaves it running: `ray job stop ID`).
+    subprocess.call([ray, "job", "logs", "--address", address, "--follow", job_id], env=ray_client_env())
+    status = subprocess.run([ray, "job", "status", "--address", address, job_id], env=ray_client_env(),
+                            capture_output=True, text=True)
+    succeeded = "succeeded" in (status.stdout + status.stderr).lower()  # "Job ID succeeded" / "SUCCEEDED"
+    print(f"job {job_id} {'succeeded' if succeeded else 'failed'}")
+    return 0 if succeeded else 1
 
 
 def _print_counts(manifest) -> None:
@@ -270,12 +302,13 @@ def cmd_evaluate(args, cfg) -> int:
 
 def _use_tracking_server(cfg) -> str:
     """Point MLflow at the configured tracking server (services.mlflow_tracking_uri, which
-    MLFLOW_TRACKING_URI sets), else at the local server of `arcface services up`."""
+    MLFLOW_TRACKING_URI sets; it must answer within seconds), else at the local server of
+    `arcface services up`, started if it is not running."""
     import mlflow
 
-    from infra.local_services import LocalServices
+    from infra.local_services import tracking_uri
 
-    uri = cfg.services.mlflow_tracking_uri or LocalServices(cfg.services).mlflow_uri
+    uri = tracking_uri(cfg.services)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -453,13 +486,26 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ConfigError) as exc:
         log.error("config: %s", exc)
         return 2
+    # MLflow retries a dead server for minutes by default; servers are checked up front
+    # (infra.local_services.tracking_uri), so a few retries cover a blip.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from infra.local_services import ServiceError
+
     try:
         return int(args.func(args, cfg) or 0)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, ServiceError) as exc:
         # Bad input (a missing dataset, a file that is not what it claims): one clear line;
         # the traceback only with --log-level DEBUG.
         log.debug("traceback", exc_info=True)
         log.error("%s: %s", type(exc).__name__, exc)
+        return 1
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        # The registry's answers (no such model, version or alias) are input errors too.
+        log.debug("traceback", exc_info=True)
+        log.error("MLflow: %s", (str(exc).strip().splitlines() or [type(exc).__name__])[0])
         return 1
 
 

@@ -13,7 +13,7 @@ a TOML file (`--config FILE`), the environment, and `--set section.key=value` (n
 `--set margin.cosface.m=0.4`). The environment is read here and nowhere else:
 
     MLFLOW_TRACKING_URI -> services.mlflow_tracking_uri     RAY_ADDRESS -> services.ray_address
-    ARCFACE_STATE_DIR   -> services.state_dir
+    ARCFACE_STATE_DIR   -> services.state_dir               ARCFACE_CONFIG -> the file, when no --config
 """
 
 from __future__ import annotations
@@ -131,6 +131,8 @@ def validate(cfg: Config) -> None:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 environ: typing.Mapping[str, str] | None = None) -> Config:
     cfg = Config()
+    env = os.environ if environ is None else environ
+    path = path or env.get("ARCFACE_CONFIG") or None
     if path:
         try:
             with open(path, "rb") as fh:
@@ -142,7 +144,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 raise ConfigError(f"{path}: unknown config section [{section}] (known: "
                                   f"{', '.join(f.name for f in dataclasses.fields(Config))})")
             _set(cfg, [section], values, str(path), "")
-    env = os.environ if environ is None else environ
     for variable, (section, key) in ENVIRONMENT.items():
         if env.get(variable):
             setattr(getattr(cfg, section), key, env[variable])

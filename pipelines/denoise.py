@@ -203,6 +203,7 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
     from pipelines.training.driver import run_training
 
     out = storage.absolute(out)
+    storage.check_bucket(out)
     stage1 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage1"]))
     stage2 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage2"]))
     runs = storage.join(out, REFINE_LAYOUT["runs"])

@@ -60,6 +60,7 @@ def checkpoint_at(path: str | None):
 def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> None:
     """What would fail identically on every attempt fails here, once, in one line."""
     margin.validate()
+    storage.check_bucket(cfg.storage)
     if cfg.batch_size % cfg.workers:
         raise TrainingInputError(f"train.batch_size {cfg.batch_size} does not split over {cfg.workers} workers")
     if data.manifest.num_images < cfg.batch_size:

@@ -1,0 +1,130 @@
+"""Every command on its own: with nothing running it either starts what it needs or fails
+within seconds with one line that names the address and what starts it. And the README's
+local-S3 example, run as written."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "pipelines.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(args, env, timeout=60, cwd=ROOT):
+    start = time.monotonic()
+    proc = subprocess.run(CLI + args, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return proc, time.monotonic() - start
+
+
+def clean_env(tmp_path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS", "AWS_ENDPOINT"))}
+    env.update(ARCFACE_STATE_DIR=str(tmp_path / "state"), ARCFACE_LOG_LEVEL="INFO", **extra)
+    return env
+
+
+def one_line_error(proc) -> str:
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [
+    ["promote", "--version", "latest"],
+    ["rollback"],
+    ["lineage"],
+    ["evaluate", "--model", "models:/arcface@champion", "--pairs", "x.bin"],
+])
+def test_dead_tracking_server_fails_fast_with_one_line(tmp_path, command):
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc, seconds = run(command, clean_env(tmp_path, MLFLOW_TRACKING_URI=dead))
+    line = one_line_error(proc)
+    assert seconds < 10, seconds
+    assert dead in line and "does not answer" in line and "arcface services up" in line
+
+
+@pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "127.0.0.1:{port}"])
+def test_dead_ray_cluster_fails_fast_with_one_line(tmp_path, demo_shards, address):
+    address = address.format(port=free_port())
+    for command in (["submit-train", "--data", str(demo_shards), "--no-mlflow"], ["train", "--data", str(demo_shards)]):
+        proc, seconds = run(command, clean_env(tmp_path, RAY_ADDRESS=address))
+        line = one_line_error(proc)
+        assert seconds < 10, (command, seconds)
+        assert address in line and "no Ray cluster answers" in line
+
+
+def test_dataset_too_small_fails_once_before_any_worker(tmp_path, demo_shards):
+    for command in ("train", "submit-train"):
+        proc, seconds = run([command, "--data", str(demo_shards), "--set", "train.batch_size=100000", "--no-mlflow"]
+                            if command == "submit-train" else
+                            [command, "--data", str(demo_shards), "--set", "train.batch_size=100000"],
+                            clean_env(tmp_path))
+        line = one_line_error(proc)
+        assert seconds < 10, seconds
+        assert "make no global batch of 100000" in line and "lower train.batch_size" in line
+
+
+def test_missing_bucket_and_missing_dataset_are_one_line(tmp_path, demo_raw, s3_endpoint):
+    env = clean_env(tmp_path, AWS_ENDPOINT_URL=s3_endpoint)
+    proc, seconds = run(["clean-data", "--input", str(demo_raw / "vggface2"), "--format", "vggface2",
+                         "--out", "s3://no-such-bucket/stage1"], env)
+    line = one_line_error(proc)
+    assert seconds < 10 and "bucket 'no-such-bucket' does not exist" in line
+    proc, seconds = run(["train", "--data", str(tmp_path / "nothing")], env)
+    assert "no manifest.json" in one_line_error(proc) and seconds < 10
+
+
+@pytest.mark.services
+def test_registry_commands_start_the_local_server_and_answer_in_one_line(tmp_path):
+    """Nothing configured: promote starts the local MLflow server (as submit-train does) and
+    the registry's answer (no such model) is one line; then services down."""
+    env = clean_env(tmp_path)
+    ports = ["--set", f"services.mlflow_port={free_port()}"]
+    try:
+        proc, _ = run(["promote", "--name", "nobody", "--version", "1", *ports], env, timeout=180)
+        lines = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+        assert proc.returncode == 1 and len(lines) == 1 and "nobody" in lines[0], proc.stderr
+        status, _ = run(["services", "status", *ports], env)
+        assert status.stdout.splitlines()[1].startswith("mlflow  up")
+        proc, seconds = run(["lineage", "--name", "nobody", *ports], env)  # the server is up now: fast
+        assert proc.returncode == 1 and seconds < 15
+    finally:
+        run(["services", "down", *ports], env, timeout=120)
+
+
+@pytest.mark.services
+def test_readme_local_s3_example_runs_as_written(tmp_path, demo_raw):
+    """infra/examples/s3_local.sh (the README's example): stage 1 to s3://arcface/..., training
+    from it with checkpoints on S3, on the local services."""
+    import boto3
+
+    ports = {"ray_port": free_port(), "ray_dashboard_port": free_port(), "mlflow_port": free_port(),
+             "s3_port": free_port()}
+    config = tmp_path / "ports.toml"  # the example's commands as written; only the ports differ
+    config.write_text("[services]\n" + "".join(f"{k} = {v}\n" for k, v in ports.items()))
+    env = clean_env(tmp_path, ARCFACE_CONFIG=str(config), INPUT=str(demo_raw / "vggface2"),
+                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        env.pop(key, None)  # `services env --s3` must provide them
+    try:
+        proc = subprocess.run(["bash", str(ROOT / "infra" / "examples" / "s3_local.sh")], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{ports['s3_port']}", region_name="us-east-1",
+                              aws_access_key_id="testing", aws_secret_access_key="testing")
+        keys = [o["Key"] for o in client.list_objects_v2(Bucket="arcface")["Contents"]]
+        assert "demo/stage1/manifest.json" in keys
+        assert any(k.startswith("runs/s3-demo/") and k.endswith("backbone.pt") for k in keys)
+    finally:
+        subprocess.run(CLI + ["services", "down"], env=env, timeout=120, capture_output=True)
