@@ -26,5 +26,21 @@ def connect(address: str, num_cpus: int) -> None:
         address = "auto"
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        return
+    # A local Ray with its dashboard on a free port of 127.0.0.1, and every worker told where
+    # it is: Ray Train's placement-group cleaner polls the State API (served by the
+    # dashboard), and without RAY_API_SERVER_ADDRESS the State API looks for the cluster
+    # in /tmp/ray/ray_current_cluster, which names the last `ray start` head (often long
+    # dead), and times out there again and again.
+    port = _free_port()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
