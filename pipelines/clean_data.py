@@ -25,7 +25,7 @@ from cleaning.steps import (Align, Blur, Decode, Detected, DetectionScore, Exact
                             RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
-from pipelines.logs import progress
+from pipelines.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +149,13 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         futures = [client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{id(parts)}",
                                  retries=2, pure=False) for p in parts]
         counts = []
-        for fut in progress(as_completed(futures), total=len(futures), desc="stage 1 partitions"):
+        bar = Progress("stage 1", unit="record")
+        for fut in as_completed(futures):
             counts.append(fut.result())
             fut.release()
+            bar.update(counts[-1]["read"], partitions=f"{len(counts)}/{len(futures)}",
+                       kept=sum(c["kept"] for c in counts))
+        bar.close()
         counts.sort(key=lambda c: c["partition"])
         # Contiguous labels over identities that kept at least one face, in sorted order.
         kept_ids: set[str] = set()

@@ -14,7 +14,7 @@ import sys
 import time
 
 from pipelines.config import ConfigError, load_config, to_toml
-from pipelines.logs import progress, setup_logging
+from pipelines.logs import progress, report_result, setup_logging
 
 log = logging.getLogger("arcface")
 
@@ -24,6 +24,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override one config value; repeatable")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO or $ARCFACE_LOG_LEVEL)")
+
+
+def cmd_run(args, cfg) -> int:
+    from pipelines.main_job import main_job
+
+    args.format = args.input_format
+    return main_job(args, cfg)
 
 
 def cmd_config_show(args, cfg) -> int:
@@ -77,6 +84,8 @@ def cmd_demo_data(args, cfg) -> int:
         print(f"{fmt:13s} {info['records']:6d} records  {info['path']}")
         print(f"              defects: {info['defects']}  malformed rows: {info['malformed_rows']}")
     print(f"done in {elapsed:.1f} s")
+    report_result(kind="demo-data", records=sum(i["records"] for i in summary.values()),
+                  path=", ".join(i["path"] for i in summary.values()))
     return 0
 
 
@@ -126,6 +135,7 @@ def cmd_train(args, cfg) -> int:
         return 1
     print(f"checkpoint: {result.checkpoint.path if result.checkpoint else '-'}")
     print(f"metrics: {json.dumps(result.metrics)}")
+    report_result(kind="train", checkpoint=result.checkpoint.path if result.checkpoint else "", metrics=result.metrics)
     if mlflow_uri:
         print(f"MLflow: {mlflow_uri} (experiment {cfg.train.mlflow_experiment})")
     return 0
@@ -252,6 +262,10 @@ def cmd_refine(args, cfg) -> int:
     _print_counts(result.stage2.manifest)
     print(f"bootstrap model: {result.bootstrap_checkpoint}")
     print(f"refined dataset: {result.stage2.uri} (report: {result.stage2.report_index})")
+    c = result.stage2.manifest.counts
+    report_result(kind="refine", read=c["read"], kept=c["kept"], rejected=c["rejected"],
+                  identities=result.stage2.num_classes, dataset=result.stage2.uri, report=result.stage2.report_index,
+                  bootstrap=result.bootstrap_checkpoint)
     if result.refined_checkpoint:
         print(f"model trained on it: {result.refined_checkpoint}")
     return 0
@@ -335,6 +349,10 @@ def cmd_promote(args, cfg) -> int:
         log.error("refused: %s", exc)
         return 1
     print(("promoted: " if decision.promoted else "refused: ") + decision.message)
+    shown = {k.split("-")[0] + "." + k.rsplit(".", 1)[1]: v for k, v in (decision.figures or {}).items()
+             if k.endswith((".accuracy", ".rank1"))}
+    report_result(kind="promote", name=name, version=decision.version, promoted=decision.promoted,
+                  message=decision.message, champion=decision.champion_version, figures=shown)
     return 0 if decision.promoted else 1
 
 
@@ -362,6 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job: demo data -> refine -> train -> promote, with progress and a summary")
+    p.add_argument("--input", default="data/demo/raw", help="raw dataset (default: the demo, generated if missing)")
+    p.add_argument("--format", dest="input_format", default="vggface2",
+                   choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
+    p.add_argument("--out", default="data/demo/refined", help="folder for stage1/, runs/, stage2/")
+    p.add_argument("--model", default="arcface", help="registered model name")
+    p.add_argument("--demo-raw", default="data/demo/raw", help=argparse.SUPPRESS)
+    _common(p)
+    p.set_defaults(func=cmd_run, config="configs/demo-train.toml")
 
     p = sub.add_parser("config", help="show the effective config")
     p.add_argument("action", choices=["show"])

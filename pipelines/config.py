@@ -13,7 +13,8 @@ a TOML file (`--config FILE`), the environment, and `--set section.key=value` (n
 `--set margin.cosface.m=0.4`). The environment is read here and nowhere else:
 
     MLFLOW_TRACKING_URI -> services.mlflow_tracking_uri     RAY_ADDRESS -> services.ray_address
-    ARCFACE_STATE_DIR   -> services.state_dir               ARCFACE_CONFIG -> the file, when no --config
+    ARCFACE_STATE_DIR   -> services.state_dir
+    ARCFACE_CONFIG      -> a base config file (site settings: ports, servers), read before --config
 """
 
 from __future__ import annotations
@@ -128,22 +129,26 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def _apply_file(cfg: Config, path) -> None:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    for section, values in data.items():
+        if section not in cfg.to_dict() or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown config section [{section}] (known: "
+                              f"{', '.join(f.name for f in dataclasses.fields(Config))})")
+        _set(cfg, [section], values, str(path), "")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 environ: typing.Mapping[str, str] | None = None) -> Config:
     cfg = Config()
     env = os.environ if environ is None else environ
-    path = path or env.get("ARCFACE_CONFIG") or None
-    if path:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        for section, values in data.items():
-            if section not in cfg.to_dict() or not isinstance(values, dict):
-                raise ConfigError(f"{path}: unknown config section [{section}] (known: "
-                                  f"{', '.join(f.name for f in dataclasses.fields(Config))})")
-            _set(cfg, [section], values, str(path), "")
+    for file in (env.get("ARCFACE_CONFIG"), path):
+        if file:
+            _apply_file(cfg, file)
     for variable, (section, key) in ENVIRONMENT.items():
         if env.get(variable):
             setattr(getattr(cfg, section), key, env[variable])
@@ -153,6 +158,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not sep or len(parts) < 2 or not hasattr(cfg, parts[0]):
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
         _set(getattr(cfg, parts[0]), parts[1:], value, "--set", parts[0])
+    if not cfg.train.storage:  # checkpoints live with the rest of the local state by default
+        cfg.train.storage = os.path.join(cfg.services.state_dir, "runs")
     validate(cfg)
     return cfg
 

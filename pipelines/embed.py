@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
-from pipelines.logs import progress
+from pipelines.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def embed_dataset(data: RefinedDataset, model_uri: str, workers: int = 2, gpu: b
                   ray_address: str = "") -> str:
     """Embed every shard of `data` (skipping those done); returns the embeddings folder."""
     todo = [(data.shard(n), data.embedding_shard(model_uri, n)) for n in data.manifest.shards]
-    todo = [(s, o) for s, o in todo if not storage.exists(o)]
+    todo = [(s, o, shards.num_rows(s)) for s, o in todo if not storage.exists(o)]
     if todo:
         from pipelines.ray_connect import connect
 
@@ -78,9 +78,11 @@ def embed_dataset(data: RefinedDataset, model_uri: str, workers: int = 2, gpu: b
         actors = [actor.remote(model_uri, "cuda" if gpu else "cpu", cpus, batch)
                   for _ in range(min(workers, len(todo)))]
         pool = ray.util.ActorPool(actors)
-        for _ in progress(pool.map_unordered(lambda a, job: a.embed_shard.remote(*job), todo), total=len(todo),
-                          desc="embedding shards"):
-            pass
+        bar = Progress("embedding", total=data.manifest.num_images, unit="face")
+        bar.update(data.manifest.num_images - sum(rows for _, _, rows in todo))  # done on an earlier run
+        for rows in pool.map_unordered(lambda a, job: a.embed_shard.remote(*job[:2]), todo):
+            bar.update(rows)
+        bar.close()
         for a in actors:
             ray.kill(a)
     log.info("embeddings of %d shards in %s", len(data.manifest.shards), data.embeddings(model_uri))

@@ -171,6 +171,9 @@ class Decision:
     candidate: float | None = None
     champion: float | None = None
     previous_version: str | None = None
+    version: str = ""  # the candidate
+    champion_version: str = ""  # who holds the alias after the decision
+    figures: dict | None = None  # the candidate's recorded evaluation
 
 
 def promote(name: str, version: str, metric: str = "accuracy", min_delta: float = 0.0,
@@ -206,7 +209,8 @@ def promote(name: str, version: str, metric: str = "accuracy", min_delta: float 
         value = float(np.mean(figures)) if figures else None
         decision = Decision(True, f"{name} v{candidate.version} is the first champion", value, None, None)
     elif current.version == candidate.version:
-        return Decision(False, f"{name} v{candidate.version} is already the champion")
+        return Decision(False, f"{name} v{candidate.version} is already the champion", version=candidate.version,
+                        champion_version=current.version, figures=cand_eval)
     else:
         try:
             cand, champ, sets = _common_figure(cand_eval, recorded_evaluation(current), metric)
@@ -232,6 +236,8 @@ def promote(name: str, version: str, metric: str = "accuracy", min_delta: float 
             tags["promotion.previous_champion"] = current.version
         client.set_registered_model_alias(name, CHAMPION, candidate.version)
     _tag(client, name, candidate.version, tags)
+    decision.version, decision.figures = candidate.version, cand_eval
+    decision.champion_version = candidate.version if decision.promoted else (current.version if current else "")
     return decision
 
 

@@ -94,7 +94,7 @@ class TrainConfig:
     seed: int = 0
     shuffle_rowgroups: int = 4
     decode_threads: int = 2
-    storage: str = ".arcface/runs"  # absolute path or s3:// (relative paths are made absolute)
+    storage: str = ""  # absolute path or s3:// (relative: made absolute); "": <services.state_dir>/runs
     name: str = "arcface"
     checkpoint_every: int = 100
     max_failures: int = 2

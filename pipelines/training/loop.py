@@ -106,6 +106,9 @@ def train_loop(config: dict) -> None:
     from pipelines.training.driver import checkpoint_at
     from pipelines.training.tracking import Tracker
 
+    from pipelines.logs import Progress
+
+    quiet_worker_logs()
     cfg = TrainConfig(**config["train"])
     margin = config_section(MarginConfig, config["margin"])
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
@@ -139,6 +142,10 @@ def train_loop(config: dict) -> None:
     steps_log = StepsLog(run_dir if rank == 0 else None, world, cfg.log_every, eager=device.type == "cpu")
     hook = load_step_hook(config.get("step_hook", ""))
     window_start, window_losses = time.perf_counter(), []
+    # Rank 0 shows the way: step out of the total, loss, lr, throughput, time left.
+    bar = Progress(f"train {cfg.name}", total, unit="step") if rank == 0 else None
+    if bar:
+        bar.update(step)
 
     for images, labels in _batches(stream, step, total, steps_per_epoch):
         lr = lr_at(step, cfg, total)
@@ -151,13 +158,17 @@ def train_loop(config: dict) -> None:
 
         figures = _margin_figures(trainee)
         steps_log.record(step, loss, figures, flush=checkpoint_now)
-        if tracker:
+        if rank == 0:
             window_losses.append(loss)
-            if step % cfg.log_every == 0 or last:
+            if step % cfg.log_every == 0 or last:  # one host sync per logging window
                 seconds = time.perf_counter() - window_start
-                tracker.log_step(step, torch.stack(window_losses).mean().item(), lr,
-                                 len(window_losses) * cfg.batch_size / max(seconds, 1e-9), figures)
+                window = {"loss": torch.stack(window_losses).mean().item(), "lr": lr,
+                          "img/s": len(window_losses) * cfg.batch_size / max(seconds, 1e-9)}
+                if tracker:
+                    tracker.log_step(step, window["loss"], lr, window["img/s"], figures)
+                bar.figures.update(window)
                 window_start, window_losses = time.perf_counter(), []
+            bar.update(1)
         if hook:
             hook(step=step, rank=rank, world=world, run_dir=run_dir)
 
@@ -174,8 +185,20 @@ def train_loop(config: dict) -> None:
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     stream.close()
+    if bar:
+        bar.close()
     if tracker:
         tracker.finish(trainee.backbone, data)
+
+
+def quiet_worker_logs() -> None:
+    """Ray Train reports every checkpoint at INFO from every worker, and MLflow prints run
+    links and artifact progress bars: kept out of the user's stream unless debugging."""
+    if os.environ.get("ARCFACE_LOG_LEVEL", "").upper() == "DEBUG":
+        return
+    for name in ("ray.train", "mlflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def config_section(kind, values: dict):
