@@ -66,6 +66,12 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
+def num_rows(uri: str) -> int:
+    """Rows of a Parquet file, from its footer."""
+    fs, path = storage.resolve(uri)
+    return pq.read_metadata(path, filesystem=fs).num_rows
+
+
 def write_json(uri: str, obj) -> None:
     storage.write_bytes(uri, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 
