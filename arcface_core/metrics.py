@@ -139,3 +139,74 @@ def identification_rank1(embeddings: np.ndarray, identities: np.ndarray, distrac
     if trials == 0:
         raise ValueError("identification needs an identity with at least two images")
     return IdentificationResult(hits / trials, trials, len(dis))
+
+
+# -- IJB-B / IJB-C template protocol ---------------------------------------------------------
+
+def template_features(image_features: np.ndarray, templates: np.ndarray, medias: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """IJB pooling (insightface's `image2template_feature`): within a template, the images of
+    one media (the frames of a video) are averaged first, then the media features are
+    summed; the template feature is L2-normalised. Returns (template ids, features)."""
+    feats = np.asarray(image_features, np.float64)
+    templates, medias = np.asarray(templates), np.asarray(medias)
+    ids = np.unique(templates)
+    out = np.zeros((len(ids), feats.shape[1]))
+    order = np.argsort(templates, kind="stable")
+    bounds = np.searchsorted(templates[order], ids)
+    bounds = np.r_[bounds, len(order)]
+    for t in range(len(ids)):
+        rows = order[bounds[t]:bounds[t + 1]]
+        for media in np.unique(medias[rows]):
+            out[t] += feats[rows[medias[rows] == media]].mean(axis=0)
+    return ids, l2_normalize(out)
+
+
+def template_pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each (template 1, template 2) pair of the protocol."""
+    index = {int(t): n for n, t in enumerate(template_ids)}
+    a = np.array([index[int(t)] for t in pairs[:, 0]])
+    b = np.array([index[int(t)] for t in pairs[:, 1]])
+    return np.sum(template_feats[a] * template_feats[b], axis=1)
+
+
+@dataclass
+class OpenSetResult:
+    cmc: dict[int, float]  # rank -> share of mated probes whose mate is within that rank
+    tpir: dict[float, float]  # FPIR -> TPIR (rank-1 and above the threshold that FPIR sets)
+    mated: int
+    non_mated: int
+
+
+def open_set_identification(gallery: np.ndarray, gallery_subjects: np.ndarray, probes: np.ndarray,
+                            probe_subjects: np.ndarray, ranks=(1, 5, 10), fpirs=(0.01, 0.1)) -> OpenSetResult:
+    """1:N identification against one gallery (IJB's G1 or G2). Probes whose subject is in the
+    gallery are mated (CMC: the mate within the top k; ties count against), the others are
+    non-mated: the score threshold is the one at which a share `fpir` of non-mated probes
+    still has a gallery entry at or above it, and TPIR is the share of mated probes found at
+    rank 1 with a score at or above that threshold. FPIRs finer than 1 / non-mated probes
+    cannot be measured and are left out."""
+    g, p = l2_normalize(gallery), l2_normalize(probes)
+    gallery_subjects, probe_subjects = np.asarray(gallery_subjects), np.asarray(probe_subjects)
+    sims = p @ g.T
+    mated = np.isin(probe_subjects, gallery_subjects)
+    cmc = {}
+    if mated.any():
+        m_sims = sims[mated]
+        mate = gallery_subjects[None, :] == probe_subjects[mated][:, None]
+        mate_score = np.where(mate, m_sims, -np.inf).max(axis=1)
+        # rank of the mate: 1 + entries of other subjects scoring at least as high (ties count against)
+        rank = 1 + ((m_sims >= mate_score[:, None]) & ~mate).sum(axis=1)
+        cmc = {k: float((rank <= k).mean()) for k in ranks}
+        top1 = rank == 1
+    tpir = {}
+    non = sims[~mated].max(axis=1) if (~mated).any() else np.zeros(0)
+    for target in fpirs:
+        if not mated.any() or len(non) == 0 or target < 1.0 / len(non):
+            continue
+        # threshold: the smallest score that at most `target` of non-mated probes reach
+        k = int(np.floor(target * len(non)))
+        ordered = np.sort(non)[::-1]
+        threshold = np.nextafter(ordered[k], np.inf) if k < len(ordered) else -np.inf
+        tpir[float(target)] = float((top1 & (mate_score >= threshold)).mean())
+    return OpenSetResult(cmc, tpir, int(mated.sum()), int((~mated).sum()))

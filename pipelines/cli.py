@@ -118,6 +118,8 @@ def _train_overrides(args, cfg) -> None:
         t.name = args.name
     if args.max_steps is not None:
         t.max_steps = args.max_steps
+    if args.init_backbone:
+        t.init_backbone = args.init_backbone
 
 
 def cmd_train(args, cfg) -> int:
@@ -196,7 +198,9 @@ def cmd_submit_train(args, cfg) -> int:
     storage = args.storage or cfg.train.storage
     if not storage.startswith("s3://"):
         args.storage = os.path.abspath(storage)
-    for flag in ("workers", "storage", "name", "max_steps"):
+    if args.init_backbone and not args.init_backbone.startswith("s3://"):
+        args.init_backbone = os.path.abspath(args.init_backbone)
+    for flag in ("workers", "storage", "name", "max_steps", "init_backbone"):
         value = getattr(args, flag)
         if value is not None:
             entry += [f"--{flag.replace('_', '-')}", str(value)]
@@ -294,13 +298,26 @@ def cmd_evaluate(args, cfg) -> int:
     if args.data:
         more_pairs, more_faces = RefinedDataset.open(args.data).eval_sets()
         pairs, faces = pairs + more_pairs, faces + more_faces
-    if not pairs and not faces:
-        log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet) or --data DATASET")
+    if not pairs and not faces and not args.ijb:
+        log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet), --data DATASET or --ijb DIR")
         return 2
-    if args.model.startswith(("models:/", "runs:/")):
+    tracked = args.model.startswith(("models:/", "runs:/"))
+    if tracked:
         _use_tracking_server(cfg)
     loaded = load_embedder(args.model)
     results = evaluate(loaded.embedder, pairs, faces, flip=not args.no_flip)
+    if args.ijb:
+        from pipelines import ijb
+
+        ijb_set = ijb.load_ijb(args.ijb, args.target)
+        name = f"{ijb_set.target}-{ijb_set.digest}"
+        results[name] = ijb.evaluate_ijb(ijb_set, ijb.embed_images(ijb_set, loaded.embedder), norm=args.ijb_norm,
+                                         detector_score=args.ijb_detector_score)
+        print(ijb.table(name, results[name]))
+        if tracked and args.model.startswith("models:/"):
+            from pipelines.registry import record_evaluation
+
+            print(f"recorded on {record_evaluation(args.model, {name: results[name]})}")
     text = dumps(results)
     print(text)
     if args.out:
@@ -311,6 +328,32 @@ def cmd_evaluate(args, cfg) -> int:
         if png:
             storage.write_bytes(storage.join(args.out, "roc.png"), png)
         print(f"written to {args.out}")
+    return 0
+
+
+def cmd_export(args, cfg) -> int:
+    from pipelines import export
+
+    if args.export_format == "onnx":
+        if not args.model:
+            raise ValueError("--format onnx exports a model: give --model")
+        if args.model.startswith(("models:/", "runs:/")):
+            _use_tracking_server(cfg)
+        result = export.export_onnx(args.model, args.out, flip=not args.no_flip)
+        print(f"ONNX (opset {result.opset}, dynamic batch, uint8 (N,112,112,3) in, L2-normalised out"
+              f"{', flip test inside' if result.flip else ''}): {result.path}")
+        print(f"onnxruntime vs PyTorch on {result.faces_checked} faces: max abs difference {result.max_abs_diff:.2e}")
+        logged = export.log_onnx_to_registry(args.model, result)
+        if logged:
+            print(f"logged as an artifact of {logged} (onnx/)")
+        return 0
+    if not args.data:
+        raise ValueError("--format rec exports a dataset: give --data")
+    from dataset import RefinedDataset
+
+    data = RefinedDataset.open(args.data)
+    count = export.export_rec(data, args.out)
+    print(f"{count} faces of {data.num_classes} identities in {args.out} (train.rec, train.idx, property)")
     return 0
 
 
@@ -438,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="run name (config train.name)")
         p.add_argument("--max-steps", type=int, help="stop after this many steps (config train.max_steps)")
         p.add_argument("--resume", help="checkpoint directory to start from")
+        p.add_argument("--init-backbone", metavar="FILE.pth",
+                       help="fine-tune from this backbone state dict (insightface's released IResNet/MobileFaceNet "
+                            "files load as they are; config train.init_backbone)")
         if name == "submit-train":
             p.add_argument("--no-mlflow", action="store_true",
                            help="do not start the local MLflow server when MLFLOW_TRACKING_URI is unset")
@@ -476,9 +522,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="insightface .bin pair sets and *_faces.parquet identification sets (local or s3://)")
     p.add_argument("--data", help="also every evaluation set that comes with this refined dataset")
     p.add_argument("--no-flip", action="store_true", help="skip the flip test (embedding + mirror embedding)")
+    p.add_argument("--ijb", metavar="DIR", help="an IJB-B/IJB-C release folder (meta/, loose_crop/): template protocol")
+    p.add_argument("--target", default="IJBC", choices=["IJBB", "IJBC"], help="which IJB release --ijb is")
+    p.add_argument("--ijb-norm", action="store_true", help="IJB: weight image features by their norm")
+    p.add_argument("--ijb-detector-score", action="store_true", help="IJB: weight image features by detector score")
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="a model as ONNX, or a refined dataset as insightface RecordIO")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="checkpoint folder or MLflow model URI (with --format onnx)")
+    source.add_argument("--data", help="refined dataset (with --format rec)")
+    p.add_argument("--format", dest="export_format", required=True, choices=["onnx", "rec"])
+    p.add_argument("--out", required=True, help="ONNX file, or the folder for train.rec/train.idx/property")
+    p.add_argument("--no-flip", action="store_true", help="ONNX: leave the flip test out of the graph")
+    _common(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("promote", help="move the champion alias to a version only if it beats the champion")
     p.add_argument("--name", help="registered model (config train.registered_model)")

@@ -97,6 +97,16 @@ class TorchEmbedder:
             self.model.train(was_training)
         return torch.cat(out).numpy()
 
+    @torch.no_grad()
+    def raw(self, faces: np.ndarray) -> np.ndarray:
+        """Embedding of each face plus its mirror's, not normalised (IJB's norm weighting)."""
+        self.model.eval()
+        out = []
+        for i in range(0, len(faces), self.batch):
+            x = torch.from_numpy(faces[i:i + self.batch]).to(self.device)
+            out.append((self.model(x) + self.model(torch.flip(x, dims=[2]))).float().cpu())
+        return torch.cat(out).numpy()
+
 
 def verify(embedder, pairs: PairSet, flip: bool = True) -> dict:
     """10-fold accuracy (insightface protocol), TAR@FAR where the pair count allows, ROC."""
@@ -168,9 +178,10 @@ def roc_png(results: dict[str, dict], title: str = "ROC") -> bytes | None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, (far, tar) in curves.items():
-        ax.plot(np.maximum(far, 1e-5), tar, label=name)
+        ax.plot(np.maximum(far, 1e-7), tar, label=name)
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1)
+    finest = min([float(far[far > 0].min()) for far, _ in curves.values() if (far > 0).any()] + [1e-4])
+    ax.set_xlim(finest, 1)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")
     ax.set_title(title)

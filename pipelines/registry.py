@@ -100,6 +100,13 @@ class _PyfuncEmbedder:
     def __call__(self, faces: np.ndarray, flip: bool = True) -> np.ndarray:
         return np.asarray(self.model.predict(faces, params={"flip": bool(flip)}), np.float32)
 
+    @torch.no_grad()
+    def raw(self, faces: np.ndarray) -> np.ndarray:
+        """Embedding of each face plus its mirror's, not normalised (the model's own program)."""
+        program = self.model.unwrap_python_model().program
+        x = torch.from_numpy(np.ascontiguousarray(faces))
+        return (program(x) + program(torch.flip(x, dims=[2]))).numpy()
+
 
 def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
@@ -162,6 +169,42 @@ def evaluate_version(client, name: str, version: str, pair_uris: list[str], face
     for key, value in figures.items():
         client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6g}")
     return {k: float(f"{v:.6g}") for k, v in figures.items()}
+
+
+def resolve_version(model_uri: str, client=None):
+    """The ModelVersion behind `models:/NAME/VERSION` or `models:/NAME@ALIAS`."""
+    import mlflow
+
+    client = client or mlflow.MlflowClient()
+    ref = model_uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = ref.partition("/")
+    return client.get_model_version(name, number)
+
+
+def record_evaluation(model_uri: str, results: dict[str, dict], client=None) -> str:
+    """Figures measured now (e.g. an IJB evaluation) as `eval.*` tags of the registered
+    version (what `promote --metric` gates on) and as metrics of its run, plus the ROC."""
+    import mlflow
+
+    from pipelines.evaluate import roc_png, scalar_metrics
+
+    client = client or mlflow.MlflowClient()
+    version = resolve_version(model_uri, client)
+    figures = scalar_metrics(results)
+    for key, value in figures.items():
+        client.set_model_version_tag(version.name, version.version, f"eval.{key}", f"{value:.6g}")
+        client.log_metric(version.run_id, f"eval.{key}", value)
+    png = roc_png(results, title=model_uri)
+    if png:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, f"roc-{'-'.join(results)}.png")
+            with open(path, "wb") as fh:
+                fh.write(png)
+            client.log_artifact(version.run_id, path, "plots")
+    return f"{version.name} v{version.version}"
 
 
 @dataclass

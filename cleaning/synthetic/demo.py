@@ -57,6 +57,8 @@ class DemoConfig:
     # Held-out identities used to build the evaluation pair set.
     eval_identities: int = 40
     eval_pairs: int = 600
+    # Subjects of the synthetic IJB-C-style set written beside the raw data (ijb/IJBC; 0: none).
+    ijb_subjects: int = 24
     workers: int = 2
 
 FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
@@ -427,6 +429,11 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
         images = [render_identity(plan, i) for i in progress(range(n_filed), desc="render identities")]
     pairs_bin, pairs_meta = build_eval_pairs(plan)
     summary = {}
+    if cfg.ijb_subjects:
+        from cleaning.synthetic.ijb import write_ijb
+
+        ijb = write_ijb(Path(out_dir) / "ijb" / "IJBC", "IJBC", subjects=cfg.ijb_subjects, seed=cfg.seed)
+        log.info("IJB-C-style set: %d templates of %d subjects in %s", ijb["templates"], ijb["subjects"], ijb["path"])
     for fmt in formats:
         out = Path(out_dir) / fmt if len(formats) > 1 else Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

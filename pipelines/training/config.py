@@ -75,6 +75,11 @@ class TrainConfig:
 
     backbone: str = "iresnet50"
     embedding_size: int = 512
+    # Fine-tuning: a backbone state dict to start from (local or s3://), e.g. one of
+    # insightface's released IResNet/MobileFaceNet .pth files (same names and shapes as ours).
+    init_backbone: str = ""
+    # With init_backbone: freeze the stem and the first N of the 4 stages (0 = train all).
+    freeze_stages: int = 0
     sample_rate: float = 1.0  # Partial-FC
     subcentres: int = 1
     batch_size: int = 128  # global batch, split evenly over workers

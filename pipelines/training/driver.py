@@ -57,15 +57,24 @@ def checkpoint_at(path: str | None):
     return Checkpoint(location, filesystem=filesystem)
 
 
-def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> None:
-    """What would fail identically on every attempt fails here, once, in one line."""
+def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> str:
+    """What would fail identically on every attempt fails here, once, in one line. Returns
+    the SHA-256 of `train.init_backbone` ("" without one), for lineage."""
     margin.validate()
+    digest = ""
+    if cfg.init_backbone:
+        from arcface_core.backbones import build_backbone
+        from pipelines.training.step import load_backbone_file
+
+        digest = load_backbone_file(build_backbone(cfg.backbone, cfg.embedding_size), cfg.init_backbone,
+                                    cfg.backbone)
     storage.check_bucket(cfg.storage)
     if cfg.batch_size % cfg.workers:
         raise TrainingInputError(f"train.batch_size {cfg.batch_size} does not split over {cfg.workers} workers")
     if data.manifest.num_images < cfg.batch_size:
         raise TrainingInputError(f"{data.uri}: {data.manifest.num_images} faces make no global batch of "
                                  f"{cfg.batch_size}; lower train.batch_size or use more data")
+    return digest
 
 
 def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginConfig | None = None,
@@ -80,8 +89,9 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
 
     data = data if isinstance(data, RefinedDataset) else RefinedDataset.open(data)
     margin = margin or MarginConfig()
-    check_input(data, cfg, margin)
-    cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage))
+    init_digest = check_input(data, cfg, margin)
+    cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage),
+                              init_backbone=storage.absolute(cfg.init_backbone) if cfg.init_backbone else "")
     if not storage.is_s3(cfg.storage):
         os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
     connect(ray_address, num_cpus=max(2, cfg.workers))
@@ -93,6 +103,7 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
         "threads_per_worker": max(1, (os.cpu_count() or 2) // max(1, cfg.workers)) if not cfg.gpu else 4,
         "resume_from": resume or "",
         "step_hook": step_hook,
+        "init_backbone_sha256": init_digest,
     }
     storage_path, storage_filesystem = ray_storage(cfg.storage)
     run_config = RunConfig(name=cfg.name, storage_path=storage_path, storage_filesystem=storage_filesystem,

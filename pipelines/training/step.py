@@ -9,6 +9,9 @@ trajectory as one process on the same global batches.
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import torch
 
 from arcface_core.backbones import build_backbone
@@ -62,6 +65,52 @@ def make_optimizer(cfg: TrainConfig, params):
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+def read_backbone_file(uri: str) -> tuple[dict, str]:
+    """A backbone state dict from a .pth file (local or s3://): tensors only
+    (`weights_only=True`: never code), a "module." prefix (DDP) dropped; and its SHA-256."""
+    from dataset import storage
+
+    data = storage.read_bytes(uri)
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
+        state = state["backbone"]  # one of our checkpoints' backbone.pt
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri}: not a state dict (a mapping of parameter names to tensors)")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    return state, hashlib.sha256(data).hexdigest()
+
+
+def state_dict_problems(model: torch.nn.Module, state: dict) -> list[str]:
+    """Every name or shape that does not match, in words."""
+    own = model.state_dict()
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in own.items() if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: file {tuple(state[k].shape)}, model {tuple(v.shape)}" for k, v in own.items()
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    return problems
+
+
+def load_backbone_file(backbone: torch.nn.Module, uri: str, backbone_name: str) -> str:
+    """Load an insightface-format state dict into `backbone`; returns the file's SHA-256."""
+    state, digest = read_backbone_file(uri)
+    problems = state_dict_problems(backbone, state)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; ... {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise ValueError(f"{uri} does not fit backbone {backbone_name!r}: {shown}")
+    backbone.load_state_dict(state)
+    return digest
+
+
+def freeze_stages(backbone: torch.nn.Module, stages: int) -> None:
+    """No gradients for the stem (conv1, bn1, prelu) and the first `stages` layers."""
+    if stages <= 0:
+        return
+    names = ("conv1", "bn1", "prelu") + tuple(f"layer{i}" for i in range(1, stages + 1))
+    for name, param in backbone.named_parameters():
+        if name.split(".")[0] in names:
+            param.requires_grad_(False)
+
+
 class Trainee:
     """The model on one rank: backbone (+DDP), this rank's centres, both optimizers."""
 
@@ -70,6 +119,9 @@ class Trainee:
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         torch.manual_seed(cfg.seed)  # the same backbone initialisation on every rank
         backbone = build_backbone(cfg.backbone, cfg.embedding_size)
+        if cfg.init_backbone:  # fine-tuning (a checkpoint, when resuming, overrides it)
+            load_backbone_file(backbone, cfg.init_backbone, cfg.backbone)
+            freeze_stages(backbone, cfg.freeze_stages)
         if world > 1 and cfg.sync_bn:
             if device.type == "cuda":
                 backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)

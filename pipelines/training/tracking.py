@@ -49,7 +49,8 @@ class Tracker:
             mlflow.log_params(_flat("margin", config["margin"]))
             mlflow.log_params({"data.uri": config["data"], "data.content_hash": data.content_hash,
                                "data.num_classes": data.num_classes, "data.num_images": data.num_samples,
-                               "code.version": config.get("code_version", "")})
+                               "code.version": config.get("code_version", ""),
+                               "init_backbone.sha256": config.get("init_backbone_sha256", "")})
             mlflow.log_dict({"train": dataclasses.asdict(cfg), "margin": config["margin"], "data": config["data"],
                              "eval_sets": config.get("eval_sets")}, "config.json")
             mlflow.log_dict(data.manifest_summary(), "dataset/manifest_summary.json")
@@ -87,6 +88,8 @@ class Tracker:
         # The model is always logged with the run; registered when a name is configured.
         lineage = {"data.uri": self.config["data"], "data.content_hash": data.content_hash,
                    "code.version": self.config.get("code_version", ""), "train.run_name": self.cfg.name,
+                   "train.init_backbone": self.cfg.init_backbone,
+                   "init_backbone.sha256": self.config.get("init_backbone_sha256", ""),
                    "train.backbone": self.cfg.backbone}
         version = log_embedding_model(backbone, self.cfg.embedding_size, self.cfg.registered_model,
                                       scalar_metrics(self.last_eval), lineage)

@@ -1,0 +1,155 @@
+"""IJB-B / IJB-C template-based evaluation (`arcface evaluate --ijb DIR --target IJBC`).
+
+Reads the official release layout under DIR:
+
+    meta/ijbc_face_tid_mid.txt          image name, template id, media id (one line per image)
+    meta/ijbc_template_pair_label.txt   template 1, template 2, 1 (same subject) or 0
+    meta/ijbc_name_5pts_score.txt       image name, 5 landmarks (x y x y ...), detector score
+    loose_crop/<image name>             the loosely cropped photos and video frames
+    (1:N, when present) meta/ijbc_1N_gallery_G1.csv, ..._G2.csv, ..._probe_mixed.csv
+                                        TEMPLATE_ID, SUBJECT_ID, FILENAME columns
+
+(IJB-B: the same with `ijbb_` names.) Each image is aligned with its five landmarks to the
+ArcFace template and embedded with the flip test (the sum of the face's and its mirror's
+embeddings, as insightface's IJB script does). Options of the protocol: `norm` keeps each
+image feature's norm as its weight (otherwise features are L2-normalised), `detector_score`
+multiplies each feature by its detector score. Features are pooled per media, then per
+template (arcface_core.metrics.template_features); 1:1 verification scores every template
+pair by cosine similarity; TAR is reported at FAR 1e-6 ... 1e-1 where the number of
+impostor pairs supports it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from arcface_core.metrics import open_set_identification, roc_curve, tar_at_far, template_features, \
+    template_pair_scores
+from cleaning.align import align_face
+from dataset import storage
+from pipelines.logs import Progress
+
+log = logging.getLogger(__name__)
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class IJBSet:
+    target: str  # IJBB | IJBC
+    root: str
+    images: list[str]
+    templates: np.ndarray
+    medias: np.ndarray
+    landmarks: np.ndarray  # (N, 5, 2)
+    scores: np.ndarray  # detector scores
+    pairs: np.ndarray  # (P, 2) template ids
+    labels: np.ndarray  # (P,) 1 same subject
+    galleries: dict[str, dict[int, str]]  # G1/G2 -> template -> subject (1:N)
+    probes: dict[int, str]
+    digest: str  # of the protocol files: results compare only on the same protocol
+
+
+def _lines(uri: str) -> list[list[str]]:
+    return [line.split() for line in storage.read_bytes(uri).decode().splitlines() if line.strip()]
+
+
+def _template_subjects(uri: str) -> dict[int, str]:
+    rows = csv.DictReader(storage.read_bytes(uri).decode().splitlines())
+    return {int(r["TEMPLATE_ID"]): r["SUBJECT_ID"] for r in rows}
+
+
+def load_ijb(root: str, target: str) -> IJBSet:
+    target = target.upper()
+    if target not in ("IJBB", "IJBC"):
+        raise ValueError(f"--target must be IJBB or IJBC, got {target!r}")
+    prefix = target.lower()
+    meta = storage.join(root, "meta")
+    names = {kind: storage.join(meta, f"{prefix}_{kind}.txt") for kind in
+             ("face_tid_mid", "template_pair_label", "name_5pts_score")}
+    missing = [u for u in names.values() if not storage.exists(u)]
+    if missing:
+        raise FileNotFoundError(f"{root}: not an {target} release folder (missing {', '.join(missing)})")
+    digest = hashlib.sha256(b"".join(storage.read_bytes(u) for u in names.values())).hexdigest()[:8]
+    faces = _lines(names["face_tid_mid"])
+    marks = {row[0]: row[1:] for row in _lines(names["name_5pts_score"])}
+    images = [row[0] for row in faces]
+    unknown = [i for i in images if i not in marks]
+    if unknown:
+        raise ValueError(f"{names['name_5pts_score']}: no landmarks for {len(unknown)} images (e.g. {unknown[0]})")
+    landmarks = np.array([[float(v) for v in marks[i][:10]] for i in images], np.float32).reshape(-1, 5, 2)
+    scores = np.array([float(marks[i][10]) if len(marks[i]) > 10 else 1.0 for i in images], np.float32)
+    pair_rows = np.array([[int(v) for v in row[:3]] for row in _lines(names["template_pair_label"])], np.int64)
+    galleries, probes = {}, {}
+    for g in ("G1", "G2"):
+        uri = storage.join(meta, f"{prefix}_1N_gallery_{g}.csv")
+        if storage.exists(uri):
+            galleries[g] = _template_subjects(uri)
+    probe_uri = storage.join(meta, f"{prefix}_1N_probe_mixed.csv")
+    if galleries and storage.exists(probe_uri):
+        probes = _template_subjects(probe_uri)
+    return IJBSet(target, root, images, np.array([int(r[1]) for r in faces]), np.array([int(r[2]) for r in faces]),
+                  landmarks, scores, pair_rows[:, :2], pair_rows[:, 2], galleries, probes, digest)
+
+
+def embed_images(ijb: IJBSet, embedder, batch: int = 256) -> np.ndarray:
+    """Aligned with the given landmarks, embedded with the flip test; not normalised."""
+    feats = []
+    bar = Progress(f"{ijb.target} images", total=len(ijb.images), unit="image")
+    for start in range(0, len(ijb.images), batch):
+        faces = []
+        for name, marks in zip(ijb.images[start:start + batch], ijb.landmarks[start:start + batch]):
+            data = storage.read_bytes(storage.join(ijb.root, "loose_crop", name))
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise ValueError(f"{ijb.root}/loose_crop/{name}: not a decodable image")
+            faces.append(align_face(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), marks))
+        feats.append(embedder.raw(np.stack(faces)))
+        bar.update(len(faces))
+    bar.close()
+    return np.concatenate(feats)
+
+
+def evaluate_ijb(ijb: IJBSet, features: np.ndarray, norm: bool = False, detector_score: bool = False) -> dict:
+    """Verification (and identification when the 1:N files are there) from image features."""
+    feats = np.asarray(features, np.float64)
+    if not norm:
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    if detector_score:
+        feats = feats * ijb.scores[:, None]
+    ids, tfeats = template_features(feats, ijb.templates, ijb.medias)
+    scores = template_pair_scores(ids, tfeats, ijb.pairs)
+    issame = ijb.labels.astype(bool)
+    far, tar, _ = roc_curve(scores, issame)
+    out = {f"tar_at_far_{k:g}": v for k, v in tar_at_far(scores, issame, FARS).items()}
+    out.update({"pairs": int(len(scores)), "impostor_pairs": int((~issame).sum()), "templates": int(len(ids)),
+                "images": int(len(feats)), "roc": (far, tar)})
+    if ijb.galleries and ijb.probes:
+        index = {int(t): n for n, t in enumerate(ids)}
+        p_ids = [t for t in ijb.probes if t in index]
+        per = []
+        for name, gallery in sorted(ijb.galleries.items()):
+            g_ids = [t for t in gallery if t in index]
+            r = open_set_identification(tfeats[[index[t] for t in g_ids]], np.array([gallery[t] for t in g_ids]),
+                                        tfeats[[index[t] for t in p_ids]], np.array([ijb.probes[t] for t in p_ids]))
+            per.append(r)
+            for k, v in r.cmc.items():
+                out[f"{name}.rank{k}"] = v
+            for f, v in r.tpir.items():
+                out[f"{name}.tpir_at_fpir_{f:g}"] = v
+        for k in per[0].cmc:
+            out[f"rank{k}"] = float(np.mean([r.cmc[k] for r in per]))
+    return out
+
+
+def table(name: str, results: dict) -> str:
+    rows = [f"| {k.replace('tar_at_far_', 'TAR @ FAR=')} | {v:.4f} |" for k, v in results.items()
+            if k.startswith("tar_at_far_")]
+    rows += [f"| {k} | {v:.4f} |" for k, v in results.items() if "rank" in k or "tpir" in k]
+    return "\n".join([f"{name}: {results['templates']} templates, {results['pairs']} pairs "
+                      f"({results['impostor_pairs']} impostor)", "", "| metric | value |", "|---|---:|", *rows])
