@@ -77,7 +77,8 @@ class Progress:
         elif self._mode == "lines":
             fraction = self.n / self.total if self.total else 0.0
             if fraction >= self._next_fraction or time.monotonic() - self._last >= self.every_s:
-                self._next_fraction = (int(fraction * 10) + 1) / 10
+                # the next tenth, skipping one that is less than half a tenth away
+                self._next_fraction = (int(fraction * 10 + 0.5) + 1) / 10
                 self._last, self._printed_n = time.monotonic(), self.n
                 print(self.line(), flush=True)
 

@@ -28,7 +28,9 @@ def write_ijb(out: str | Path, target: str = "IJBC", subjects: int = 24, templat
     out = Path(out)
     (out / "meta").mkdir(parents=True, exist_ok=True)
     (out / "loose_crop").mkdir(exist_ok=True)
-    rng = np.random.default_rng([seed, 41])
+    # The set's structure (templates, media, pairs) is the same for every seed; the seed
+    # changes the people and the photos.
+    rng = np.random.default_rng(41)
     people = [random_identity(np.random.default_rng([seed, 40, s])) for s in range(subjects)]
     faces, marks, template_subject = [], [], {}
     template, media, image = 0, 0, 0
