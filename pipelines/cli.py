@@ -578,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     # (infra.local_services.tracking_uri), so a few retries cover a blip.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     from infra.local_services import ServiceError
 
     try:

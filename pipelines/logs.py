@@ -35,7 +35,7 @@ def setup_logging(level: str | int | None = None) -> None:
     # Chatty third-party loggers stay at WARNING unless we are debugging.
     if logging.getLevelName(root.level) != "DEBUG":
         for name in ("urllib3", "botocore", "boto3", "s3transfer", "matplotlib", "PIL", "distributed", "dask",
-                     "mlflow"):
+                     "mlflow", "onnx_ir", "onnxscript"):
             logging.getLogger(name).setLevel(logging.WARNING)
     root._arcface_configured = True  # type: ignore[attr-defined]
 
