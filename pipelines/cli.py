@@ -177,7 +177,7 @@ def cmd_submit_train(args, cfg) -> int:
 
     local_s3 = (s3_endpoint() or "").startswith(("http://127.0.0.1", "http://localhost"))  # moto's fake keys
     env_vars = {k: v for k, v in os.environ.items()
-                if (k.startswith(("MLFLOW_", "AWS_")) or k == "ARCFACE_LOG_LEVEL")
+                if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
                 and (k not in secret or (local_s3 and k.startswith("AWS_")))}
     if any(k in os.environ and k not in env_vars for k in secret):
         log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
