@@ -28,7 +28,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The main job on its embedded default: demo data -> refine -> train (ray job submit) ->
 # promote, with progress and a summary; each phase's full output in .arcface/logs/.
 run: setup
-	@$(ARCFACE) run --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --model $(MODEL) --config $(TRAIN_CONFIG)
+	@$(ARCFACE) run --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --config $(TRAIN_CONFIG)
 
 # The whole refinement (the paper's loop): stage 1 on Dask -> bootstrap model on Ray Train
 # -> stage 2 on Ray; on the demo raw data unless INPUT/FORMAT say otherwise. The bootstrap

@@ -162,12 +162,18 @@ def template_features(image_features: np.ndarray, templates: np.ndarray, medias:
     return ids, l2_normalize(out)
 
 
-def template_pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each (template 1, template 2) pair of the protocol."""
-    index = {int(t): n for n, t in enumerate(template_ids)}
-    a = np.array([index[int(t)] for t in pairs[:, 0]])
-    b = np.array([index[int(t)] for t in pairs[:, 1]])
-    return np.sum(template_feats[a] * template_feats[b], axis=1)
+def template_pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, pairs: np.ndarray,
+                         chunk: int = 100_000) -> np.ndarray:
+    """Cosine similarity of each (template 1, template 2) pair of the protocol, in chunks
+    (IJB-C has 15.7M pairs: all at once would be tens of GB)."""
+    order = np.argsort(template_ids)
+    sorted_ids = np.asarray(template_ids)[order]
+    a = order[np.searchsorted(sorted_ids, pairs[:, 0])]
+    b = order[np.searchsorted(sorted_ids, pairs[:, 1])]
+    out = np.empty(len(pairs))
+    for i in range(0, len(pairs), chunk):
+        out[i:i + chunk] = np.einsum("ij,ij->i", template_feats[a[i:i + chunk]], template_feats[b[i:i + chunk]])
+    return out
 
 
 @dataclass

@@ -397,7 +397,7 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
     with storage.open_input(rec_uri) as fh:
         flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
         groups: list[list[tuple[int, int, int]]] = []
-        if flag > 0:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
+        if flag >= 2:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
             first_identity, end_identity = int(labels[0]), int(labels[1])
             images = {e[0]: e for e in entries if 1 <= e[0] < first_identity}
             ranges, missing = _rec_identity_ranges(fh, offsets, first_identity, end_identity)

@@ -321,7 +321,10 @@ def tracking_uri(cfg: ServicesConfig, start: bool = True) -> str:
     if uri:
         if uri.startswith(("http://", "https://")) and not http_ok(f"{uri.rstrip('/')}/health", timeout=5.0,
                                                                     protected_ok=True):
-            raise ServiceError(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI / "
+            from urllib.parse import urlsplit
+
+            shown = urlsplit(uri)._replace(netloc=urlsplit(uri).netloc.rpartition("@")[2]).geturl()  # no user:password
+            raise ServiceError(f"the MLflow tracking server at {shown} (MLFLOW_TRACKING_URI / "
                                "services.mlflow_tracking_uri) does not answer: start it, or unset it to use "
                                "the local one (`arcface services up`)")
         return uri

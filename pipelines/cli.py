@@ -171,22 +171,32 @@ def cmd_submit_train(args, cfg) -> int:
         address = f"http://{host}:{cfg.services.ray_dashboard_port}"
     # Settings travel with the job; secrets do not: a job's runtime env is shown in the Ray
     # dashboard. Credentials come from the cluster (instance role, IRSA, the nodes' env).
-    secret = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD",
-              "MLFLOW_TRACKING_TOKEN")
     from dataset.storage import s3_endpoint
 
     local_s3 = (s3_endpoint() or "").startswith(("http://127.0.0.1", "http://localhost"))  # moto's fake keys
+
+    def secret(name: str) -> bool:  # by shape, not by a list that a new variable slips past
+        return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "KEY_ID", "AUTH", "CREDENTIAL"))
+
     env_vars = {k: v for k, v in os.environ.items()
                 if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
-                and (k not in secret or (local_s3 and k.startswith("AWS_")))}
-    if any(k in os.environ and k not in env_vars for k in secret):
+                and (not secret(k) or (local_s3 and k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")))}
+    if any(secret(k) and k not in env_vars for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))):
         log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
     from pipelines.training.driver import code_version
 
     env_vars["ARCFACE_CODE_VERSION"] = code_version()
     if cfg.services.mlflow_tracking_uri or not args.no_mlflow:
-        # The configured server (which must answer), else the local one, started if needed.
-        env_vars["MLFLOW_TRACKING_URI"] = tracking_uri(cfg.services)
+        # The configured server (which must answer), else the local one, started if needed;
+        # user:password in the URI stays here (the dashboard shows a job's environment).
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(tracking_uri(cfg.services))
+        if parts.password or parts.username:
+            log.info("the tracking URI's credentials are not sent with the job (MLFLOW_TRACKING_USERNAME/PASSWORD "
+                     "on the cluster's nodes)")
+            parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
+        env_vars["MLFLOW_TRACKING_URI"] = urlunsplit(parts)
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
              if not args.data.startswith("s3://") else args.data]
     if args.config:
@@ -200,6 +210,8 @@ def cmd_submit_train(args, cfg) -> int:
         args.storage = os.path.abspath(storage)
     if args.init_backbone and not args.init_backbone.startswith("s3://"):
         args.init_backbone = os.path.abspath(args.init_backbone)
+    if args.resume and not args.resume.startswith("s3://"):
+        args.resume = os.path.abspath(args.resume)
     for flag in ("workers", "storage", "name", "max_steps", "init_backbone"):
         value = getattr(args, flag)
         if value is not None:
@@ -230,7 +242,8 @@ def cmd_submit_train(args, cfg) -> int:
     subprocess.call([ray, "job", "logs", "--address", address, "--follow", job_id], env=ray_client_env())
     status = subprocess.run([ray, "job", "status", "--address", address, job_id], env=ray_client_env(),
                             capture_output=True, text=True)
-    succeeded = "succeeded" in (status.stdout + status.stderr).lower()  # "Job ID succeeded" / "SUCCEEDED"
+    # Ray prints "Job '<id>' succeeded" (a failed job's status carries its log tail, so no looser match)
+    succeeded = f"Job '{job_id}' succeeded" in status.stdout + status.stderr
     print(f"job {job_id} {'succeeded' if succeeded else 'failed'}")
     return 0 if succeeded else 1
 
@@ -429,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="input_format", default="vggface2",
                    choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
     p.add_argument("--out", default="data/demo/refined", help="folder for stage1/, runs/, stage2/")
-    p.add_argument("--model", default="arcface", help="registered model name")
+    p.add_argument("--model", default=None, help="registered model to promote (default: train.registered_model)")
     p.add_argument("--demo-raw", default="data/demo/raw", help=argparse.SUPPRESS)
     _common(p)
     p.set_defaults(func=cmd_run, config="configs/demo-train.toml")

@@ -84,7 +84,8 @@ def load_ijb(root: str, target: str) -> IJBSet:
         raise ValueError(f"{names['name_5pts_score']}: no landmarks for {len(unknown)} images (e.g. {unknown[0]})")
     landmarks = np.array([[float(v) for v in marks[i][:10]] for i in images], np.float32).reshape(-1, 5, 2)
     scores = np.array([float(marks[i][10]) if len(marks[i]) > 10 else 1.0 for i in images], np.float32)
-    pair_rows = np.array([[int(v) for v in row[:3]] for row in _lines(names["template_pair_label"])], np.int64)
+    # 15.7M lines in IJB-C: parsed in one numpy pass, not as Python lists
+    pair_rows = np.array(storage.read_bytes(names["template_pair_label"]).split(), dtype=np.int64).reshape(-1, 3)
     galleries, probes = {}, {}
     for g in ("G1", "G2"):
         uri = storage.join(meta, f"{prefix}_1N_gallery_{g}.csv")
@@ -135,6 +136,8 @@ def evaluate_ijb(ijb: IJBSet, features: np.ndarray, norm: bool = False, detector
         per = []
         for name, gallery in sorted(ijb.galleries.items()):
             g_ids = [t for t in gallery if t in index]
+            if not g_ids or not p_ids:
+                continue
             r = open_set_identification(tfeats[[index[t] for t in g_ids]], np.array([gallery[t] for t in g_ids]),
                                         tfeats[[index[t] for t in p_ids]], np.array([ijb.probes[t] for t in p_ids]))
             per.append(r)
@@ -142,8 +145,9 @@ def evaluate_ijb(ijb: IJBSet, features: np.ndarray, norm: bool = False, detector
                 out[f"{name}.rank{k}"] = v
             for f, v in r.tpir.items():
                 out[f"{name}.tpir_at_fpir_{f:g}"] = v
-        for k in per[0].cmc:
-            out[f"rank{k}"] = float(np.mean([r.cmc[k] for r in per]))
+        measured = [r for r in per if r.cmc]  # a gallery without mated probes has no CMC
+        for k in (measured[0].cmc if measured else {}):
+            out[f"rank{k}"] = float(np.mean([r.cmc[k] for r in measured]))
     return out
 
 

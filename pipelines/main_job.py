@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cleaning.synthetic.demo import input_root
+from dataset import storage
 from pipelines.logs import EVENT, RESULT, Progress, _duration
 
 
@@ -50,17 +52,32 @@ def _child_env(log_level: str) -> dict:
 def run_phase(phase: Phase, logs: Path, log_level: str, echo: bool) -> Outcome:
     """Runs one phase's command; its progress events become bars here, the rest its log."""
     logs.mkdir(parents=True, exist_ok=True)
-    log_path = logs / f"{phase.name}.log"
-    outcome = Outcome(log=log_path)
+    outcome = Outcome(log=logs / f"{phase.name}.log")
     bars: dict[str, Progress] = {}
-    finished: set[str] = set()  # a repeated last event (Ray's log forwarding) opens no new bar
     started = time.monotonic()
     cmd = [sys.executable, "-m", "pipelines.cli", *phase.args]
-    with open(log_path, "w") as log_file:
+    with open(outcome.log, "w") as log_file:
         log_file.write("$ arcface " + " ".join(phase.args) + "\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                 env=_child_env(log_level))
-        for line in proc.stdout:
+        try:
+            _route(proc.stdout, log_file, bars, outcome, echo)
+            outcome.code = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted here: the phase must not go on unseen
+                proc.kill()
+                proc.wait()
+    for bar in bars.values():
+        bar.close()
+    outcome.seconds = time.monotonic() - started
+    return outcome
+
+
+def _route(lines, log_file, bars: dict[str, Progress], outcome: Outcome, echo: bool) -> None:
+    """Progress events to bars, results to the outcome, everything else to the phase's log."""
+    finished: set[str] = set()  # a repeated last event (Ray's log forwarding) opens no new bar
+    for line in lines:
+        try:
             if EVENT in line:
                 event = json.loads(line.split(EVENT, 1)[1])
                 if event["desc"] not in finished:
@@ -71,14 +88,11 @@ def run_phase(phase: Phase, logs: Path, log_level: str, echo: bool) -> Outcome:
             if RESULT in line:
                 outcome.results.append(json.loads(line.split(RESULT, 1)[1]))
                 continue
-            log_file.write(line)
-            if echo:
-                sys.stderr.write(line)
-        outcome.code = proc.wait()
-    for bar in bars.values():
-        bar.close()
-    outcome.seconds = time.monotonic() - started
-    return outcome
+        except (ValueError, KeyError):  # a marker line mangled on the way (interleaved output): log text
+            pass
+        log_file.write(line)
+        if echo:
+            sys.stderr.write(line)
 
 
 def _show(bars: dict[str, Progress], event: dict) -> None:
@@ -103,14 +117,15 @@ def main_job(args, cfg) -> int:
     common = ["--config", config] + [x for item in args.overrides for x in ("--set", item)]
     demo = args.input == args.demo_raw
     phases = [
-        Phase("demo-data", "demo data", ["demo-data", "--out", raw, *common],
+        Phase("demo-data", "demo data", ["demo-data", "--out", raw, "--format", args.format, *common],
               skip_reason="already there" if not demo or Path(raw, "ground_truth.json").exists() else ""),
         Phase("refine", "refine: stage 1 (Dask) -> bootstrap model (Ray Train) -> stage 2 (Ray)",
-              ["refine", "--input", raw, "--format", args.format, "--out", refined, *common]),
+              ["refine", "--input", str(input_root(raw, args.format)) if demo else raw, "--format", args.format,
+               "--out", refined, *common]),
         Phase("train", "train on the refined data (ray job submit)",
-              ["submit-train", "--data", str(Path(refined) / "stage2"), *common]),
+              ["submit-train", "--data", storage.join(refined, "stage2"), *common]),
         Phase("promote", "evaluate and promote (registry gate)",
-              ["promote", "--name", args.model, "--version", "latest", *common]),
+              ["promote", *(["--name", args.model] if args.model else []), "--version", "latest", *common]),
     ]
     services = LocalServices(cfg.services)
     logs = services.logs

@@ -57,7 +57,8 @@ def write_ijb(out: str | Path, target: str = "IJBC", subjects: int = 24, templat
     genuine = [(a, b) for ts in by_subject.values() for i, a in enumerate(ts) for b in ts[i + 1:]]
     ids = list(template_subject)
     impostor = set()
-    while len(impostor) < impostor_ratio * len(genuine):
+    possible = len(ids) * (len(ids) - 1) // 2 - len(genuine)
+    while len(impostor) < min(impostor_ratio * len(genuine), possible):
         a, b = (int(x) for x in rng.choice(ids, 2, replace=False))
         if template_subject[a] != template_subject[b]:
             impostor.add((min(a, b), max(a, b)))
