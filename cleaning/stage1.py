@@ -29,14 +29,15 @@ _DETECTOR = {}
 
 @dataclass(frozen=True)
 class PartitionSettings:
-    """What a stage-1 task needs besides its steps (the job fills it from its config)."""
+    """What a stage-1 task needs besides its steps (the job fills it from its config, which
+    holds the defaults)."""
 
-    detector_min_face: int = 20
-    detector_device: str = "auto"
-    detector_batch: int = 32
-    redetect: bool = False  # ignore landmarks the source gives
-    jpeg_quality: int = 95
-    row_group_rows: int = 1000
+    detector_min_face: int
+    detector_device: str
+    detector_batch: int
+    redetect: bool  # ignore landmarks the source gives
+    jpeg_quality: int
+    row_group_rows: int
 
 
 def get_detector(min_face: int, device: str):

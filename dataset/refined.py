@@ -159,10 +159,6 @@ class RefinedDataset:
         """The shards the manifest lists, in order."""
         return [self.shard(n) for n in self.manifest.shards]
 
-    def written_shards(self) -> list[str]:
-        """The shard files present (before the manifest exists)."""
-        return storage.list_files(storage.join(self.uri, SHARDS), suffix=".parquet")
-
     def reject(self, name: str) -> str:
         return storage.join(self.uri, REJECTS, name)
 
@@ -171,12 +167,6 @@ class RefinedDataset:
 
     def staging(self, name: str) -> str:
         return storage.join(self.uri, STAGING, name)
-
-    def staging_uris(self) -> list[str]:
-        return storage.list_files(storage.join(self.uri, STAGING))
-
-    def shard_content_hash(self, shard_uris: list[str]) -> str:
-        return shards.content_hash(shard_uris)
 
     # -- embeddings ----------------------------------------------------------------------
     @staticmethod
@@ -229,8 +219,7 @@ class RefinedDataset:
             if storage.name(f) not in seen:
                 seen.add(storage.name(f))
                 unique.append(f)
-        pairs, faces = split_eval_sets(unique)
-        return [u for u in pairs if u.endswith(PAIRS_SUFFIX)], faces
+        return [u for u in unique if u.endswith(PAIRS_SUFFIX)], [u for u in unique if u.endswith(FACES_SUFFIX)]
 
 
 def split_eval_sets(uris: list[str]) -> tuple[list[str], list[str]]:

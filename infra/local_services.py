@@ -313,6 +313,14 @@ class LocalServices:
 
 # -- what commands need: a tracking server and a Ray cluster ----------------------------------
 
+def without_credentials(uri: str) -> str:
+    """`uri` without `user:password@` (for error lines and a job's visible environment)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def tracking_uri(cfg: ServicesConfig, start: bool = True) -> str:
     """The MLflow tracking server commands use: the configured one (MLFLOW_TRACKING_URI or
     services.mlflow_tracking_uri), which must answer within seconds, else the local server
@@ -321,10 +329,7 @@ def tracking_uri(cfg: ServicesConfig, start: bool = True) -> str:
     if uri:
         if uri.startswith(("http://", "https://")) and not http_ok(f"{uri.rstrip('/')}/health", timeout=5.0,
                                                                     protected_ok=True):
-            from urllib.parse import urlsplit
-
-            shown = urlsplit(uri)._replace(netloc=urlsplit(uri).netloc.rpartition("@")[2]).geturl()  # no user:password
-            raise ServiceError(f"the MLflow tracking server at {shown} (MLFLOW_TRACKING_URI / "
+            raise ServiceError(f"the MLflow tracking server at {without_credentials(uri)} (MLFLOW_TRACKING_URI / "
                                "services.mlflow_tracking_uri) does not answer: start it, or unset it to use "
                                "the local one (`arcface services up`)")
         return uri

@@ -152,7 +152,7 @@ def cmd_submit_train(args, cfg) -> int:
     import copy
 
     from dataset import RefinedDataset
-    from infra.local_services import LocalServices, check_ray, ray_client_env, tracking_uri
+    from infra.local_services import LocalServices, check_ray, ray_client_env, tracking_uri, without_credentials
     from pipelines.training.driver import check_input
 
     # What would fail in the job on every attempt fails here, before anything is submitted.
@@ -189,14 +189,11 @@ def cmd_submit_train(args, cfg) -> int:
     if cfg.services.mlflow_tracking_uri or not args.no_mlflow:
         # The configured server (which must answer), else the local one, started if needed;
         # user:password in the URI stays here (the dashboard shows a job's environment).
-        from urllib.parse import urlsplit, urlunsplit
-
-        parts = urlsplit(tracking_uri(cfg.services))
-        if parts.password or parts.username:
+        uri = tracking_uri(cfg.services)
+        if without_credentials(uri) != uri:
             log.info("the tracking URI's credentials are not sent with the job (MLFLOW_TRACKING_USERNAME/PASSWORD "
                      "on the cluster's nodes)")
-            parts = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))
-        env_vars["MLFLOW_TRACKING_URI"] = urlunsplit(parts)
+        env_vars["MLFLOW_TRACKING_URI"] = without_credentials(uri)
     entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
              if not args.data.startswith("s3://") else args.data]
     if args.config:

@@ -126,8 +126,8 @@ def export_rec(data: RefinedDataset, out: str) -> int:
     labels = [shards.read_table(u, ["label"]).column("label").to_numpy() for u in uris]
     where = np.concatenate([np.stack([np.full(len(lab), s), np.arange(len(lab))], 1) for s, lab in enumerate(labels)]) \
         if labels else np.zeros((0, 2), np.int64)
-    order = np.argsort(np.concatenate(labels) if labels else np.zeros(0), kind="stable")
     all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int32)
+    order = np.argsort(all_labels, kind="stable")
     bar = Progress("export rec", total=len(order), unit="face")
 
     def items():

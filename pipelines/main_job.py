@@ -44,9 +44,7 @@ class Outcome:
 
 
 def _child_env(log_level: str) -> dict:
-    env = dict(os.environ, ARCFACE_PROGRESS="events", ARCFACE_LOG_LEVEL=log_level, PYTHONUNBUFFERED="1",
-               MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    return env
+    return dict(os.environ, ARCFACE_PROGRESS="events", ARCFACE_LOG_LEVEL=log_level, PYTHONUNBUFFERED="1")
 
 
 def run_phase(phase: Phase, logs: Path, log_level: str, echo: bool) -> Outcome:
