@@ -172,29 +172,48 @@ class ShardedMarginClassifier(nn.Module):
         return index, remapped
 
     # -- forward -----------------------------------------------------------------------
-    def local_logits(self, embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Cosines between the gathered embeddings and the selected local centres, fp32."""
+    def selected_centres(self, index: torch.Tensor) -> torch.Tensor:
+        """The (n·K, D) centres taking part this step, at least fp32 (a copy only when
+        Partial-FC selects or the weights are in reduced precision)."""
         weight = self.weight.view(self.num_local, self.k, self.embedding_size)
         if index.numel() != self.num_local:
             weight = weight[index]
+        return _at_least_fp32(weight.reshape(-1, self.embedding_size))
+
+    def local_logits(self, embeddings: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Cosines between the gathered embeddings and the selected local centres, fp32."""
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            w = _at_least_fp32(weight.reshape(-1, self.embedding_size))
+            w = self.selected_centres(index)
             e = F.normalize(_at_least_fp32(embeddings), dim=1)
             # Divide the (B x n) product by the centre norms rather than normalising the
             # (n x D) centres: no second copy of the shard, which is the big tensor here.
             norms = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12)
             cos = F.linear(e, w) / norms
-        return subcentre_max(cos, self.k)[0]
+        return subcentre_max(cos, self.k)[0] if self.k > 1 else cos
 
-    def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor) -> torch.Tensor:
-        """Mean loss over the global batch (the same value on every rank)."""
-        sizes = gathered_sizes(local_embeddings) if _distributed() else None  # once for both gathers
-        embeddings = all_gather_rows(local_embeddings, sizes)
-        labels = all_gather_rows(local_labels_global.long(), sizes)
+    def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor,
+                shares: list[int] | None = None, fused: bool = True) -> torch.Tensor:
+        """Mean loss over the global batch (the same value on every rank).
+
+        shares: every rank's number of rows when the caller knows them (equal splits):
+            saves the all-gather of sizes, a host synchronisation, every step.
+        fused: one autograd node from cosines to loss that holds a single B x n buffer
+            (`margin_softmax_loss`); False composes the same math from autograd ops
+            (several B x n buffers; the reference the fused node is tested against).
+            Sub-centres (K > 1) always take the composed path.
+        """
+        if _distributed() and shares is None:
+            shares = gathered_sizes(local_embeddings)  # once for both gathers
+        embeddings = all_gather_rows(local_embeddings, shares)
+        labels = all_gather_rows(local_labels_global.long(), shares)
         in_range = (labels >= self.class_start) & (labels < self.class_end)
         local_labels = torch.where(in_range, labels - self.class_start, torch.full_like(labels, -1))
         index, target = self.sample(local_labels)
         self.last_sampled = index
+        if fused and self.k == 1:
+            with torch.autocast(device_type=embeddings.device.type, enabled=False):
+                e = F.normalize(_at_least_fp32(embeddings), dim=1)
+                return margin_softmax_loss(e, self.selected_centres(index), target, self.margin)
         logits = self.margin(self.local_logits(embeddings, index), target)
         return distributed_cross_entropy(logits, target)
 
@@ -219,3 +238,69 @@ def distributed_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> tor
     picked = shifted.gather(1, target.clamp_min(0).unsqueeze(1)).squeeze(1)
     target_logit = all_reduce_sum(torch.where(valid, picked, torch.zeros_like(picked)))
     return (sum_exp.log() - target_logit).mean()
+
+
+class _MarginSoftmaxLoss(torch.autograd.Function):
+    """cosines -> margin at the target -> softmax over all ranks' classes -> mean loss, in one
+    node that owns a single B x n buffer: the cosines become the logits, then the
+    probabilities (in place), and backward turns them into the gradient (in place again).
+    The composed path allocates ~6 of them (product, cosines, margin scatter, scaled logits,
+    shifted logits, exp) and autograd keeps several alive until backward; at 2M classes a
+    B x n fp32 buffer is the largest tensor of the step.
+
+    cos_ij = e_i . w_j / |w_j| with e unit rows (normalised outside), g = dL/dcos:
+        dL/de_i = sum_j (g_ij / |w_j|) w_j
+        dL/dw_j = H_j - (H_j . w_j) w_j / |w_j|^2,   H = (g / |w|)^T e
+    The target column's dL/dcos is chained through the margin's d target_cos / d cos,
+    taken by autograd on the B target cosines only (1 with the straight-through option).
+    """
+
+    @staticmethod
+    def forward(ctx, e, w, target, margin):
+        norms = torch.linalg.vector_norm(w, dim=1).clamp_min(1e-12)
+        buf = torch.mm(e, w.t()).div_(norms)  # the one B x n buffer: cosines
+        valid = target >= 0
+        column = target.clamp_min(0).unsqueeze(1)
+        cos_t = buf.gather(1, column).squeeze(1)
+        with torch.enable_grad():
+            leaf = cos_t.detach().requires_grad_(True)
+            new_t = margin.target_cos(leaf)
+            slope = (torch.ones_like(cos_t) if margin.straight_through
+                     else torch.autograd.grad(new_t.sum(), leaf)[0])
+        new_t = new_t.detach()
+        s = margin.s
+        buf.scatter_(1, column, torch.where(valid, new_t, cos_t).unsqueeze(1)).mul_(s)  # logits
+        row_max = all_reduce_max_(buf.max(dim=1).values)
+        buf.sub_(row_max.unsqueeze(1)).exp_()
+        sum_exp = buf.sum(dim=1)
+        target_logit = torch.where(valid, s * new_t - row_max, torch.zeros_like(row_max))
+        if _distributed():  # the normaliser and the target logit live on different ranks
+            both = torch.stack([sum_exp, target_logit])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            sum_exp, target_logit = both[0], both[1]
+        buf.div_(sum_exp.unsqueeze(1))  # probabilities
+        ctx.save_for_backward(buf, e, w, norms, column, valid, slope)
+        ctx.s = s
+        return (sum_exp.log() - target_logit).mean()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        g, e, w, norms, column, valid, slope = ctx.saved_tensors
+        # d loss / d logits = (p - onehot) / B; logits = s * (cos, or target_cos at the target)
+        g.scatter_add_(1, column, torch.where(valid, -1.0, 0.0).to(g.dtype).unsqueeze(1))
+        g.mul_(grad_loss * ctx.s / g.shape[0])
+        at_target = g.gather(1, column).squeeze(1)
+        g.scatter_(1, column, torch.where(valid, at_target * slope, at_target).unsqueeze(1))
+        g.div_(norms)  # now dL/d(e . w_j)
+        grad_e = torch.mm(g, w)
+        h = torch.mm(g.t(), e)
+        grad_w = h - ((h * w).sum(dim=1) / norms.square()).unsqueeze(1) * w
+        return grad_e, grad_w, None, None
+
+
+def margin_softmax_loss(unit_embeddings: torch.Tensor, centres: torch.Tensor, target: torch.Tensor,
+                        margin: MarginSoftmax) -> torch.Tensor:
+    """Mean margin-softmax cross entropy over the global batch; the classes are this rank's
+    `centres` (target -1: the row's class is elsewhere). Equal to
+    `distributed_cross_entropy(margin(cosines), target)`, holding one B x n buffer."""
+    return _MarginSoftmaxLoss.apply(unit_embeddings, centres, target, margin)

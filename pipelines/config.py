@@ -116,6 +116,8 @@ def validate(cfg: Config) -> None:
         (cfg.train.lr > 0, "train.lr must be > 0"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every must be >= 1"),
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
+        (cfg.train.amp in ("auto", "bf16", "fp16", "off"), "train.amp must be auto, bf16, fp16 or off"),
+        (cfg.train.channels_last in ("auto", "on", "off"), "train.channels_last must be auto, on or off"),
         (cfg.margin.scale > 0, "margin.scale must be > 0"),
         (cfg.denoise.workers >= 1, "denoise.workers must be >= 1"),
         (0 < cfg.denoise.max_angle <= 180, "denoise.max_angle must be in (0, 180]"),

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from arcface_core.classifier import ShardedMarginClassifier, class_ranges
-from arcface_core.margins import ArcFace, CombinedMargin, CosFace, subcentre_max
+from arcface_core.classifier import ShardedMarginClassifier, class_ranges, distributed_cross_entropy, margin_softmax_loss
+from arcface_core.margins import ArcFace, CombinedMargin, CosFace, SphereFace, subcentre_max
 
 from dist_helpers import run_distributed
 
@@ -45,7 +45,7 @@ def _margin(name):
             "combined": CombinedMargin(16.0, 1.2, 0.3, 0.1)}[name]
 
 
-def sharded_worker(rank, world, margin_name, k, sample_rate):
+def sharded_worker(rank, world, margin_name, k, sample_rate, fused=True):
     weight, emb, labels = make_problem(world, k)
     start, end = class_ranges(C, world)[rank]
     layer = ShardedMarginClassifier(C, D, _margin(margin_name), sample_rate=sample_rate, subcentres=k)
@@ -54,16 +54,17 @@ def sharded_worker(rank, world, margin_name, k, sample_rate):
     sizes = BATCH_SIZES[world]
     lo = sum(sizes[:rank])
     local_emb = emb[lo:lo + sizes[rank]].clone().requires_grad_(True)
-    loss = layer(local_emb, labels[lo:lo + sizes[rank]])
+    loss = layer(local_emb, labels[lo:lo + sizes[rank]], fused=fused)
     loss.backward()
     return {"loss": loss.detach(), "emb_grad": local_emb.grad, "weight_grad": layer.weight.grad,
             "sampled": layer.last_sampled + start, "num_sampled": torch.tensor(layer.num_sampled())}
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("margin_name, k", [("arcface", 1), ("cosface", 1), ("combined", 1), ("arcface", 3)])
-def test_sharded_equals_single_process(tmp_path, world, margin_name, k):
-    results = run_distributed(sharded_worker, world, (margin_name, k, 1.0), str(tmp_path))
+@pytest.mark.parametrize("margin_name, k, fused", [("arcface", 1, True), ("cosface", 1, True), ("combined", 1, True),
+                                                   ("arcface", 1, False), ("arcface", 3, True)])
+def test_sharded_equals_single_process(tmp_path, world, margin_name, k, fused):
+    results = run_distributed(sharded_worker, world, (margin_name, k, 1.0, fused), str(tmp_path))
     weight, emb, labels = make_problem(world, k)
     loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin(margin_name), k)
     sizes = BATCH_SIZES[world]
@@ -149,3 +150,65 @@ def test_nearest_subcentre():
         layer.weight.copy_(torch.tensor([[1.0, 0], [0, 1], [-1, 0], [1, 1], [0, -1], [-1, 1]]))
     emb = torch.tensor([[0.1, 1.0], [-1.0, 0.9]])
     assert layer.nearest_subcentre(emb, torch.tensor([0, 1])).tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("margin", [ArcFace(s=16.0, m=0.5), ArcFace(s=64.0, m=0.5, straight_through=True),
+                                    CosFace(s=30.0), CombinedMargin(16.0, 1.2, 0.3, 0.1), SphereFace(16.0, m=4)],
+                         ids=["arcface", "arcface-straight-through", "cosface", "combined", "sphereface"])
+def test_fused_loss_equals_the_composed_one_in_float64(margin):
+    """The one-buffer autograd node against the same math composed from autograd ops:
+    values and both gradients, with rows whose class is elsewhere (target -1) and
+    unnormalised centres, near-±1 cosines included."""
+    g = torch.Generator().manual_seed(3)
+    e = F.normalize(torch.randn(12, D, generator=g, dtype=torch.float64), dim=1)
+    w = torch.randn(7, D, generator=g, dtype=torch.float64) * 3
+    w[2] = e[0] * 2.5  # cos = 1 for row 0 (target 2)
+    w[5] = -e[1]  # cos = -1 for row 1 (target 5)
+    target = torch.tensor([2, 5, 0, -1, 6, 3, -1, 1, 4, 2, 0, -1])
+    if isinstance(margin, SphereFace):
+        margin.set_step(40)
+    e1, w1 = e.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    fused = margin_softmax_loss(e1, w1, target, margin)
+    fused.backward()
+    e2, w2 = e.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    cos = F.linear(e2, w2) / torch.linalg.vector_norm(w2, dim=1)
+    composed = distributed_cross_entropy(margin(cos, target), target)
+    composed.backward()
+    torch.testing.assert_close(fused, composed, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(e1.grad, e2.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(w1.grad, w2.grad, atol=1e-12, rtol=1e-10)
+    assert torch.isfinite(e1.grad).all() and torch.isfinite(w1.grad).all()
+
+
+def test_fused_loss_keeps_one_batch_by_classes_buffer():
+    """Count the B x n allocations of forward + backward through the dispatcher: the fused
+    node makes one and reuses it for the probabilities and the gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    b, n = 16, 4096
+
+    class CountLarge(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            # new memory only: in-place results and views share an input's storage
+            self.count += sum(1 for o in outs if isinstance(o, torch.Tensor) and o.numel() >= b * n
+                              and o.untyped_storage().data_ptr() not in inputs)
+            return out
+
+    def run(fused):
+        layer = ShardedMarginClassifier(n, D, ArcFace(s=16.0))
+        emb = torch.randn(b, D, requires_grad=True)
+        mode = CountLarge()
+        with mode:
+            layer(emb, torch.randint(0, n, (b,)), fused=fused).backward()
+        return mode.count
+
+    assert run(True) == 1
+    assert run(False) >= 5  # what the fused node saves

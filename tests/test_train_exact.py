@@ -38,8 +38,8 @@ def run_steps(rank, world, data_uri, steps, cfg_kw, load_dir=None, save_dir=None
     stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, threads=1)
     total = data.steps_per_epoch(cfg.batch_size)
     losses = []
-    for step, images, labels in stream.iterate(0, start, start + steps):
-        losses.append(trainee.step(images, labels, lr_at(step, cfg, total)))
+    for step, batch in stream.iterate(0, start, start + steps):
+        losses.append(trainee.step(batch.images, batch.labels, lr_at(step, cfg, total), flips=batch.flips))
     if save_dir:
         trainee.save(save_dir, {"step": start + steps, "world": world})
     out = {"losses": torch.stack(losses), "centres": trainee.head.weight.detach().clone(),

@@ -92,7 +92,9 @@ class TrainConfig:
     warmup_steps: int = 0
     poly_power: float = 2.0
     grad_clip: float = 5.0
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 | off
+    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 (with a loss scaler) | off
+    channels_last: str = "auto"  # auto (on for GPUs) | on | off: the backbone's memory layout
+    compile: bool = False  # torch.compile the backbone (its compile time is reported apart)
     sync_bn: bool = True  # normalise over the global batch (exact data parallelism)
     workers: int = 2
     gpu: bool = False

@@ -8,8 +8,9 @@ data position is just (epoch, step): a run resumed with a different worker count
 same global batches, and a 2-worker run sees what a 1-worker run sees.
 
 Each worker reads only the row groups its slices touch (row groups are small: ~1000 faces)
-and decodes JPEG + random horizontal flip + normalisation on a thread pool (OpenCV releases
-the GIL), one batch ahead of the training step.
+and decodes the JPEGs into one uint8 batch buffer on a thread pool (OpenCV releases the
+GIL), one batch ahead of the training step; colour order, the random horizontal flip and
+normalisation run on the device (`device_input`), on the whole batch.
 
 Why a per-worker reader rather than Ray Data: exact resume (also onto another worker count)
 and the 1-vs-N-worker equivalence need a global sample order that is a pure function of
@@ -92,38 +93,68 @@ class ShardDataset:
         return self._cache[key]
 
     def fetch(self, samples: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        """The JPEG bytes and labels of global samples, in the order asked: one pass per row
+        group touched rather than per sample."""
         starts = self._starts
         groups = np.searchsorted(starts, samples, side="right") - 1
-        images, labels = [], np.empty(len(samples), np.int64)
-        for i, (s, g) in enumerate(zip(samples, groups)):
+        images: list = [None] * len(samples)
+        labels = np.empty(len(samples), np.int64)
+        for g in np.unique(groups):
             imgs, labs = self._read_group(int(g))
-            images.append(imgs[s - starts[g]])
-            labels[i] = labs[s - starts[g]]
+            where = np.flatnonzero(groups == g)
+            offsets = samples[where] - starts[g]
+            labels[where] = labs[offsets]
+            for i, o in zip(where.tolist(), offsets.tolist()):
+                images[i] = imgs[o]
         return images, labels
 
 
 def decode_face(data: bytes, flip: bool) -> np.ndarray:
-    """JPEG -> CHW float32 RGB in [-1, 1], mirrored when `flip` (one face, as a per-sample
-    loader would; BatchStream decodes to uint8 and normalises whole batches instead)."""
-    return np.ascontiguousarray(((decode_face_uint8(data, flip).astype(np.float32) - 127.5) / 127.5)
-                                .transpose(2, 0, 1))
-
-
-def decode_face_uint8(data: bytes, flip: bool) -> np.ndarray:
-    """JPEG -> HWC uint8 RGB, mirrored when `flip`."""
+    """JPEG -> CHW float32 RGB in [-1, 1], mirrored when `flip`: one face the way a
+    per-sample loader prepares it (the reference BatchStream + device_input must equal)."""
     img = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-    return cv2.flip(img, 1) if flip else img
+    img = cv2.flip(img, 1) if flip else img
+    return np.ascontiguousarray(((img.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1))
 
 
-def to_input(faces_uint8: np.ndarray) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1], contiguous: one vectorised pass
-    (torch's kernels, multi-threaded) instead of four numpy passes per face. Contiguous NCHW
-    because torch 2.13's oneDNN 1x1-convolution backward crashed (SIGSEGV) on channels-last-
-    strided CPU input."""
-    n, h, w, _ = faces_uint8.shape
-    out = torch.empty((n, 3, h, w), dtype=torch.float32)
-    out.copy_(torch.from_numpy(faces_uint8).permute(0, 3, 1, 2))  # 3x faster than permute().float().contiguous()
+def decode_into(out: np.ndarray, jpegs: list) -> None:
+    """Decode JPEGs into rows of one (N, H, W, 3) uint8 buffer, BGR as OpenCV gives them:
+    colour order, mirroring and normalisation happen on the device, on the whole batch."""
+    for i, data in enumerate(jpegs):
+        face = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+        if face is None or face.shape != out.shape[1:]:
+            got = "undecodable bytes" if face is None else f"a {face.shape[1]}x{face.shape[0]} image"
+            raise ValueError(f"a training shard holds {got}; refined faces are "
+                             f"{out.shape[2]}x{out.shape[1]} JPEGs (was the dataset written by another tool?)")
+        out[i] = face
+
+
+def device_input(images: torch.Tensor, flips: torch.Tensor | None, device: torch.device,
+                 dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
+    """(N, H, W, 3) uint8 BGR (pinned, for a GPU) -> (N, 3, H, W) RGB in [-1, 1] on `device`,
+    mirrored where `flips`: a quarter of float32's bytes cross the bus, and the per-pixel work
+    runs once per batch on the device. channels_last keeps the NHWC layout the bytes arrive in
+    (fast convolutions on GPUs); otherwise the result is contiguous NCHW (torch 2.13's oneDNN
+    1x1-convolution backward crashed on channels-last-strided CPU input)."""
+    x = images.to(device, non_blocking=True)
+    if flips is not None:
+        mirror = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
+        x = torch.where(mirror, x.flip(2), x)  # no boolean indexing: no host sync, fixed shapes
+    rgb = x.permute(0, 3, 1, 2)[:, [2, 1, 0]]
+    out = torch.empty(rgb.shape, dtype=dtype, device=device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out.copy_(rgb)
     return out.mul_(1 / 127.5).sub_(1.0)
+
+
+@dataclass
+class FaceBatch:
+    """This rank's share of one global batch, as it leaves the loader."""
+
+    images: torch.Tensor  # (N, 112, 112, 3) uint8 BGR in one buffer (page-locked when feeding a GPU)
+    flips: torch.Tensor  # (N,) bool: mirror on the device
+    labels: torch.Tensor  # (N,) int64
+    samples: np.ndarray  # global sample indices (for checks and debugging)
 
 
 def flip_mask(seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
@@ -140,15 +171,22 @@ def flip_mask(seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
 
 
 class BatchStream:
-    """This rank's slices of the global batches from (epoch, step) on, decoded one ahead."""
+    """This rank's slices of the global batches from (epoch, step) on, decoded one ahead.
+
+    Each batch is decoded straight into one uint8 buffer (page-locked when `pin_memory`,
+    so the copy to a GPU is asynchronous), by `threads` tasks of a contiguous chunk each:
+    OpenCV releases the GIL while decoding, and a task per chunk instead of per face keeps
+    the Python hand-off cost per batch, not per image."""
 
     def __init__(self, data: ShardDataset, global_batch: int, rank: int, world: int, seed: int = 0,
-                 shuffle_rowgroups: int = 4, threads: int = 2, flip: bool = True):
+                 shuffle_rowgroups: int = 4, threads: int = 2, flip: bool = True, pin_memory: bool = False,
+                 face_size: int = 112):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not split over {world} workers")
         self.data, self.global_batch, self.rank, self.world = data, global_batch, rank, world
         self.seed, self.shuffle_rowgroups, self.flip = seed, shuffle_rowgroups, flip
-        self.pool = ThreadPoolExecutor(max(1, threads))  # JPEG decoding
+        self.threads, self.pin_memory, self.face_size = max(1, threads), pin_memory, face_size
+        self.pool = ThreadPoolExecutor(self.threads)  # JPEG decoding
         self.loader = ThreadPoolExecutor(1)  # assembles the next batch while the step runs
         self._orders: dict[int, np.ndarray] = {}
 
@@ -160,23 +198,30 @@ class BatchStream:
         lo = step * self.global_batch + self.rank * local
         return order[lo:lo + local]
 
-    def _load(self, epoch: int, step: int):
+    def _load(self, epoch: int, step: int) -> FaceBatch:
         ids = self.samples(epoch, step)
-        images, labels = self.data.fetch(ids)
-        flips = flip_mask(self.seed, epoch, ids) if self.flip else np.zeros(len(ids), bool)
-        faces = np.stack(list(self.pool.map(decode_face_uint8, images, flips.tolist())))
-        return to_input(faces), torch.from_numpy(labels)
+        jpegs, labels = self.data.fetch(ids)
+        n = len(ids)
+        # The caching host allocator reuses page-locked blocks only once their async copy is done.
+        images = torch.empty((n, self.face_size, self.face_size, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+        buffer = images.numpy()
+        bounds = np.linspace(0, n, min(self.threads, max(n, 1)) + 1).astype(int)
+        chunks = [self.pool.submit(decode_into, buffer[a:b], jpegs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        for chunk in chunks:
+            chunk.result()
+        flips = flip_mask(self.seed, epoch, ids) if self.flip else np.zeros(n, bool)
+        return FaceBatch(images, torch.from_numpy(flips), torch.from_numpy(labels), ids)
 
     def iterate(self, epoch: int, start_step: int, end_step: int):
-        """Yields (step, images, labels) with the next batch decoding in the background."""
+        """Yields (step, FaceBatch) with the next batch decoding in the background."""
         if start_step >= end_step:
             return
         future = self.loader.submit(self._load, epoch, start_step)
         for step in range(start_step, end_step):
-            images, labels = future.result()
+            batch = future.result()
             if step + 1 < end_step:
                 future = self.loader.submit(self._load, epoch, step + 1)
-            yield step, images, labels
+            yield step, batch
 
     def close(self):
         self.loader.shutdown(wait=False, cancel_futures=True)

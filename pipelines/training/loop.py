@@ -81,13 +81,13 @@ def _record_placement(run_dir: str | None, rank: int) -> None:
 
 
 def _batches(stream, start: int, total: int, steps_per_epoch: int):
-    """(images, labels) for global steps [start, total), across epoch boundaries."""
+    """FaceBatches for global steps [start, total), across epoch boundaries."""
     step = start
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         end = min(steps_per_epoch, in_epoch + (total - step))
-        for _, images, labels in stream.iterate(epoch, in_epoch, end):
-            yield images, labels
+        for _, batch in stream.iterate(epoch, in_epoch, end):
+            yield batch
         step += end - in_epoch
 
 
@@ -135,23 +135,24 @@ def train_loop(config: dict) -> None:
             log.info("resumed at step %d (checkpoint written by %d workers, now %d)", step, state["world"], world)
 
     stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, shuffle_rowgroups=cfg.shuffle_rowgroups,
-                         threads=cfg.decode_threads)
+                         threads=cfg.decode_threads, pin_memory=device.type == "cuda")
     # A resumed run keeps logging into the MLflow run it started.
     tracker = Tracker(config, cfg, data, state.get("mlflow_run_id"), resumed_at=step) if rank == 0 else None
     eval_sets = load_sets(*config["eval_sets"]) if rank == 0 and config.get("eval_sets") else None
     steps_log = StepsLog(run_dir if rank == 0 else None, world, cfg.log_every, eager=device.type == "cpu")
     hook = load_step_hook(config.get("step_hook", ""))
-    window_start, window_losses = time.perf_counter(), []
+    window_start, window_losses, window_timed = time.perf_counter(), [], 0
     # Rank 0 shows the way: step out of the total, loss, lr, throughput, time left.
     bar = Progress(f"train {cfg.name}", total, unit="step") if rank == 0 else None
     if bar:
         bar.update(step)
 
-    for images, labels in _batches(stream, step, total, steps_per_epoch):
+    for batch in _batches(stream, step, total, steps_per_epoch):
         lr = lr_at(step, cfg, total)
         trainee.margin.set_step(step)
-        loss = trainee.step(images, labels, lr)
+        loss = trainee.step(batch.images, batch.labels, lr, flips=batch.flips)
         step += 1
+        compiled_now = rank == 0 and trainee.compile_seconds is not None and "compile s" not in bar.figures
         last = step == total
         checkpoint_now = step % cfg.checkpoint_every == 0 or last
         evaluate_now = bool(cfg.eval_every and step % cfg.eval_every == 0) or last
@@ -160,14 +161,21 @@ def train_loop(config: dict) -> None:
         steps_log.record(step, loss, figures, flush=checkpoint_now)
         if rank == 0:
             window_losses.append(loss)
+            if compiled_now:  # the compiling step is reported apart and kept out of img/s
+                bar.figures["compile s"] = round(trainee.compile_seconds, 1)
+                if tracker:
+                    tracker.log_compile(trainee.compile_seconds)
+                window_start, window_timed = time.perf_counter(), 0
+            else:
+                window_timed += 1
             if step % cfg.log_every == 0 or last:  # one host sync per logging window
                 seconds = time.perf_counter() - window_start
                 window = {"loss": torch.stack(window_losses).mean().item(), "lr": lr,
-                          "img/s": len(window_losses) * cfg.batch_size / max(seconds, 1e-9)}
+                          "img/s": window_timed * cfg.batch_size / max(seconds, 1e-9)}
                 if tracker:
                     tracker.log_step(step, window["loss"], lr, window["img/s"], figures)
                 bar.figures.update(window)
-                window_start, window_losses = time.perf_counter(), []
+                window_start, window_losses, window_timed = time.perf_counter(), [], 0
             bar.update(1)
         if hook:
             hook(step=step, rank=rank, world=world, run_dir=run_dir)

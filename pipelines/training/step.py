@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import time
 
 import torch
 
@@ -20,6 +21,7 @@ from arcface_core.margins import ArcFace, CombinedMargin, CosFace, MarginSoftmax
 from arcface_core.sync_bn import convert_global_batchnorm
 from pipelines.training import checkpoint
 from pipelines.training.config import MarginConfig, TrainConfig
+from pipelines.training.data import device_input
 
 INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same on any world size
 
@@ -59,10 +61,13 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
     return cfg.lr * (1 - (step - cfg.warmup_steps) / span) ** cfg.poly_power
 
 
-def make_optimizer(cfg: TrainConfig, params):
+def make_optimizer(cfg: TrainConfig, params, device: torch.device | None = None):
+    """SGD or AdamW; on a GPU the fused kernels (one launch for all parameters), elsewhere
+    the multi-tensor (foreach) ones."""
+    fast = {"fused": True} if device is not None and device.type == "cuda" else {"foreach": True}
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
 
 
 def read_backbone_file(uri: str) -> tuple[dict, str]:
@@ -127,7 +132,9 @@ class Trainee:
                 backbone = torch.nn.SyncBatchNorm.convert_sync_batchnorm(backbone)
             else:
                 backbone = convert_global_batchnorm(backbone)
-        self.backbone = backbone.to(device)
+        self.channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and device.type == "cuda")
+        self.backbone = backbone.to(device, memory_format=torch.channels_last if self.channels_last
+                                    else torch.contiguous_format)
         self.head = ShardedMarginClassifier(num_classes, cfg.embedding_size, build_margin(margin or MarginConfig()),
                                             sample_rate=cfg.sample_rate, subcentres=cfg.subcentres,
                                             rank=rank, world_size=world, generator_seed=cfg.seed)
@@ -141,8 +148,11 @@ class Trainee:
             self.model = DistributedDataParallel(self.backbone, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self.model = self.backbone
-        self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad])
-        self.opt_head = make_optimizer(cfg, [self.head.weight])
+        # Compiled lazily on the first step; that step's wall time is reported as compile time.
+        self.model = torch.compile(self.model) if cfg.compile else self.model
+        self.compile_seconds: float | None = None
+        self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad], device)
+        self.opt_head = make_optimizer(cfg, [self.head.weight], device)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
 
@@ -152,27 +162,46 @@ class Trainee:
             mode = "bf16" if self.device.type == "cuda" else "off"
         return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[mode]
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float,
+             flips: torch.Tensor | None = None) -> torch.Tensor:
+        """One optimisation step; returns the loss as a device tensor (reading it is a host
+        sync, left to the caller's logging cadence). `images`: the loader's (N, H, W, 3) uint8
+        BGR batch (mirrored where `flips`, normalised on the device), or a ready float NCHW
+        batch. Nothing in here waits for the device (no .item(), no data-dependent shapes),
+        except with fp16, whose loss scaler checks for overflow."""
+        first_compiled = self.cfg.compile and self.compile_seconds is None
+        started = time.perf_counter() if first_compiled else 0.0
         for opt in (self.opt_backbone, self.opt_head):
             for group in opt.param_groups:
                 group["lr"] = lr
-        images = images.to(self.device, dtype=next(self.backbone.parameters()).dtype, non_blocking=True)
+        dtype = next(self.backbone.parameters()).dtype
+        if images.dtype == torch.uint8:
+            images = device_input(images, flips, self.device, dtype, self.channels_last)
+        else:
+            images = images.to(self.device, dtype=dtype, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             embeddings = self.model(images)
         if self.world > 1:
             # DDP averages backbone gradients over ranks; the loss is already the global mean.
             embeddings.register_hook(lambda g: g * self.world)
-        loss = self.head(embeddings, labels)  # the head computes its logits in fp32 (or fp64)
+        # Every rank holds an equal share of the global batch (BatchStream enforces it).
+        loss = self.head(embeddings, labels, shares=[images.shape[0]] * self.world)  # fp32 logits
         self.opt_backbone.zero_grad(set_to_none=True)
         self.opt_head.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt_backbone)
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip, foreach=True)
         self.scaler.step(self.opt_backbone)
         self.scaler.step(self.opt_head)
         self.scaler.update()
+        if first_compiled:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds = time.perf_counter() - started
         return loss.detach()
 
     @property

@@ -63,6 +63,13 @@ class Tracker:
 
             mlflow.log_metrics({"loss": loss, "lr": lr, "samples_per_s": samples_per_s, **(extra or {})}, step=step)
 
+    def log_compile(self, seconds: float) -> None:
+        """torch.compile's time (the first step's wall time), apart from the throughput."""
+        if self.run:
+            import mlflow
+
+            mlflow.log_metric("compile_seconds", seconds)
+
     def log_eval(self, step, results: dict[str, dict]) -> dict[str, float]:
         """Logs the evaluation; returns its scalar figures (`<set>.<metric>`)."""
         self.last_eval = results
