@@ -2,12 +2,17 @@
 images from an MXNet RecordIO file the way insightface's loader does, and (b) Ray Data.
 
 Usage (writes benchmarks/results/data_path_cpu.{json,md}):
-    .venv/bin/python benchmarks/bench_data_path.py --data data/demo/refined/stage2 [--batch 128 --batches 40]
+    .venv/bin/python benchmarks/bench_data_path.py [--data data/demo/refined/stage2] [--batch 128 --batches 40]
+Without --data (or when it does not exist) it writes a synthetic refined dataset of 9,000
+faces first (benchmarks/synthetic_refined.py: 112x112 JPEGs at stage 1's quality).
 
-All three hand out batches of `--batch` faces decoded from the same JPEG bytes, flipped at
+All readers hand out batches of `--batch` faces decoded from the same JPEG bytes, flipped at
 random and normalised to CHW float32:
-  * ours: BatchStream over the Parquet shards (row groups read whole, decode on `--threads`
-    threads, one batch ahead);
+  * ours (CPU training): BatchStream over the Parquet shards (row groups read whole, one
+    batch ahead; `--threads` tasks of a chunk each decode, mirror and normalise straight into
+    one float batch buffer);
+  * ours, to the GPU hand-off: the same reader decoding into one uint8 batch buffer - what a
+    GPU worker's CPU does (the uint8 batch crosses PCIe; mirror and normalise run on the GPU);
   * rec: the same images written to train.rec/.idx (cleaning/formats/recordio.py), read as
     arcface_torch's MXFaceDataset does - shuffled indices, per sample: seek by index, read
     the record, unpack, decode, flip, normalise - on the same number of threads;
@@ -36,16 +41,16 @@ from dataset import RefinedDataset  # noqa: E402
 from pipelines.training.data import BatchStream, ShardDataset, decode_face  # noqa: E402
 
 
-def bench_ours(data_uri: str, batch: int, batches: int, threads: int) -> float:
+def bench_ours(data_uri: str, batch: int, batches: int, threads: int, on_host: bool) -> float:
     data = ShardDataset(data_uri)
-    stream = BatchStream(data, batch, 0, 1, threads=threads)
+    stream = BatchStream(data, batch, 0, 1, threads=threads, prepare_on_host=on_host)
     steps = min(batches + 1, data.steps_per_epoch(batch))
     start, n = None, 0
-    for i, (_, images, _) in enumerate(stream.iterate(0, 0, steps)):
+    for i, (_, b) in enumerate(stream.iterate(0, 0, steps)):
         if i == 0:  # as for every reader: the first batch pays one-time imports and thread start
             start = time.perf_counter()
             continue
-        n += len(images)
+        n += len(b.images)
     seconds = time.perf_counter() - start
     stream.close()
     return n / seconds
@@ -115,18 +120,31 @@ def bench_ray_data(data_uri: str, batch: int, batches: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data/demo/refined/stage2")
+    ap.add_argument("--data", default="", help="a refined dataset; default: a synthetic one of 9,000 faces")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
     cores = os.cpu_count() or 1
-    ours = bench_ours(args.data, args.batch, args.batches, args.threads)
+    scratch = tempfile.TemporaryDirectory()
+    if not args.data or not os.path.exists(args.data):
+        from benchmarks.synthetic_refined import write_synthetic_refined
+
+        args.data = os.path.join(scratch.name, "synthetic")
+        write_synthetic_refined(args.data, identities=300, images_per_identity=30)
+        data_note = "a synthetic refined dataset of 9,000 faces (benchmarks/synthetic_refined.py)"
+    else:
+        data_note = args.data
+    ours = bench_ours(args.data, args.batch, args.batches, args.threads, on_host=True)
+    handoff = bench_ours(args.data, args.batch, args.batches, args.threads, on_host=False)
     with tempfile.TemporaryDirectory() as tmp:
         rec = bench_rec(args.data, args.batch, args.batches, args.threads, tmp)
     ray_data = bench_ray_data(args.data, args.batch, args.batches)
-    rows = [{"reader": "ours: per-worker BatchStream over Parquet shards", "images_per_s": ours},
+    scratch.cleanup()
+    rows = [{"reader": "ours (CPU training): BatchStream over Parquet shards, float batch", "images_per_s": ours},
+            {"reader": "ours, to the GPU hand-off: uint8 batch (normalise/mirror run on the device)",
+             "images_per_s": handoff},
             {"reader": "baseline: MXNet RecordIO, insightface-style (seek by index, decode per sample)",
              "images_per_s": rec},
             {"reader": "Ray Data (read_parquet + map_batches)", "images_per_s": ray_data}]
@@ -134,14 +152,14 @@ def main():
         r["images_per_s_per_core"] = round(r["images_per_s"] / cores, 1)
         r["vs_rec"] = round(r["images_per_s"] / rec, 2)
         r["images_per_s"] = round(r["images_per_s"], 1)
-    meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"),
+    meta = {"command": "python " + " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M"), "data": data_note,
             "machine": f"{platform.machine()}, {cores} cpus", "threads": args.threads, "batch": args.batch}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_path_cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# Training input: shards vs RecordIO vs Ray Data (CPU)", "",
-             f"`{meta['command']}` on {meta['date']} ({meta['machine']}); batch {args.batch}, {args.threads} decode "
-             "threads, decode + flip + normalise, the same JPEG bytes in every reader.", "",
+             f"`{meta['command']}` on {meta['date']} ({meta['machine']}); data: {data_note}; batch {args.batch}, "
+             f"{args.threads} decode threads, decode + flip + normalise, the same JPEG bytes in every reader.", "",
              "| reader | images/s | images/s per core | ratio vs RecordIO |", "|---|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['reader']} | {r['images_per_s']} | {r['images_per_s_per_core']} | {r['vs_rec']}x |")

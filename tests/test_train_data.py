@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.training.data import decode_face, decode_into, device_input, flip_mask
+from pipelines.training.data import decode_face, decode_into, decode_normalised_into, device_input, flip_mask
 
 
 def _jpegs(n, size=112, seed=0):
@@ -30,12 +30,24 @@ def test_batch_path_equals_the_per_face_reference(channels_last):
     np.testing.assert_allclose(unflipped[1].numpy(), decode_face(jpegs[1], False), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_host_prepared_batch_equals_the_per_face_reference(dtype):
+    jpegs = _jpegs(6, seed=1)
+    flips = np.array([True, False, False, True, True, False])
+    out = torch.empty((6, 3, 112, 112), dtype=dtype)
+    decode_normalised_into(out, jpegs, flips)
+    reference = np.stack([decode_face(j, bool(f)) for j, f in zip(jpegs, flips)])
+    np.testing.assert_allclose(out.numpy(), reference, atol=1e-6)
+
+
 def test_a_face_of_the_wrong_size_is_a_clear_error():
     out = np.empty((2, 112, 112, 3), np.uint8)
     with pytest.raises(ValueError, match="a 96x96 image"):
         decode_into(out, _jpegs(1) + _jpegs(1, size=96))
     with pytest.raises(ValueError, match="undecodable"):
         decode_into(out[:1], [b"not a jpeg"])
+    with pytest.raises(ValueError, match="a 96x96 image"):
+        decode_normalised_into(torch.empty((1, 3, 112, 112)), _jpegs(1, size=96), np.zeros(1, bool))
 
 
 def test_flip_mask_is_a_fair_deterministic_coin():

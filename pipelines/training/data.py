@@ -117,16 +117,36 @@ def decode_face(data: bytes, flip: bool) -> np.ndarray:
     return np.ascontiguousarray(((img.astype(np.float32) - 127.5) / 127.5).transpose(2, 0, 1))
 
 
+def _decode(data, shape: tuple) -> np.ndarray:
+    face = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if face is None or face.shape != shape:
+        got = "undecodable bytes" if face is None else f"a {face.shape[1]}x{face.shape[0]} image"
+        raise ValueError(f"a training shard holds {got}; refined faces are {shape[1]}x{shape[0]} JPEGs "
+                         "(was the dataset written by another tool?)")
+    return face
+
+
 def decode_into(out: np.ndarray, jpegs: list) -> None:
     """Decode JPEGs into rows of one (N, H, W, 3) uint8 buffer, BGR as OpenCV gives them:
     colour order, mirroring and normalisation happen on the device, on the whole batch."""
     for i, data in enumerate(jpegs):
-        face = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-        if face is None or face.shape != out.shape[1:]:
-            got = "undecodable bytes" if face is None else f"a {face.shape[1]}x{face.shape[0]} image"
-            raise ValueError(f"a training shard holds {got}; refined faces are "
-                             f"{out.shape[2]}x{out.shape[1]} JPEGs (was the dataset written by another tool?)")
-        out[i] = face
+        out[i] = _decode(data, out.shape[1:])
+
+
+def decode_normalised_into(out: torch.Tensor, jpegs: list, flips: np.ndarray) -> None:
+    """Decode JPEGs into rows of one (N, 3, H, W) float batch, RGB, mirrored where `flips`,
+    in [-1, 1]: for a CPU "device", where the per-pixel work is cheapest done by the decode
+    threads. Planes are split out by OpenCV straight into RGB order (a strided permute in
+    torch cost 3x more), then one contiguous uint8 -> float pass (benchmarks/bench_data_path.py)."""
+    n, _, h, w = out.shape
+    planes = np.empty((n, 3, h, w), np.uint8)
+    mirrored = np.empty((h, w, 3), np.uint8)
+    for i, data in enumerate(jpegs):
+        face = _decode(data, (h, w, 3))
+        if flips[i]:
+            face = cv2.flip(face, 1, dst=mirrored)
+        cv2.split(face, [planes[i, 2], planes[i, 1], planes[i, 0]])  # B, G, R -> RGB planes
+    out.copy_(torch.from_numpy(planes)).mul_(1 / 127.5).sub_(1.0)
 
 
 def device_input(images: torch.Tensor, flips: torch.Tensor | None, device: torch.device,
@@ -151,8 +171,10 @@ def device_input(images: torch.Tensor, flips: torch.Tensor | None, device: torch
 class FaceBatch:
     """This rank's share of one global batch, as it leaves the loader."""
 
-    images: torch.Tensor  # (N, 112, 112, 3) uint8 BGR in one buffer (page-locked when feeding a GPU)
-    flips: torch.Tensor  # (N,) bool: mirror on the device
+    # (N, 112, 112, 3) uint8 BGR in one buffer (page-locked when feeding a GPU), or with
+    # prepare_on_host the finished (N, 3, 112, 112) float batch
+    images: torch.Tensor
+    flips: torch.Tensor | None  # (N,) bool: mirror on the device (None: already done)
     labels: torch.Tensor  # (N,) int64
     samples: np.ndarray  # global sample indices (for checks and debugging)
 
@@ -173,19 +195,22 @@ def flip_mask(seed: int, epoch: int, samples: np.ndarray) -> np.ndarray:
 class BatchStream:
     """This rank's slices of the global batches from (epoch, step) on, decoded one ahead.
 
-    Each batch is decoded straight into one uint8 buffer (page-locked when `pin_memory`,
-    so the copy to a GPU is asynchronous), by `threads` tasks of a contiguous chunk each:
-    OpenCV releases the GIL while decoding, and a task per chunk instead of per face keeps
-    the Python hand-off cost per batch, not per image."""
+    Each batch is decoded straight into one buffer by `threads` tasks of a contiguous chunk
+    each: OpenCV releases the GIL while decoding, and a task per chunk instead of per face
+    keeps the Python hand-off cost per batch, not per image. For a GPU the buffer is uint8
+    and page-locked (`pin_memory`: the copy is asynchronous and a quarter of float32's
+    bytes), and the GPU does the rest (`device_input`). With `prepare_on_host` (training on
+    the CPU) the decode threads finish the batch themselves: RGB, mirrored, normalised float."""
 
     def __init__(self, data: ShardDataset, global_batch: int, rank: int, world: int, seed: int = 0,
                  shuffle_rowgroups: int = 4, threads: int = 2, flip: bool = True, pin_memory: bool = False,
-                 face_size: int = 112):
+                 prepare_on_host: bool = False, dtype: torch.dtype = torch.float32, face_size: int = 112):
         if global_batch % world:
             raise ValueError(f"global batch {global_batch} does not split over {world} workers")
         self.data, self.global_batch, self.rank, self.world = data, global_batch, rank, world
         self.seed, self.shuffle_rowgroups, self.flip = seed, shuffle_rowgroups, flip
         self.threads, self.pin_memory, self.face_size = max(1, threads), pin_memory, face_size
+        self.prepare_on_host, self.dtype = prepare_on_host, dtype
         self.pool = ThreadPoolExecutor(self.threads)  # JPEG decoding
         self.loader = ThreadPoolExecutor(1)  # assembles the next batch while the step runs
         self._orders: dict[int, np.ndarray] = {}
@@ -202,15 +227,22 @@ class BatchStream:
         ids = self.samples(epoch, step)
         jpegs, labels = self.data.fetch(ids)
         n = len(ids)
-        # The caching host allocator reuses page-locked blocks only once their async copy is done.
-        images = torch.empty((n, self.face_size, self.face_size, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
-        buffer = images.numpy()
+        flips = flip_mask(self.seed, epoch, ids) if self.flip else np.zeros(n, bool)
         bounds = np.linspace(0, n, min(self.threads, max(n, 1)) + 1).astype(int)
-        chunks = [self.pool.submit(decode_into, buffer[a:b], jpegs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        size = self.face_size
+        if self.prepare_on_host:
+            images = torch.empty((n, 3, size, size), dtype=self.dtype)
+            chunks = [self.pool.submit(decode_normalised_into, images[a:b], jpegs[a:b], flips[a:b]) for a, b in spans]
+        else:
+            # The caching host allocator reuses page-locked blocks only once their async copy is done.
+            images = torch.empty((n, size, size, 3), dtype=torch.uint8, pin_memory=self.pin_memory)
+            buffer = images.numpy()
+            chunks = [self.pool.submit(decode_into, buffer[a:b], jpegs[a:b]) for a, b in spans]
         for chunk in chunks:
             chunk.result()
-        flips = flip_mask(self.seed, epoch, ids) if self.flip else np.zeros(n, bool)
-        return FaceBatch(images, torch.from_numpy(flips), torch.from_numpy(labels), ids)
+        return FaceBatch(images, None if self.prepare_on_host else torch.from_numpy(flips),
+                         torch.from_numpy(labels), ids)
 
     def iterate(self, epoch: int, start_step: int, end_step: int):
         """Yields (step, FaceBatch) with the next batch decoding in the background."""

@@ -135,7 +135,8 @@ def train_loop(config: dict) -> None:
             log.info("resumed at step %d (checkpoint written by %d workers, now %d)", step, state["world"], world)
 
     stream = BatchStream(data, cfg.batch_size, rank, world, seed=cfg.seed, shuffle_rowgroups=cfg.shuffle_rowgroups,
-                         threads=cfg.decode_threads, pin_memory=device.type == "cuda")
+                         threads=cfg.decode_threads, pin_memory=device.type == "cuda",
+                         prepare_on_host=device.type != "cuda")
     # A resumed run keeps logging into the MLflow run it started.
     tracker = Tracker(config, cfg, data, state.get("mlflow_run_id"), resumed_at=step) if rank == 0 else None
     eval_sets = load_sets(*config["eval_sets"]) if rank == 0 and config.get("eval_sets") else None
