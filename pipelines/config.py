@@ -118,6 +118,9 @@ def validate(cfg: Config) -> None:
         (cfg.train.log_every >= 1, "train.log_every must be >= 1"),
         (cfg.train.amp in ("auto", "bf16", "fp16", "off"), "train.amp must be auto, bf16, fp16 or off"),
         (cfg.train.channels_last in ("auto", "on", "off"), "train.channels_last must be auto, on or off"),
+        (not (cfg.train.compile and not cfg.train.gpu and cfg.train.compile_backend == "inductor"),
+         "train.compile with the inductor backend crashed on CPU builds of torch 2.13 (double free): "
+         "on CPU set train.compile_backend = \"aot_eager\", or train on GPUs"),
         (cfg.margin.scale > 0, "margin.scale must be > 0"),
         (cfg.denoise.workers >= 1, "denoise.workers must be >= 1"),
         (0 < cfg.denoise.max_angle <= 180, "denoise.max_angle must be in (0, 180]"),

@@ -95,6 +95,9 @@ class TrainConfig:
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | bf16 | fp16 (with a loss scaler) | off
     channels_last: str = "auto"  # auto (on for GPUs) | on | off: the backbone's memory layout
     compile: bool = False  # torch.compile the backbone (its compile time is reported apart)
+    # "inductor" generates kernels (GPUs); "aot_eager" traces without code generation. Inductor
+    # on CPU crashed (double free) with torch 2.13+cpu here, so it is refused on CPU.
+    compile_backend: str = "inductor"
     sync_bn: bool = True  # normalise over the global batch (exact data parallelism)
     workers: int = 2
     gpu: bool = False

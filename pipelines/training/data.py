@@ -241,8 +241,10 @@ class BatchStream:
             chunks = [self.pool.submit(decode_into, buffer[a:b], jpegs[a:b]) for a, b in spans]
         for chunk in chunks:
             chunk.result()
-        return FaceBatch(images, None if self.prepare_on_host else torch.from_numpy(flips),
-                         torch.from_numpy(labels), ids)
+        labels, flips = torch.from_numpy(labels), torch.from_numpy(flips)
+        if self.pin_memory:  # so that their copies are asynchronous too
+            labels, flips = labels.pin_memory(), flips.pin_memory()
+        return FaceBatch(images, None if self.prepare_on_host else flips, labels, ids)
 
     def iterate(self, epoch: int, start_step: int, end_step: int):
         """Yields (step, FaceBatch) with the next batch decoding in the background."""

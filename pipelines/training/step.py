@@ -149,7 +149,11 @@ class Trainee:
         else:
             self.model = self.backbone
         # Compiled lazily on the first step; that step's wall time is reported as compile time.
-        self.model = torch.compile(self.model) if cfg.compile else self.model
+        if cfg.compile:
+            if device.type == "cpu" and cfg.compile_backend == "inductor":
+                raise ValueError("train.compile with the inductor backend crashed on CPU builds of torch 2.13 "
+                                 "(double free); on CPU set train.compile_backend = \"aot_eager\", or compile on GPUs")
+            self.model = torch.compile(self.model, backend=cfg.compile_backend)
         self.compile_seconds: float | None = None
         self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad], device)
         self.opt_head = make_optimizer(cfg, [self.head.weight], device)
