@@ -14,7 +14,7 @@ MODEL    ?= arcface
 VERSION  ?= latest
 MODEL_URI ?= models:/$(MODEL)@champion
 
-.PHONY: setup run train clean-data stage1 demo-data services-up services-down services-status evaluate promote rollback rehearsal test test-all bench-core clean
+.PHONY: setup run train clean-data stage1 demo-data services-up services-down services-status evaluate promote rollback rehearsal test test-all test-gpu bench-core bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -87,6 +87,13 @@ test-all: setup
 
 bench-core: setup
 	$(VENV)/bin/python benchmarks/bench_classification_layer.py
+
+# On a machine with CUDA: the GPU cases of the suite, and the step/detector benchmark.
+test-gpu: setup
+	$(VENV)/bin/pytest -m gpu
+
+bench-gpu: setup
+	$(VENV)/bin/python benchmarks/bench_gpu.py
 
 clean:
 	rm -rf data .arcface
