@@ -34,7 +34,7 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_config_show(args, cfg) -> int:
-    print(to_toml(cfg))
+    print(to_toml(cfg, origins=args.origins))
     return 0
 
 
@@ -446,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="show the effective config")
     p.add_argument("action", choices=["show"])
+    p.add_argument("--origins", action="store_true",
+                   help="say after each value where it came from: default, file, environment or --set")
     _common(p)
     p.set_defaults(func=cmd_config_show)
 

@@ -69,8 +69,8 @@ def _convert(value: str, kind: type, where: str):
         raise ConfigError(f"{where}: should be {kind.__name__}, got {value!r}") from None
 
 
-def _set(section, path: list[str], value, origin: str, where: str) -> None:
-    """Set `path` (keys below `section`) to `value`, checking its type."""
+def _set(section, path: list[str], value, origin: str, where: str, origins: dict | None = None) -> None:
+    """Set `path` (keys below `section`) to `value`, checking its type; note where it came from."""
     hints = typing.get_type_hints(type(section))
     key = path[0]
     here = f"{where}.{key}" if where else key
@@ -81,11 +81,11 @@ def _set(section, path: list[str], value, origin: str, where: str) -> None:
     if dataclasses.is_dataclass(kind):
         child = getattr(section, key)
         if len(path) > 1:
-            return _set(child, path[1:], value, origin, here)
+            return _set(child, path[1:], value, origin, here, origins)
         if not isinstance(value, dict):
             raise ConfigError(f"{origin}: [{here}] is a section, got {value!r}")
         for k, v in value.items():
-            _set(child, [k], v, origin, here)
+            _set(child, [k], v, origin, here, origins)
         return
     if len(path) > 1:
         raise ConfigError(f"{origin}: {here} is a value, not a section")
@@ -98,6 +98,8 @@ def _set(section, path: list[str], value, origin: str, where: str) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{origin}: {here} must be a finite number, got {value!r}")
     setattr(section, key, value)
+    if origins is not None:
+        origins[here] = origin if origin == "--set" else f"file {origin}"
 
 
 def validate(cfg: Config) -> None:
@@ -134,7 +136,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _apply_file(cfg: Config, path) -> None:
+def _apply_file(cfg: Config, path, origins: dict) -> None:
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -144,33 +146,39 @@ def _apply_file(cfg: Config, path) -> None:
         if section not in cfg.to_dict() or not isinstance(values, dict):
             raise ConfigError(f"{path}: unknown config section [{section}] (known: "
                               f"{', '.join(f.name for f in dataclasses.fields(Config))})")
-        _set(cfg, [section], values, str(path), "")
+        _set(cfg, [section], values, str(path), "", origins)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 environ: typing.Mapping[str, str] | None = None) -> Config:
     cfg = Config()
+    origins: dict[str, str] = {}  # dotted key -> where its value came from (absent: the default)
     env = os.environ if environ is None else environ
     for file in (env.get("ARCFACE_CONFIG"), path):
         if file:
-            _apply_file(cfg, file)
+            _apply_file(cfg, file, origins)
     for variable, (section, key) in ENVIRONMENT.items():
         if env.get(variable):
             setattr(getattr(cfg, section), key, env[variable])
+            origins[f"{section}.{key}"] = f"environment {variable}"
     for item in overrides or []:
         dotted, sep, value = item.partition("=")
         parts = dotted.split(".")
         if not sep or len(parts) < 2 or not hasattr(cfg, parts[0]):
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
-        _set(getattr(cfg, parts[0]), parts[1:], value, "--set", parts[0])
+        _set(getattr(cfg, parts[0]), parts[1:], value, "--set", parts[0], origins)
     if not cfg.train.storage:  # checkpoints live with the rest of the local state by default
         cfg.train.storage = os.path.join(cfg.services.state_dir, "runs")
+        origins["train.storage"] = "derived from services.state_dir"
     validate(cfg)
+    cfg.origins = origins
     return cfg
 
 
-def to_toml(cfg: Config) -> str:
-    """The effective config as TOML that `--config` reads back."""
+def to_toml(cfg: Config, origins: bool = False) -> str:
+    """The effective config as TOML that `--config` reads back; with `origins`, each value
+    carries a comment saying where it came from (default, file, environment, --set)."""
+    where = getattr(cfg, "origins", {})
     def value(v) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -183,7 +191,10 @@ def to_toml(cfg: Config) -> str:
     def section(name: str, values: dict) -> None:
         lines.append(f"[{name}]")
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
-        lines.extend(f"{k} = {value(v)}" for k, v in values.items() if not isinstance(v, dict))
+        for k, v in values.items():
+            if not isinstance(v, dict):
+                note = f"  # {where.get(f'{name}.{k}', 'default')}" if origins else ""
+                lines.append(f"{k} = {value(v)}{note}")
         lines.append("")
         for k, v in nested.items():
             section(f"{name}.{k}", v)

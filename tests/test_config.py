@@ -32,3 +32,30 @@ def test_bad_override():
         load_config(None, ["identities=3"])
     with pytest.raises(ValueError):
         load_config(None, ["demo.identities=three"])
+
+
+def test_config_show_round_trips_and_names_each_values_origin(tmp_path):
+    """`arcface config show --origins`: TOML that --config reads back, every value annotated."""
+    import tomllib
+
+    from pipelines.config import to_toml
+
+    base = tmp_path / "site.toml"
+    base.write_text("[services]\nmlflow_port = 5100\n")
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nlr = 0.05\n[margin.cosface]\nm = 0.4\n")
+    env = {"ARCFACE_CONFIG": str(base), "RAY_ADDRESS": "http://127.0.0.1:8265", "ARCFACE_STATE_DIR": str(tmp_path)}
+    cfg = load_config(path, ["train.batch_size=32"], environ=env)
+    text = to_toml(cfg, origins=True)
+    lines = dict(l.split(" = ", 1) for l in text.splitlines() if " = " in l)
+    assert f"# file {base}" in text.split("mlflow_port = 5100")[1].splitlines()[0]
+    assert f"0.05  # file {path}" in text and f"m = 0.4  # file {path}" in text
+    assert "batch_size = 32  # --set" in text
+    assert 'ray_address = "http://127.0.0.1:8265"  # environment RAY_ADDRESS' in text
+    assert "# derived from services.state_dir" in text.split("storage = ")[1].splitlines()[0]
+    assert lines["epochs"].endswith("# default")
+    saved = tmp_path / "saved.toml"
+    saved.write_text(text)  # the comments are TOML comments: it reads back to the same config
+    assert tomllib.loads(text)["train"]["lr"] == 0.05
+    again = load_config(saved, environ={})
+    assert to_toml(again) == to_toml(cfg)
