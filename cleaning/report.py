@@ -24,10 +24,28 @@ def figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
+# A report shows thumbnails: what it decodes is capped (rejects hold raw bytes of any image,
+# decompression bombs included), and only formats stage 1 accepts are decoded at all.
+THUMBNAIL_MAX_PIXELS = 4_000_000
+
+
+def decode_thumbnail_source(data: bytes | None) -> np.ndarray | None:
+    """BGR pixels of an image to show, or None when it is empty, not an accepted format, or
+    larger than THUMBNAIL_MAX_PIXELS (judged on its header, before any decoding)."""
+    from cleaning.steps import ACCEPTED_FORMATS, sniff_image
+
+    if not data:
+        return None
+    sniffed = sniff_image(data)
+    if sniffed is None or sniffed[0] not in ACCEPTED_FORMATS or sniffed[1][0] * sniffed[1][1] > THUMBNAIL_MAX_PIXELS:
+        return None
+    return cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+
+
 def contact_sheet(images: list[bytes], tile: int = 112) -> bytes | None:
     tiles = []
     for data in images[:SHEET_MAX]:
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        img = decode_thumbnail_source(data)
         if img is None:
             img = np.full((tile, tile, 3), 40, np.uint8)
             cv2.putText(img, "no image", (10, tile // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (200, 200, 200), 1)
@@ -50,8 +68,9 @@ def write_report(ds: RefinedDataset) -> str:
     manifest = ds.manifest.to_dict()
     reject_files = ds.reject_uris()
     shard_files = ds.shard_uris()
-    rejects = [shards.read_table(u, ["reason", "image", "blur", "det_score"]) for u in reject_files]
-    kept = [shards.read_table(u, ["image", "blur", "det_score", "label"]) for u in shard_files]
+    # Figures for every row, pixels only for the rows shown.
+    rejects = [shards.read_table(u, ["reason", "blur", "det_score"]) for u in reject_files]
+    kept = [shards.read_table(u, ["blur", "det_score"]) for u in shard_files]
 
     sections = []
     # Histograms of the quality figures, kept vs rejected.
@@ -73,12 +92,13 @@ def write_report(ds: RefinedDataset) -> str:
     sections.append('<h2>Quality figures</h2><img src="quality.png" alt="quality histograms">')
 
     # Contact sheets: what was dropped, per reason, next to kept faces.
-    by_reason: dict[str, list[bytes]] = {}
-    for t in rejects:
-        for reason, image in zip(t.column("reason").to_pylist(), t.column("image").to_pylist()):
-            lst = by_reason.setdefault(reason, [])
+    shown: dict[str, list[tuple[int, int]]] = {}  # reason -> (reject file, row) shown
+    for f, t in enumerate(rejects):
+        for row, reason in enumerate(t.column("reason").to_pylist()):
+            lst = shown.setdefault(reason, [])
             if len(lst) < SHEET_MAX:
-                lst.append(image)
+                lst.append((f, row))
+    by_reason = {reason: _images_at(reject_files, rows) for reason, rows in shown.items()}
     sheets = []
     for reason, images in sorted(by_reason.items()):
         png = contact_sheet(images)
@@ -87,7 +107,7 @@ def write_report(ds: RefinedDataset) -> str:
             storage.write_bytes(ds.report_file(name), png)
             sheets.append(f"<h3>{html.escape(reason)}</h3><img src=\"{name}\" alt=\"{html.escape(reason)}\">")
     if kept and kept[0].num_rows:
-        png = contact_sheet(kept[0].column("image").to_pylist()[:SHEET_MAX])
+        png = contact_sheet(_images_at(shard_files, [(0, r) for r in range(min(SHEET_MAX, kept[0].num_rows))]))
         storage.write_bytes(ds.report_file("kept_sample.png"), png)
         sheets.insert(0, '<h3>kept (sample)</h3><img src="kept_sample.png" alt="kept faces">')
     sections.append("<h2>Contact sheets</h2>" + "".join(sheets))
@@ -107,6 +127,28 @@ Content hash: <code>{manifest['content_hash'][:16]}</code></p>
 </body></html>"""
     storage.write_bytes(ds.report_index, page.encode())
     return ds.report_index
+
+
+def _images_at(uris: list[str], rows: list[tuple[int, int]]) -> list[bytes]:
+    """The `image` cells at (file index, row), in that order: only the row groups holding
+    those rows are read (a rejects file may hold a thousand raw photos)."""
+    import pyarrow.parquet as pq
+
+    by_file: dict[int, list[int]] = {}
+    for f, r in rows:
+        by_file.setdefault(f, []).append(r)
+    cells = {}
+    for f, rs in by_file.items():
+        fs, path = storage.resolve(uris[f])
+        with fs.open_input_file(path) as fh:
+            pf = pq.ParquetFile(fh)
+            starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
+            for g in sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rs}):
+                images = pf.read_row_group(g, columns=["image"]).column("image")
+                for r in rs:
+                    if starts[g] <= r < starts[g + 1]:
+                        cells[(f, r)] = images[r - int(starts[g])].as_py()
+    return [cells[key] for key in rows]
 
 
 # -- stage 2 ----------------------------------------------------------------------------------
@@ -140,7 +182,7 @@ def identity_sheet(rows: list[tuple[list[bytes], list[bytes]]], tile: int = 96, 
     def tiles(images, colour):
         out = []
         for data in images[:per_side]:
-            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            img = decode_thumbnail_source(data)
             img = cv2.resize(img, (tile, tile), interpolation=cv2.INTER_AREA) if img is not None else \
                 np.full((tile, tile, 3), 40, np.uint8)
             out.append(cv2.copyMakeBorder(img[3:-3, 3:-3], 3, 3, 3, 3, cv2.BORDER_CONSTANT, value=colour))

@@ -38,6 +38,8 @@ class PartitionSettings:
     redetect: bool  # ignore landmarks the source gives
     jpeg_quality: int
     row_group_rows: int
+    detect_max_side: int = 1280
+    decoded_pixels_per_chunk: int = 100_000_000
 
 
 def get_detector(min_face: int, device: str):
@@ -143,6 +145,42 @@ def _worker_name() -> str:
         return "local"
 
 
+def bounded_copy(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The image scaled so that its longest side is at most `max_side`, and the scale."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA), scale
+
+
+def detect_bounded(detector, images: list[np.ndarray], max_side: int) -> list[list]:
+    """Detections on bounded copies, boxes and landmarks in full-resolution pixels."""
+    from cleaning.detect.mtcnn import Detection
+
+    copies = [bounded_copy(img, max_side) for img in images]
+    found = detector.detect([c for c, _ in copies])
+    return [[Detection(d.box / scale, d.score, d.landmarks / scale) if scale != 1.0 else d for d in dets]
+            for dets, (_, scale) in zip(found, copies)]
+
+
+def _finish_chunk(chunk: list[Face], chain: StepChain, cfg: PartitionSettings, tables: "_Tables") -> None:
+    """Detection where needed, then the steps after it, for one chunk of an identity."""
+    need = [f for f in chunk if f.landmarks is None and f.aligned is None]
+    if need:
+        detector = get_detector(cfg.detector_min_face, cfg.detector_device)
+        for face, dets in zip(need, detect_bounded(detector, [f.image for f in need], cfg.detect_max_side)):
+            face.detections = dets
+    for face in chunk:  # in the reader's (key) order: duplicates keep the first
+        dropped = _run(chain.after_detection, face)
+        if dropped:
+            tables.reject(face, *dropped)
+        else:
+            tables.keep(face)
+        face.image = None  # free the decoded photo early
+
+
 def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings, out: RefinedDataset) -> dict:
     uris = staged_uris(out, part.index)
     if storage.exists(uris["counts"]):  # finished on an earlier run
@@ -152,7 +190,10 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
     read = 0
     for group in _by_identity(read_partition(part)):
         read += len(group)
-        waiting: list[Face] = []
+        # Decoded photos are held in chunks under a pixel budget, never a whole identity:
+        # every step still sees the identity's faces in the reader's (key) order.
+        chunk: list[Face] = []
+        pixels = 0
         for raw in group:
             face = Face(raw)
             if cfg.redetect:
@@ -160,22 +201,14 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
             dropped = _run(chain.before_detection, face)
             if dropped:
                 tables.reject(face, *dropped)
-            else:
-                waiting.append(face)
-        need = [f for f in waiting if f.landmarks is None and f.aligned is None]
-        if need:
-            detector = get_detector(cfg.detector_min_face, cfg.detector_device)
-            for start in range(0, len(need), cfg.detector_batch):
-                chunk = need[start:start + cfg.detector_batch]
-                for face, dets in zip(chunk, detector.detect([f.image for f in chunk])):
-                    face.detections = dets
-        for face in waiting:  # in the reader's (key) order: duplicates keep the first
-            dropped = _run(chain.after_detection, face)
-            if dropped:
-                tables.reject(face, *dropped)
-            else:
-                tables.keep(face)
-            face.image = None  # free the decoded photo early
+                face.image = None
+                continue
+            chunk.append(face)
+            pixels += face.image.shape[0] * face.image.shape[1]
+            if pixels >= cfg.decoded_pixels_per_chunk or len(chunk) >= cfg.detector_batch:
+                _finish_chunk(chunk, chain, cfg, tables)
+                chunk, pixels = [], 0
+        _finish_chunk(chunk, chain, cfg, tables)
     kept, rejects = tables.tables()
     counts = {
         "partition": part.index, "read": read, "kept": kept.num_rows, "rejected": rejects.num_rows,
@@ -188,6 +221,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
         raise RuntimeError(f"partition {part.index}: read {read} != kept {kept.num_rows} + rejected {rejects.num_rows}")
     shards.write_table(uris["kept"], kept, cfg.row_group_rows)
-    shards.write_table(uris["rejects"], rejects, cfg.row_group_rows)
+    # Small row groups: a rejects file holds raw photos, and the report reads a few rows of it.
+    shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
     shards.write_json(uris["counts"], counts)  # last: marks the partition done
     return counts

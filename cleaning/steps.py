@@ -97,15 +97,23 @@ class ExactDuplicate(Step):
         return None
 
 
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the header alone (no pixel decoding: decompression-bomb safe)."""
+# The image formats a face dataset is made of. OpenCV decodes more (Radiance HDR, PFM, PAM,
+# OpenEXR, JPEG 2000, ...), and some of those it decodes at full size before any cap can be
+# checked: everything else is refused on its header, before OpenCV sees it. (PIL calls some
+# camera JPEGs MPO.)
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "PPM")
+
+
+def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
+    """(format, (width, height)) from the header alone - no pixel decoding, so a
+    decompression bomb costs nothing here; None when no known image format is recognised."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Image.DecompressionBombError:
-        return (1 << 31, 1)  # PIL refuses it on size alone: certainly over any cap we set
+            return im.format or "", im.size
+    except Image.DecompressionBombError:  # PIL refuses it on size alone: over any cap we set
+        return "bomb", (1 << 31, 1)
     except Exception:
         return None
 
@@ -115,7 +123,7 @@ class Decode(Step):
     non-image and over-large (pixel cap) files are dropped."""
 
     name = "decode"
-    reasons = ("empty_file", "too_many_pixels", "undecodable", "truncated", "not_aligned_112")
+    reasons = ("empty_file", "too_many_pixels", "unsupported_format", "undecodable", "truncated", "not_aligned_112")
 
     def __init__(self, max_pixels: int):
         super().__init__()
@@ -126,10 +134,18 @@ class Decode(Step):
         if not data:
             face.detail = f"{face.raw.source}: 0 bytes"
             return "empty_file"
-        size = _image_size(data)
-        if size is not None and size[0] * size[1] > self.max_pixels:
+        sniffed = sniff_image(data)
+        if sniffed is None:
+            face.detail = (f"{face.raw.source}: not a decodable image (accepted formats: "
+                           f"{', '.join(ACCEPTED_FORMATS)}, recognised by their header)")
+            return "undecodable"
+        kind, size = sniffed
+        if size[0] * size[1] > self.max_pixels:
             face.detail = f"{face.raw.source}: {size[0]}x{size[1]} exceeds the {self.max_pixels}-pixel cap"
             return "too_many_pixels"
+        if kind not in ACCEPTED_FORMATS:
+            face.detail = f"{face.raw.source}: a {kind} image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
+            return "unsupported_format"
         if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
             face.detail = f"{face.raw.source}: JPEG without its end marker"
             return "truncated"

@@ -126,6 +126,15 @@ def write_bytes(uri: str, data: bytes) -> None:
         fh.write(data)
 
 
+def delete(uri: str) -> None:
+    """Remove one file if it is there."""
+    fs, path = resolve(uri)
+    try:
+        fs.delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def name(uri: str) -> str:
     """The last component of a path or URI."""
     return os.fspath(uri).rstrip("/").rsplit("/", 1)[-1]

@@ -73,6 +73,13 @@ class CleanConfig:
     detector_min_face: int = 20
     detector_device: str = "auto"
     detector_batch: int = 32
+    # Detection runs on a copy whose longest side is at most this (as production detectors
+    # do); boxes and landmarks are mapped back, and alignment samples the full-resolution
+    # photo. Faces smaller than detector_min_face in that copy are not found.
+    detect_max_side: int = 1280
+    # Decoded pixels a worker holds at once: an identity is processed in chunks that stay
+    # under it (8 camera photos of 4000x3000 are 96 MP = 288 MB as RGB), not whole.
+    decoded_pixels_per_chunk: int = 100_000_000
     # VGGFace2 ships landmarks; set true to re-detect anyway.
     redetect: bool = False
     jpeg_quality: int = 95
@@ -95,7 +102,8 @@ def build_steps(cfg: CleanConfig) -> StepChain:
 def partition_settings(cfg: CleanConfig) -> PartitionSettings:
     return PartitionSettings(detector_min_face=cfg.detector_min_face, detector_device=cfg.detector_device,
                              detector_batch=cfg.detector_batch, redetect=cfg.redetect, jpeg_quality=cfg.jpeg_quality,
-                             row_group_rows=cfg.row_group_rows)
+                             row_group_rows=cfg.row_group_rows, detect_max_side=cfg.detect_max_side,
+                             decoded_pixels_per_chunk=cfg.decoded_pixels_per_chunk)
 
 
 def _worker_setup():
@@ -194,8 +202,11 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
         from cleaning.report import write_report
 
         write_report(out)
-    except Exception:  # the report is a view; the dataset stands without it
-        log.exception("report failed")
+    except Exception:  # the report is a view: the dataset stands without it, but no index
+        # means no report (a stale one from an earlier run must not pass for this one's),
+        # and the commands exit non-zero.
+        log.exception("the report of %s failed", out.uri)
+        storage.delete(out.report_index)
     return out
 
 

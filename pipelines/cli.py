@@ -102,8 +102,21 @@ def cmd_clean_data(args, cfg) -> int:
 
     out = run_clean_data(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler)
     _print_counts(out.manifest)
-    print(f"shards, rejects, manifest and report in {out.uri} ({out.manifest.extra.get('seconds')} s)")
-    return 0
+    print(f"shards, rejects and manifest in {out.uri} ({out.manifest.extra.get('seconds')} s)")
+    return _report_status(out)
+
+
+def _report_status(*datasets) -> int:
+    """0 when every dataset's report was written; else one error line each, and 1."""
+    from dataset import storage
+
+    missing = [d for d in datasets if not storage.exists(d.report_index)]
+    for d in missing:
+        print(f"error: the report of {d.uri} could not be written (the traceback is in the log above); "
+              "the dataset itself is complete", file=sys.stderr)
+    if not missing:
+        print("report: " + ", ".join(d.report_index for d in datasets))
+    return 1 if missing else 0
 
 
 def _train_overrides(args, cfg) -> None:
@@ -263,8 +276,8 @@ def cmd_denoise(args, cfg) -> int:
     out = run_denoise(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
                       ray_address=cfg.services.ray_address, mlflow_uri=mlflow_uri)
     _print_counts(out.manifest)
-    print(f"shards, rejects, manifest and report in {out.uri}")
-    return 0
+    print(f"shards, rejects and manifest in {out.uri}")
+    return _report_status(out)
 
 
 def cmd_refine(args, cfg) -> int:
@@ -282,7 +295,7 @@ def cmd_refine(args, cfg) -> int:
                   bootstrap=result.bootstrap_checkpoint)
     if result.refined_checkpoint:
         print(f"model trained on it: {result.refined_checkpoint}")
-    return 0
+    return _report_status(result.stage1, result.stage2)
 
 
 def cmd_holdout(args, cfg) -> int:

@@ -156,8 +156,11 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
         from cleaning.report import write_denoise_report
 
         write_denoise_report(out, embedded)
-    except Exception:  # the report is a view; the dataset stands without it
-        log.exception("report failed")
+    except Exception:  # the report is a view: the dataset stands without it, but no index
+        # means no report (a stale one from an earlier run must not pass for this one's),
+        # and the commands exit non-zero.
+        log.exception("the report of %s failed", out.uri)
+        storage.delete(out.report_index)
     if mlflow_uri:
         _track(out, mlflow_uri)
     return out

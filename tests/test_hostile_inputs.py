@@ -1,0 +1,150 @@
+"""Hostile and merely large inputs, built here at test time: each costs one reject (or is
+kept), never the job; memory per worker stays bounded; the report decodes only what it may."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import skimage
+from PIL import Image
+
+from cleaning.detect.weights import have_weights
+from dataset import RefinedDataset, storage
+from pipelines.clean_data import CleanConfig, run_clean_data
+
+ASTRONAUT = Path(skimage.__file__).parent / "data" / "astronaut.png"
+
+
+def radiance_hdr(width: int, height: int) -> bytes:
+    """A Radiance RGBE file of a constant colour, run-length encoded: a few MB on disk that
+    OpenCV would decode to width x height x 3 float32 (9000 x 9000: 972 MB)."""
+    runs = b""
+    left = width
+    while left:
+        n = min(127, left)
+        runs += bytes([128 + n, 100])
+        left -= n
+    line = bytes([2, 2, width >> 8, width & 255]) + runs * 4  # R, G, B, E channels
+    return f"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y {height} +X {width}\n".encode() + line * height
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (1 + 3 * width) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def camera_photo(shift: int) -> bytes:
+    """A 4000x3000 JPEG with a large face (the astronaut, upscaled) - an ordinary camera photo."""
+    face = cv2.resize(cv2.imread(str(ASTRONAUT)), (2600, 2600), interpolation=cv2.INTER_CUBIC)
+    canvas = np.full((3000, 4000, 3), 90, np.uint8)
+    canvas[200:2800, 600 + shift:3200 + shift] = face
+    return cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes()
+
+
+def reasons(out: Path) -> dict[str, str]:
+    t = pq.read_table(out / "rejects", columns=["key", "reason"]).to_pydict()
+    return dict(zip(t["key"], t["reason"]))
+
+
+def test_formats_decoded_outside_the_cap_are_refused_on_their_header(tmp_path):
+    """HDR, PFM and PAM (OpenCV decodes them at full size, Pillow cannot size them), even
+    named .jpg, are refused before decoding; an image format we do not take (GIF) is named."""
+    person = tmp_path / "raw" / "someone"
+    person.mkdir(parents=True)
+    (person / "bomb.jpg").write_bytes(radiance_hdr(9000, 9000))
+    (person / "float.jpg").write_bytes(cv2.imencode(".pfm", np.ones((40, 40, 3), np.float32))[1].tobytes())
+    (person / "pam.jpg").write_bytes(b"P7\nWIDTH 30000\nHEIGHT 30000\nDEPTH 3\nMAXVAL 255\nTUPLTYPE RGB\nENDHDR\n"
+                                     + b"\0" * 1000)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buf, "GIF")
+    (person / "anim.jpg").write_bytes(buf.getvalue())  # a GIF named .jpg
+    started = time.perf_counter()
+    cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="1GiB")
+    manifest = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    assert time.perf_counter() - started < 120
+    got = reasons(tmp_path / "out")
+    assert got == {"someone/bomb.jpg": "undecodable", "someone/float.jpg": "undecodable",
+                   "someone/pam.jpg": "undecodable", "someone/anim.jpg": "unsupported_format"}
+    c = manifest.manifest.counts
+    assert c["read"] == 4 == c["rejected"] and c["kept"] == 0
+    assert storage.exists(manifest.report_index)
+
+
+@pytest.mark.skipif(not have_weights(), reason="MTCNN weights not fetched (make setup)")
+def test_an_identity_of_camera_photos_finishes_under_a_worker_memory_limit(tmp_path):
+    """Eight 4000x3000 photos of one person beside a 9000x9000 HDR bomb: detection runs on
+    1280-px copies and decoded photos are held in chunks, so a 1.5 GiB worker is enough
+    (before, the whole identity went to MTCNN at full size: 1.15 GB of float input alone)."""
+    person = tmp_path / "raw" / "camera"
+    person.mkdir(parents=True)
+    for i in range(8):
+        (person / f"IMG_{i:04d}.jpg").write_bytes(camera_photo(shift=37 * i))
+    (tmp_path / "raw" / "other").mkdir()
+    (tmp_path / "raw" / "other" / "bomb.jpg").write_bytes(radiance_hdr(9000, 9000))
+    cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="1.5GiB")
+    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    c = out.manifest.counts
+    assert c["read"] == 9 == c["kept"] + c["rejected"]
+    got = reasons(tmp_path / "out")
+    assert got.pop("other/bomb.jpg") == "undecodable"
+    assert c["kept"] >= 1 and set(got.values()) <= {"near_duplicate"}  # one photo, shifted: kept once
+    kept = pq.read_table(tmp_path / "out" / "shards", columns=["landmarks", "box", "face_choice"]).to_pylist()
+    for row in kept:  # landmarks in full-resolution pixels (mapped back from the bounded copy)
+        lm = np.array(row["landmarks"]).reshape(5, 2)
+        assert 600 < lm[:, 0].min() and lm[:, 0].max() < 3500 and 200 < lm[:, 1].min() < 2800
+
+
+def test_the_report_never_decodes_a_bomb_it_shows(tmp_path):
+    """A 30000x30000 PNG bomb lands in rejects/ with its bytes; the report shows a placeholder
+    for it instead of decoding 2.7 GB, and finishes quickly."""
+    from cleaning.report import decode_thumbnail_source
+
+    bomb = png_bomb(30000, 30000)
+    assert decode_thumbnail_source(bomb) is None
+    assert decode_thumbnail_source(radiance_hdr(9000, 9000)) is None
+    ok = cv2.imencode(".jpg", np.full((50, 50, 3), 128, np.uint8))[1].tobytes()
+    assert decode_thumbnail_source(ok).shape == (50, 50, 3)
+    person = tmp_path / "raw" / "someone"
+    person.mkdir(parents=True)
+    (person / "bomb.png").write_bytes(bomb)
+    started = time.perf_counter()
+    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"),
+                         CleanConfig(records_per_partition=50, workers=1))
+    assert reasons(tmp_path / "out") == {"someone/bomb.png": "too_many_pixels"}
+    assert storage.exists(out.report_index) and time.perf_counter() - started < 120
+
+
+def test_a_failed_report_is_an_error_not_a_success(tmp_path, monkeypatch, capsys):
+    import cleaning.report
+
+    from pipelines.cli import _report_status
+
+    person = tmp_path / "raw" / "someone"
+    person.mkdir(parents=True)
+    (person / "text.jpg").write_text("not an image")
+    out_dir = tmp_path / "out"
+    first = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
+                           CleanConfig(records_per_partition=50, workers=1))
+    assert storage.exists(first.report_index) and _report_status(first) == 0
+
+    def broken(ds):
+        raise RuntimeError("no room for the report")
+
+    monkeypatch.setattr(cleaning.report, "write_report", broken)
+    again = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
+                           CleanConfig(records_per_partition=50, workers=1))
+    assert not storage.exists(again.report_index)  # the earlier run's report does not pass for this one's
+    assert _report_status(again) == 1
+    assert "could not be written" in capsys.readouterr().err
