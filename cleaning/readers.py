@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import csv
 import io
+import itertools
 import logging
 import posixpath
 import re
@@ -58,6 +60,9 @@ class Partition:
     first_line: int = 1
     records: list[tuple[int, int, int]] = field(default_factory=list)  # rec: (idx, offset, idx line)
     extra: dict = field(default_factory=dict)
+    # A slice [lo, hi) of the partition's records, in reading order: what is left to redo when
+    # a partition killed its worker and is split to isolate the record that did it.
+    subset: tuple[int, int] | None = None
 
 
 def safe_identity(name: str) -> bool:
@@ -464,5 +469,45 @@ def plan(fmt: str, root: str, per_partition: int) -> list[Partition]:
     return PLANNERS[fmt](root, per_partition)
 
 
+def input_stamp(part: Partition) -> str:
+    """A digest of what a partition reads, from listings alone: every file's name, size and
+    modification time (identity folders for folder formats, the container files otherwise).
+    A finished partition is reused only while this is unchanged."""
+    h = hashlib.sha256()
+
+    def files(uri: str) -> None:
+        try:
+            infos = sorted(_listdir(uri), key=lambda i: i.path)
+        except (FileNotFoundError, OSError):
+            h.update(f"{uri}|missing\n".encode())
+            return
+        for i in infos:
+            h.update(f"{i.path}|{i.type}|{i.size}|{i.mtime_ns}\n".encode())
+
+    def one(uri: str) -> None:
+        fs, path = storage.resolve(uri)
+        i = fs.get_file_info(path)
+        h.update(f"{path}|{i.type}|{i.size}|{i.mtime_ns}\n".encode())
+
+    if part.format == "image-folder":
+        for ident in part.identities:
+            files(storage.join(part.root, ident))
+    elif part.format == "vggface2":
+        split = part.extra["split"]
+        for name in (VGG_BB, VGG_LM):
+            one(storage.join(part.root, name.format(split=split)))
+        for ident in part.identities:
+            files(storage.join(part.root, split, ident))
+    elif part.format == "msceleb-tsv":
+        one(part.root)
+    else:
+        files(part.root)
+    return h.hexdigest()
+
+
 def read_partition(part: Partition) -> Iterator[RawSample]:
-    return READERS[part.format](part)
+    records = READERS[part.format](part)
+    if part.subset is None:
+        return records
+    lo, hi = part.subset
+    return itertools.islice(records, lo, hi)

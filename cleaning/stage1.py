@@ -8,6 +8,9 @@ run again (by Dask's retry or a rerun of the job) and a finished one is skipped.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -16,7 +19,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from cleaning.readers import Partition, read_partition
+from cleaning.readers import Partition, input_stamp, read_partition
 from cleaning.steps import Face, Step, StepChain
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
@@ -40,6 +43,9 @@ class PartitionSettings:
     row_group_rows: int
     detect_max_side: int = 1280
     decoded_pixels_per_chunk: int = 100_000_000
+    # What else decides a partition's output: a digest of the whole stage-1 config and the
+    # code version (the job fills both); part of every partition's fingerprint.
+    config_digest: str = ""
 
 
 def get_detector(min_face: int, device: str):
@@ -181,10 +187,20 @@ def _finish_chunk(chunk: list[Face], chain: StepChain, cfg: PartitionSettings, t
         face.image = None  # free the decoded photo early
 
 
+def fingerprint(part: Partition, cfg: PartitionSettings) -> str:
+    """What produced a partition's output: the partition (which records, from where), its
+    input files' listing, the config and the code version."""
+    spec = json.dumps(dataclasses.asdict(part), sort_keys=True, default=str)
+    return hashlib.sha256(f"{spec}|{input_stamp(part)}|{cfg.config_digest}".encode()).hexdigest()
+
+
 def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings, out: RefinedDataset) -> dict:
     uris = staged_uris(out, part.index)
-    if storage.exists(uris["counts"]):  # finished on an earlier run
-        return shards.read_json(uris["counts"])
+    stamp = fingerprint(part, cfg)
+    if storage.exists(uris["counts"]):  # finished on an earlier run: reused only if made from the same
+        done = shards.read_json(uris["counts"])
+        if done.get("fingerprint") == stamp:
+            return done
     chain = copy.deepcopy(steps)
     tables = _Tables(cfg.jpeg_quality)
     read = 0
@@ -216,6 +232,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
                         .most_common()) if rejects.num_rows else {},
         "steps": {s.name: s.counts() for s in chain.all()},
         "worker": _worker_name(),
+        "fingerprint": stamp,
     }
     counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
@@ -224,4 +241,32 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
     # Small row groups: a rejects file holds raw photos, and the report reads a few rows of it.
     shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
     shards.write_json(uris["counts"], counts)  # last: marks the partition done
+    return counts
+
+
+def count_records(part: Partition) -> int:
+    """Records of a partition, read but not decoded."""
+    return sum(1 for _ in read_partition(part))
+
+
+def reject_partition(part: Partition, cfg: PartitionSettings, out: RefinedDataset, stage: str, reason: str,
+                     detail: str) -> dict:
+    """Stage a partition whose records are all rejected without being processed (the
+    record a worker died on, once bisection has isolated it); its bytes are kept as any
+    reject's are (capped)."""
+    uris = staged_uris(out, part.index)
+    tables = _Tables(cfg.jpeg_quality)
+    read = 0
+    for raw in read_partition(part):
+        read += 1
+        face = Face(raw)
+        face.detail = f"{raw.source}: {detail}"
+        tables.reject(face, stage, reason)
+    kept, rejects = tables.tables()
+    counts = {"partition": part.index, "read": read, "kept": 0, "rejected": rejects.num_rows,
+              "reasons": {f"{stage}/{reason}": rejects.num_rows} if read else {}, "steps": {}, "worker": "driver",
+              "fingerprint": fingerprint(part, cfg)}
+    shards.write_table(uris["kept"], kept, cfg.row_group_rows)
+    shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
+    shards.write_json(uris["counts"], counts)
     return counts

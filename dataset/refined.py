@@ -165,6 +165,23 @@ class RefinedDataset:
     def reject_uris(self) -> list[str]:
         return storage.list_files(storage.join(self.uri, REJECTS), suffix=".parquet")
 
+    def partition_files(self) -> list[str]:
+        """Every per-partition file: shards, rejects and staging (named part-NNNNN.*)."""
+        files = []
+        for folder in (SHARDS, REJECTS, STAGING):
+            try:
+                files += storage.list_files(storage.join(self.uri, folder), recursive=False)
+            except (FileNotFoundError, OSError):
+                continue
+        return files
+
+    def holds_anything(self) -> bool:
+        """Whether the location has any file at all (a dataset of ours or not)."""
+        try:
+            return bool(storage.list_files(self.uri))
+        except (FileNotFoundError, OSError):
+            return False
+
     def staging(self, name: str) -> str:
         return storage.join(self.uri, STAGING, name)
 

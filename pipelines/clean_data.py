@@ -10,6 +10,8 @@ written last, so a dataset with a manifest is complete.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import time
@@ -103,7 +105,17 @@ def partition_settings(cfg: CleanConfig) -> PartitionSettings:
     return PartitionSettings(detector_min_face=cfg.detector_min_face, detector_device=cfg.detector_device,
                              detector_batch=cfg.detector_batch, redetect=cfg.redetect, jpeg_quality=cfg.jpeg_quality,
                              row_group_rows=cfg.row_group_rows, detect_max_side=cfg.detect_max_side,
-                             decoded_pixels_per_chunk=cfg.decoded_pixels_per_chunk)
+                             decoded_pixels_per_chunk=cfg.decoded_pixels_per_chunk, config_digest=config_digest(cfg))
+
+
+def config_digest(cfg: CleanConfig) -> str:
+    """The stage-1 config and the code version: a partition made under others is redone."""
+    from pipelines.training.driver import code_version
+
+    # How it runs (workers, their memory) does not change what a partition holds.
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "memory_limit")}
+    blob = json.dumps({"clean": recipe, "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def _worker_setup():
@@ -147,6 +159,30 @@ def _client(scheduler: str | None, cfg: CleanConfig):
     return Client(cluster), cluster
 
 
+def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_index: int):
+    """A partition whose task failed: its two halves to run again, or, when it is down to one
+    record, that record rejected as `resource/worker_lost` (a dict of counts). Every record
+    still ends in a shard or in rejects/, and one poison record costs itself, not the job."""
+    import dataclasses
+
+    from cleaning.stage1 import count_records, reject_partition
+
+    lo, hi = part.subset or (0, client.submit(count_records, part, pure=False).result())
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+    if hi - lo <= 1:
+        log.error("record %d of partition %s was rejected: its worker failed on it (%s)", lo, part.index, reason)
+        single = dataclasses.replace(part, subset=(lo, hi), index=next_index)
+        counts = reject_partition(single, settings, out, "resource", "worker_lost",
+                                  f"the worker processing this record died or failed ({reason})")
+        return [counts | {"part": single}], next_index + 1
+    mid = (lo + hi) // 2
+    log.warning("partition %s (records %d-%d) failed (%s); retrying its halves to isolate the record",
+                part.index, lo, hi, reason)
+    halves = [dataclasses.replace(part, subset=(lo, mid), index=next_index),
+              dataclasses.replace(part, subset=(mid, hi), index=next_index + 1)]
+    return halves, next_index + 2
+
+
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
     from dask.distributed import as_completed
 
@@ -154,16 +190,43 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
     steps, settings = build_steps(cfg), partition_settings(cfg)
     try:
         client.run(_worker_setup)
-        futures = [client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{id(parts)}",
-                                 retries=2, pure=False) for p in parts]
+        run_id = id(parts)
+
+        def submit(p, retries: int):
+            return client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{run_id}",
+                                 retries=retries, pure=False)
+
+        futures = {submit(p, 2): p for p in parts}
+        done_parts: list = []
+        next_index = max((p.index for p in parts), default=-1) + 1
         counts = []
         bar = Progress("stage 1", unit="record")
-        for fut in as_completed(futures):
-            counts.append(fut.result())
+        pending = as_completed(list(futures))
+        for fut in pending:
+            part = futures.pop(fut)
+            try:
+                counts.append(fut.result())
+            except Exception as exc:  # a worker died on it (memory, a crashing decoder) or it raised
+                halves, next_index = _bisect(client, part, out, settings, exc, next_index)
+                for half in halves:
+                    if isinstance(half, dict):  # the isolated record, rejected
+                        counts.append(half)
+                        done_parts.append(half["part"])
+                        bar.update(half["read"])
+                    else:
+                        new = submit(half, 0)
+                        futures[new] = half
+                        pending.add(new)
+                fut.release()
+                continue
+            done_parts.append(part)
             fut.release()
-            bar.update(counts[-1]["read"], partitions=f"{len(counts)}/{len(futures)}",
+            bar.update(counts[-1]["read"], partitions=f"{len(done_parts)}/{len(done_parts) + len(futures)}",
                        kept=sum(c["kept"] for c in counts))
         bar.close()
+        for c in counts:
+            c.pop("part", None)
+        parts = sorted(done_parts, key=lambda p: p.index)
         counts.sort(key=lambda c: c["partition"])
         # Contiguous labels over identities that kept at least one face, in sorted order.
         kept_ids: set[str] = set()
@@ -184,16 +247,53 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
     return shard_uris, counts, labels
 
 
+class OutputRefused(ValueError):
+    """An --out that the job must not write into (one line for the CLI)."""
+
+
+def check_output(input_uri: str, out: RefinedDataset, overwrite: bool = False) -> None:
+    """--out must not be inside --input (the next run would read the output as input) nor
+    hold it; and it must be empty, a stage-1 run of ours from this input, or --overwrite."""
+    src, dst = input_uri.rstrip("/") + "/", out.uri.rstrip("/") + "/"
+    if dst.startswith(src) or src.startswith(dst):
+        raise OutputRefused(f"--out {out.uri} and --input {input_uri} overlap (one holds the other): "
+                            "write the output elsewhere")
+    if overwrite or not out.holds_anything():
+        return
+    ours = out.is_complete() or any(storage.name(f).startswith("part-") for f in out.partition_files())
+    if not ours:
+        raise OutputRefused(f"--out {out.uri} is not empty and holds no dataset of ours; "
+                            "choose an empty folder or pass --overwrite")
+    if out.is_complete():
+        try:
+            source = out.manifest.source.get("uri", "")
+        except ValueError:
+            source = ""
+        if source and source.rstrip("/") != input_uri.rstrip("/"):
+            raise OutputRefused(f"--out {out.uri} holds a dataset refined from {source}, not from {input_uri}; "
+                                "choose another folder or pass --overwrite")
+
+
+def _drop_stale(out: RefinedDataset, counts: list[dict]) -> None:
+    """Per-partition files of partitions this run does not have (an earlier plan's)."""
+    current = {shards.part_name(c["partition"]) for c in counts}
+    for uri in out.partition_files():
+        if storage.name(uri).split(".")[0] not in current:
+            storage.delete(uri)
+
+
 def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConfig,
-                   scheduler: str | None = None) -> RefinedDataset:
+                   scheduler: str | None = None, overwrite: bool = False) -> RefinedDataset:
     """Stage 1 of `input_uri` (raw, in format `fmt`) into `out`; returns it, finished."""
     started = time.perf_counter()
     input_uri = storage.absolute(input_uri)  # the manifest must lead back to the source from anywhere
     storage.check_bucket(out.uri)
+    check_output(input_uri, out, overwrite)
     parts = readers.plan(fmt, input_uri, cfg.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():
         shard_uris, counts, labels = _run_on_dask(parts, out, cfg, scheduler)
+    _drop_stale(out, counts)
     out.write_manifest(build_manifest(input_uri, fmt, cfg, counts, labels, shard_uris, time.perf_counter() - started))
     if not labels:
         log.warning("%s: no face was kept (every input is in rejects/ with its reason); the dataset is empty",

@@ -100,7 +100,8 @@ def cmd_clean_data(args, cfg) -> int:
     from dataset import RefinedDataset
     from pipelines.clean_data import run_clean_data
 
-    out = run_clean_data(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler)
+    out = run_clean_data(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler,
+                         overwrite=args.overwrite)
     _print_counts(out.manifest)
     print(f"shards, rejects and manifest in {out.uri} ({out.manifest.extra.get('seconds')} s)")
     return _report_status(out)
@@ -285,7 +286,7 @@ def cmd_refine(args, cfg) -> int:
 
     if args.retrain:
         cfg.denoise.retrain = True
-    result = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler)
+    result = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler, overwrite=args.overwrite)
     _print_counts(result.stage2.manifest)
     print(f"bootstrap model: {result.bootstrap_checkpoint}")
     print(f"refined dataset: {result.stage2.uri} (report: {result.stage2.report_index})")
@@ -493,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds other files or a dataset from another input")
     _common(p)
     p.set_defaults(func=cmd_clean_data)
 
@@ -527,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
     p.add_argument("--out", required=True, help="folder for stage1/, runs/, stage2/ (the refined dataset)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler for stage 1")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if its stage1/ holds other files or a dataset from another input")
     p.add_argument("--retrain", action="store_true", help="train on the refined data at the end (denoise.retrain)")
     _common(p)
     p.set_defaults(func=cmd_refine)

@@ -197,7 +197,18 @@ class RefineResult:
     refined_checkpoint: str = ""
 
 
-def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = None) -> RefineResult:
+def _stage2_current(stage2: RefinedDataset, stage1: RefinedDataset, model: str, cfg: DenoiseConfig) -> bool:
+    """Whether a finished stage 2 was made from this stage 1, by this model, with this config."""
+    if not stage2.is_complete():
+        return False
+    m = stage2.manifest
+    made = m.extra.get(STAGE, {})
+    return ((m.parent or {}).get("content_hash") == stage1.content_hash and made.get("model") == model
+            and made.get("config") == dataclasses.asdict(cfg))
+
+
+def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = None,
+               overwrite: bool = False) -> RefineResult:
     """stage 1 -> bootstrap model -> stage 2 (-> retrain), under `out`:
     stage1/ (a refined dataset), runs/ (checkpoints), bootstrap.json (which checkpoint the
     bootstrap model is, written once it is complete), stage2/ (the refined dataset).
@@ -211,25 +222,28 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
     stage2 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage2"]))
     runs = storage.join(out, REFINE_LAYOUT["runs"])
     services = cfg.services
-    if not stage1.is_complete():
-        run_clean_data(input_uri, fmt, stage1, cfg.clean, scheduler=scheduler)
-    else:
-        log.info("stage 1 done before: %s", stage1.uri)
+    # A rerun reuses each step's output only when it was made from the same inputs and
+    # config: stage 1 per partition (fingerprints), the bootstrap model and stage 2 by record.
+    stage1 = run_clean_data(input_uri, fmt, stage1, cfg.clean, scheduler=scheduler, overwrite=overwrite)
     marker = storage.join(out, REFINE_LAYOUT["bootstrap"])
-    if storage.exists(marker):
-        bootstrap = shards.read_json(marker)["checkpoint"]
+    boot = dataclasses.replace(cfg.train, name="bootstrap", storage=runs, epochs=cfg.denoise.bootstrap_epochs,
+                               max_steps=0, registered_model="", eval_every=0)
+    made_from = {"config": dataclasses.asdict(boot), "margin": dataclasses.asdict(cfg.margin),
+                 "dataset": stage1.content_hash}
+    earlier = shards.read_json(marker) if storage.exists(marker) else {}
+    if earlier and all(earlier.get(k) == v for k, v in made_from.items()):
+        bootstrap = earlier["checkpoint"]
+        log.info("bootstrap model trained before on the same stage-1 data and recipe: %s", bootstrap)
     else:
-        boot = dataclasses.replace(cfg.train, name="bootstrap", storage=runs, epochs=cfg.denoise.bootstrap_epochs,
-                                   max_steps=0, registered_model="", eval_every=0)
         result = run_training(stage1, boot, cfg.margin, ray_address=services.ray_address)
         if result.error:
             raise RuntimeError(f"bootstrap training failed: {result.error}")
         bootstrap = result.checkpoint.path
         if storage.is_s3(runs) and not bootstrap.startswith("s3://"):
             bootstrap = "s3://" + bootstrap
-        shards.write_json(marker, {"checkpoint": bootstrap, "config": dataclasses.asdict(boot)})
+        shards.write_json(marker, {"checkpoint": bootstrap, **made_from})
     summary = RefineResult(RefinedDataset.open(stage1.uri), stage2, bootstrap)
-    if not stage2.is_complete():
+    if not _stage2_current(stage2, summary.stage1, bootstrap, cfg.denoise):
         run_denoise(summary.stage1, stage2, bootstrap, cfg.denoise, ray_address=services.ray_address,
                     mlflow_uri=services.mlflow_tracking_uri)
     summary.stage2 = RefinedDataset.open(stage2.uri)

@@ -4,6 +4,7 @@ kept), never the job; memory per worker stays bounded; the report decodes only w
 from __future__ import annotations
 
 import io
+import os
 import struct
 import time
 import zlib
@@ -148,3 +149,72 @@ def test_a_failed_report_is_an_error_not_a_success(tmp_path, monkeypatch, capsys
     assert not storage.exists(again.report_index)  # the earlier run's report does not pass for this one's
     assert _report_status(again) == 1
     assert "could not be written" in capsys.readouterr().err
+
+
+def _folder_dataset(root: Path, identities: dict[str, int], seed: int = 0) -> None:
+    """image-folder input: identity -> number of (distinct, face-free) small photos."""
+    rng = np.random.default_rng(seed)
+    for ident, n in identities.items():
+        (root / ident).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = rng.integers(0, 255, (60, 60, 3), np.uint8)
+            (root / ident / f"{i:03d}.jpg").write_bytes(cv2.imencode(".jpg", img)[1].tobytes())
+
+
+def _reject_rows(out: Path) -> list[tuple]:
+    t = pq.read_table(out / "rejects", columns=["key", "reason"]).to_pydict()
+    return sorted(zip(t["key"], t["reason"]))
+
+
+def test_a_rerun_after_a_config_or_input_change_equals_a_fresh_run(tmp_path):
+    """Finished partitions are reused only when their fingerprint (records, input listing,
+    config, code) matches: a changed threshold or an added identity redoes what it touches,
+    and the result is what a fresh run gives - no stale rows, no missing identity."""
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 3, "b": 3})
+    cfg = CleanConfig(records_per_partition=1, workers=1)  # one identity per partition
+    out = tmp_path / "out"
+    first = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg)
+    assert first.manifest.counts["read"] == 6
+    # input change: identity c added, a photo of a removed
+    _folder_dataset(raw, {"c": 2}, seed=1)
+    (raw / "a" / "000.jpg").unlink()
+    again = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg)
+    fresh = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "fresh"), cfg)
+    assert again.manifest.counts == fresh.manifest.counts and again.manifest.counts["read"] == 7
+    assert _reject_rows(out) == _reject_rows(tmp_path / "fresh")
+    # config change: the new recipe is in every partition
+    cfg2 = CleanConfig(records_per_partition=1, workers=1, max_pixels=1000)  # 60x60 = 3600 pixels: over it
+    changed = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
+    assert set(r for _, r in _reject_rows(out)) == {"too_many_pixels"}
+    assert changed.manifest.counts["by_reason"] == {"decode/too_many_pixels": 7}
+    # fewer partitions than before: the earlier plan's files are gone
+    for ident in ("b", "c"):
+        for f in (raw / ident).iterdir():
+            f.unlink()
+        (raw / ident).rmdir()
+    run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
+    assert sorted(p.name for p in (out / "rejects").iterdir()) == ["part-00000.parquet"]
+
+
+def test_output_folder_hazards_are_refused_in_one_line(tmp_path):
+    from pipelines.cli import main
+
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 2})
+    cmd = ["clean-data", "--input", str(raw), "--format", "image-folder", "--set", "clean.workers=1"]
+    assert main(cmd + ["--out", str(raw / "out")]) == 1  # inside the input: the next run would read it
+    assert main(cmd + ["--out", str(tmp_path)]) == 1  # holding the input
+    foreign = tmp_path / "documents"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("keep me")
+    assert main(cmd + ["--out", str(foreign)]) == 1
+    assert (foreign / "thesis.tex").read_text() == "keep me" and sorted(os.listdir(foreign)) == ["thesis.tex"]
+    assert main(cmd + ["--out", str(tmp_path / "ok")]) == 0
+    other = tmp_path / "raw2"
+    _folder_dataset(other, {"z": 2}, seed=3)
+    assert main(["clean-data", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
+                 "--out", str(tmp_path / "ok")]) == 1  # a dataset refined from other input
+    assert main(["clean-data", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
+                 "--out", str(tmp_path / "ok"), "--overwrite"]) == 0
+    assert RefinedDataset.open(str(tmp_path / "ok")).manifest.source["uri"] == str(other)
