@@ -154,8 +154,13 @@ def _client(scheduler: str | None, cfg: CleanConfig):
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit)
+    import dask
+
+    # A task whose worker dies is failed after one more try (Dask's default is three): a
+    # failed partition is split and retried by _bisect, so each death isolates the record faster.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit)
     return Client(cluster), cluster
 
 
@@ -196,7 +201,7 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
             return client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{run_id}",
                                  retries=retries, pure=False)
 
-        futures = {submit(p, 2): p for p in parts}
+        futures = {submit(p, 1): p for p in parts}
         done_parts: list = []
         next_index = max((p.index for p in parts), default=-1) + 1
         counts = []

@@ -218,3 +218,36 @@ def test_output_folder_hazards_are_refused_in_one_line(tmp_path):
     assert main(["clean-data", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
                  "--out", str(tmp_path / "ok"), "--overwrite"]) == 0
     assert RefinedDataset.open(str(tmp_path / "ok")).manifest.source["uri"] == str(other)
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A valid PNG of a flat grey picture: small on disk, width x height x 3 bytes decoded."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    comp = zlib.compressobj(1)
+    row = b"\0" + b"\x80" * (3 * width)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
+    """A photo under the pixel cap (raised here) but over the worker's memory kills every
+    worker that decodes it. The partition is split until that record is alone; it becomes a
+    `resource/worker_lost` reject and every other record of the partition is processed."""
+    person = tmp_path / "raw" / "someone"
+    person.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        (person / f"{i}.jpg").write_bytes(cv2.imencode(".jpg", rng.integers(0, 255, (60, 60, 3), np.uint8))[1].tobytes())
+    (person / "2b_huge.png").write_bytes(big_png(12000, 12000))  # 432 MB as RGB, twice that converted
+    cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="600MiB", max_pixels=200_000_000)
+    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    c = out.manifest.counts
+    assert c["read"] == 6 == c["kept"] + c["rejected"]
+    got = reasons(tmp_path / "out")
+    assert got.pop("someone/2b_huge.png") == "worker_lost"
+    assert set(got) == {f"someone/{i}.jpg" for i in range(5)}  # processed (no face in noise), not lost
+    assert set(got.values()) == {"no_face"}
+    assert c["by_reason"]["resource/worker_lost"] == 1
