@@ -75,6 +75,59 @@ def _listdir(uri: str) -> list[pafs.FileInfo]:
     return fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=False))
 
 
+@dataclass
+class Entry:
+    """One directory entry of an identity folder, classified without reading it."""
+
+    name: str
+    uri: str
+    kind: str  # file | folder | link_outside_input | not_a_regular_file
+
+
+def _entries(folder: str, root: str) -> list[Entry]:
+    """Every entry of `folder`, by name. On local disks symlinks are resolved: one that leads
+    outside `root` (the input) is never followed, and dangling links, FIFOs and devices are
+    named as such; object stores have files and folders only."""
+    if storage.is_s3(folder):
+        kinds = {pafs.FileType.File: "file", pafs.FileType.Directory: "folder"}
+        return [Entry(posixpath.basename(i.path), storage.join(folder, posixpath.basename(i.path)),
+                      kinds.get(i.type, "not_a_regular_file")) for i in sorted(_listdir(folder), key=lambda i: i.path)]
+    import os
+    import stat
+
+    base = os.path.realpath(root)
+    out = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        uri = os.path.join(folder, entry.name)
+        target = os.path.realpath(uri)
+        if entry.is_symlink() and os.path.commonpath([base, target]) != base:
+            out.append(Entry(entry.name, uri, "link_outside_input"))
+            continue
+        try:
+            mode = os.stat(uri).st_mode
+        except OSError:  # a dangling link
+            out.append(Entry(entry.name, uri, "not_a_regular_file"))
+            continue
+        kind = "file" if stat.S_ISREG(mode) else "folder" if stat.S_ISDIR(mode) else "not_a_regular_file"
+        out.append(Entry(entry.name, uri, kind))
+    return out
+
+
+def entry_problem(entry: Entry) -> tuple[str, str] | None:
+    """(reason, detail) for an entry that is not an image file to read; None for one that is."""
+    if entry.kind == "link_outside_input":
+        return "link_outside_input", f"{entry.uri}: a link to a file outside the input (not read)"
+    if entry.kind == "not_a_regular_file":
+        return "not_a_regular_file", f"{entry.uri}: a dangling link, FIFO, socket or device"
+    if entry.kind == "folder":
+        return "nested_folder", f"{entry.uri}: a folder inside an identity folder (its contents are not read)"
+    if entry.name.startswith("."):
+        return "hidden_file", f"{entry.uri}: a hidden file"
+    if not entry.name.lower().endswith(IMAGE_SUFFIXES):
+        return "not_an_image_file", f"{entry.uri}: unexpected file type"
+    return None
+
+
 def _read_range(uri: str, start: int, end: int) -> bytes:
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as fh:
@@ -89,25 +142,30 @@ def _group(items: list, size: int) -> list[list]:
 # -- image folder ------------------------------------------------------------------------
 
 def plan_image_folder(root: str, identities_per_partition: int) -> list[Partition]:
-    dirs = sorted(posixpath.basename(i.path) for i in _listdir(root) if i.type == pafs.FileType.Directory)
-    return [Partition("image-folder", root, n, ids) for n, ids in enumerate(_group(dirs, identities_per_partition))]
+    entries = _entries(root, root)
+    dirs = [e.name for e in entries if e.kind == "folder"]
+    parts = [Partition("image-folder", root, n, ids) for n, ids in enumerate(_group(dirs, identities_per_partition))]
+    # Anything at the root that is not an identity folder is accounted for (as a reject).
+    parts[0].extra["root_entries"] = [e.name for e in entries if e.kind != "folder"]
+    return parts
 
 
 def read_image_folder(part: Partition) -> Iterator[RawSample]:
+    for name in part.extra.get("root_entries", []):
+        uri = storage.join(part.root, name)
+        yield RawSample(name, "", uri, reject=("outside_identity_folder",
+                                               f"{uri}: not inside an identity folder (one folder per identity)"))
     for ident in part.identities:
         folder = storage.join(part.root, ident)
-        for info in sorted(_listdir(folder), key=lambda i: i.path):
-            if info.type != pafs.FileType.File:
-                continue
-            name = posixpath.basename(info.path)
-            rel = f"{ident}/{name}"
-            uri = storage.join(folder, name)
+        for entry in _entries(folder, part.root):
+            rel = f"{ident}/{entry.name}"
+            problem = entry_problem(entry)
             if not safe_identity(ident):
-                yield RawSample(rel, ident, uri, reject=("unsafe_identity", f"{uri}: identity name {ident!r}"))
-            elif not name.lower().endswith(IMAGE_SUFFIXES):
-                yield RawSample(rel, ident, uri, reject=("not_an_image_file", f"{uri}: unexpected file type"))
+                yield RawSample(rel, ident, entry.uri, reject=("unsafe_identity", f"{entry.uri}: identity name {ident!r}"))
+            elif problem:
+                yield RawSample(rel, ident, entry.uri, reject=problem)
             else:
-                yield RawSample(rel, ident, uri, data=storage.read_bytes(uri))
+                yield RawSample(rel, ident, entry.uri, data=storage.read_bytes(entry.uri))
 
 
 # -- VGGFace2 ----------------------------------------------------------------------------
@@ -145,13 +203,15 @@ def _csv_identity_ranges(uri: str) -> dict[str, list[tuple[int, int, int]]]:
 
 def plan_vggface2(root: str, identities_per_partition: int, split: str = "train") -> list[Partition]:
     image_root = storage.join(root, split)
-    dirs = sorted(posixpath.basename(i.path) for i in _listdir(image_root) if i.type == pafs.FileType.Directory)
+    entries = _entries(image_root, root)
+    dirs = [e.name for e in entries if e.kind == "folder"]
     bb = _csv_identity_ranges(storage.join(root, VGG_BB.format(split=split)))
     lm = _csv_identity_ranges(storage.join(root, VGG_LM.format(split=split)))
     parts = []
     for n, ids in enumerate(_group(dirs, identities_per_partition)):
         parts.append(Partition("vggface2", root, n, ids, extra={
             "split": split, "bb": {i: bb[i] for i in ids if i in bb}, "lm": {i: lm[i] for i in ids if i in lm}}))
+    parts[0].extra["root_entries"] = [e.name for e in entries if e.kind != "folder"]
     # Annotation rows whose identity has no folder still have to be accounted for.
     orphans = sorted((set(bb) | set(lm)) - set(dirs))
     if orphans:
@@ -187,24 +247,35 @@ def read_vggface2(part: Partition) -> Iterator[RawSample]:
     split = part.extra["split"]
     bb_uri = storage.join(part.root, VGG_BB.format(split=split))
     lm_uri = storage.join(part.root, VGG_LM.format(split=split))
+    for name in part.extra.get("root_entries", []):
+        uri = storage.join(part.root, split, name)
+        yield RawSample(name, "", uri, reject=("outside_identity_folder",
+                                               f"{uri}: not inside an identity folder of {split}/"))
     for ident in part.identities + part.extra.get("orphans", []):
         boxes = _parse_rows(bb_uri, part.extra["bb"][ident], 5) if ident in part.extra["bb"] else {}
         marks = _parse_rows(lm_uri, part.extra["lm"][ident], 11) if ident in part.extra["lm"] else {}
         seen = set()
         folder = storage.join(part.root, split, ident)
-        files = [] if ident not in part.identities else sorted(
-            i.path for i in _listdir(folder) if i.type == pafs.FileType.File)
-        for path in files:
-            name = posixpath.basename(path)
+        entries = [] if ident not in part.identities else _entries(folder, part.root)
+        stems: dict[str, int] = {}
+        for entry in entries:
+            stem = posixpath.splitext(entry.name)[0]
+            stems[stem] = stems.get(stem, 0) + 1
+        for entry in entries:
+            name, uri = entry.name, entry.uri
             stem, suffix = posixpath.splitext(name)
             key = f"{ident}/{stem}"
-            uri = storage.join(folder, name)
             seen.add(key)
+            problem = entry_problem(entry)
             if not safe_identity(ident):
                 yield RawSample(key, ident, uri, reject=("unsafe_identity", f"{uri}: identity name {ident!r}"))
                 continue
-            if suffix.lower() not in IMAGE_SUFFIXES:
-                yield RawSample(key, ident, uri, reject=("not_an_image_file", f"{uri}: unexpected file type"))
+            if stems[stem] > 1:  # 0001_01.jpg and 0001_01.png: whose annotation row is it?
+                yield RawSample(f"{ident}/{name}", ident, uri,
+                                reject=("ambiguous_key", f"{uri}: {stems[stem]} files share the key {key}"))
+                continue
+            if problem:
+                yield RawSample(key, ident, uri, reject=problem)
                 continue
             sample = RawSample(key, ident, uri, data=storage.read_bytes(uri))
             bb, lm = boxes.get(key), marks.get(key)
@@ -490,12 +561,16 @@ def input_stamp(part: Partition) -> str:
         h.update(f"{path}|{i.type}|{i.size}|{i.mtime_ns}\n".encode())
 
     if part.format == "image-folder":
+        if "root_entries" in part.extra:
+            files(part.root)
         for ident in part.identities:
             files(storage.join(part.root, ident))
     elif part.format == "vggface2":
         split = part.extra["split"]
         for name in (VGG_BB, VGG_LM):
             one(storage.join(part.root, name.format(split=split)))
+        if "root_entries" in part.extra:
+            files(storage.join(part.root, split))
         for ident in part.identities:
             files(storage.join(part.root, split, ident))
     elif part.format == "msceleb-tsv":

@@ -251,3 +251,52 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     assert set(got) == {f"someone/{i}.jpg" for i in range(5)}  # processed (no face in noise), not lost
     assert set(got.values()) == {"no_face"}
     assert c["by_reason"]["resource/worker_lost"] == 1
+
+
+def test_every_directory_entry_is_accounted_for(tmp_path):
+    """Links, folders named like images, FIFOs, nested folders, files at the root, hidden
+    files: each is a reject with its reason; a link out of the input is never read."""
+    secret = tmp_path / "host_secret.jpg"
+    secret.write_bytes(b"\xff\xd8 HOST SECRET BYTES \xff\xd9")
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 2})
+    a = raw / "a"
+    (a / "dangling.jpg").symlink_to(a / "gone.jpg")  # within the input, to nothing
+    (a / "outside.jpg").symlink_to(secret)
+    (a / "inside.jpg").symlink_to(a / "000.jpg")  # a link within the input is read like a file
+    (a / "folder.jpg").mkdir()
+    (a / "nested").mkdir()
+    (a / "nested" / "deep.jpg").write_bytes((a / "001.jpg").read_bytes())
+    os.mkfifo(a / "pipe.jpg")
+    (a / ".DS_Store").write_bytes(b"junk")
+    (raw / "loose.jpg").write_bytes((a / "001.jpg").read_bytes())
+    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
+                         CleanConfig(records_per_partition=50, workers=1))
+    got = reasons(tmp_path / "out")
+    assert {k: v for k, v in got.items() if k in {"a/dangling.jpg", "a/outside.jpg", "a/folder.jpg", "a/nested",
+                                                   "a/pipe.jpg", "a/.DS_Store", "loose.jpg"}} == {
+        "a/dangling.jpg": "not_a_regular_file", "a/outside.jpg": "link_outside_input",
+        "a/folder.jpg": "nested_folder", "a/nested": "nested_folder", "a/pipe.jpg": "not_a_regular_file",
+        "a/.DS_Store": "hidden_file", "loose.jpg": "outside_identity_folder"}
+    assert got["a/inside.jpg"] == "exact_duplicate"  # read, and found to be 000.jpg again
+    c = out.manifest.counts
+    assert c["read"] == 10 == c["kept"] + c["rejected"]
+    stored = pq.read_table(tmp_path / "out" / "rejects", columns=["image"]).column("image").to_pylist()
+    assert not any(b and b"HOST SECRET" in b for b in stored)
+
+
+def test_vggface2_files_sharing_a_key_are_ambiguous(tmp_path):
+    root = tmp_path / "vgg"
+    (root / "train" / "n000001").mkdir(parents=True)
+    (root / "bb_landmark").mkdir()
+    face = cv2.imencode(".jpg", np.full((80, 80, 3), 120, np.uint8))[1].tobytes()
+    (root / "train" / "n000001" / "0001_01.jpg").write_bytes(face)
+    (root / "train" / "n000001" / "0001_01.png").write_bytes(cv2.imencode(".png", np.zeros((80, 80, 3), np.uint8))[1])
+    (root / "bb_landmark" / "loose_bb_train.csv").write_text("NAME_ID,X,Y,W,H\nn000001/0001_01,10,10,60,60\n")
+    (root / "bb_landmark" / "loose_landmark_train.csv").write_text(
+        "NAME_ID," + ",".join(f"P{k}{a}" for k in range(1, 6) for a in "XY") + "\n"
+        "n000001/0001_01,30,35,50,35,40,45,32,55,48,55\n")
+    out = run_clean_data(str(root), "vggface2", RefinedDataset.create(tmp_path / "out"),
+                         CleanConfig(records_per_partition=50, workers=1))
+    assert reasons(tmp_path / "out") == {"n000001/0001_01.jpg": "ambiguous_key", "n000001/0001_01.png": "ambiguous_key"}
+    assert out.manifest.counts["read"] == 2
