@@ -157,6 +157,25 @@ def cmd_train(args, cfg) -> int:
     return 0
 
 
+def _secret(name: str) -> bool:  # by shape, not by a list that a new variable slips past
+    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "KEY_ID", "AUTH", "CREDENTIAL"))
+
+
+def job_environment(environ) -> dict:
+    """What of this shell's environment travels with a submitted job. Settings do; secrets
+    do not (a job's runtime env is shown in the Ray dashboard; credentials come from the
+    cluster: instance role, IRSA, the nodes' env). The one exception is the local S3
+    endpoint's fixed fake keys ("testing"), which are no secret; real keys are never sent,
+    not even to a local endpoint."""
+    from infra.local_services import LOCAL_S3_ENV
+
+    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
+    local_s3 = endpoint.startswith(("http://127.0.0.1", "http://localhost"))
+    return {k: v for k, v in environ.items()
+            if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
+            and (not _secret(k) or (local_s3 and LOCAL_S3_ENV.get(k) == v))}
+
+
 def cmd_submit_train(args, cfg) -> int:
     """Ensure a Ray head, then `ray job submit` the training with this project as working dir."""
     import shlex
@@ -183,19 +202,8 @@ def cmd_submit_train(args, cfg) -> int:
         # A GCS address (host:6379 or ray://host:10001): jobs go to that host's dashboard.
         host = address.split("://")[-1].split(":")[0]
         address = f"http://{host}:{cfg.services.ray_dashboard_port}"
-    # Settings travel with the job; secrets do not: a job's runtime env is shown in the Ray
-    # dashboard. Credentials come from the cluster (instance role, IRSA, the nodes' env).
-    from dataset.storage import s3_endpoint
-
-    local_s3 = (s3_endpoint() or "").startswith(("http://127.0.0.1", "http://localhost"))  # moto's fake keys
-
-    def secret(name: str) -> bool:  # by shape, not by a list that a new variable slips past
-        return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "KEY_ID", "AUTH", "CREDENTIAL"))
-
-    env_vars = {k: v for k, v in os.environ.items()
-                if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
-                and (not secret(k) or (local_s3 and k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")))}
-    if any(secret(k) and k not in env_vars for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))):
+    env_vars = job_environment(os.environ)
+    if any(_secret(k) and k not in env_vars for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))):
         log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
     from pipelines.training.driver import code_version
 
@@ -274,6 +282,9 @@ def cmd_denoise(args, cfg) -> int:
 
     mlflow_uri = _use_tracking_server(cfg) if args.model.startswith(("models:/", "runs:/")) \
         else cfg.services.mlflow_tracking_uri
+    from pipelines.registry import require_trusted
+
+    require_trusted(args.model, args.trust_model_code)
     out = run_denoise(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
                       ray_address=cfg.services.ray_address, mlflow_uri=mlflow_uri)
     _print_counts(out.manifest)
@@ -316,7 +327,7 @@ def cmd_evaluate(args, cfg) -> int:
     from dataset import RefinedDataset
     from dataset.refined import split_eval_sets
     from pipelines.evaluate import dumps, evaluate, roc_png
-    from pipelines.registry import load_embedder
+    from pipelines.registry import load_embedder, require_trusted
 
     pairs, faces = split_eval_sets(args.pairs)
     if args.data:
@@ -328,6 +339,7 @@ def cmd_evaluate(args, cfg) -> int:
     tracked = args.model.startswith(("models:/", "runs:/"))
     if tracked:
         _use_tracking_server(cfg)
+    require_trusted(args.model, args.trust_model_code)
     loaded = load_embedder(args.model)
     results = evaluate(loaded.embedder, pairs, faces, flip=not args.no_flip)
     if args.ijb:
@@ -363,6 +375,9 @@ def cmd_export(args, cfg) -> int:
             raise ValueError("--format onnx exports a model: give --model")
         if args.model.startswith(("models:/", "runs:/")):
             _use_tracking_server(cfg)
+        from pipelines.registry import require_trusted
+
+        require_trusted(args.model, args.trust_model_code)
         result = export.export_onnx(args.model, args.out, flip=not args.no_flip)
         print(f"ONNX (opset {result.opset}, dynamic batch, uint8 (N,112,112,3) in, L2-normalised out"
               f"{', flip test inside' if result.flip else ''}): {result.path}")
@@ -522,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="stage-1 dataset (folder with manifest.json) or s3:// URI")
     p.add_argument("--model", required=True, help="checkpoint folder, models:/NAME@ALIAS or runs:/ID/embedder")
     p.add_argument("--out", required=True, help="the refined dataset (folder or s3:// URI)")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
     _common(p)
     p.set_defaults(func=cmd_denoise)
 
@@ -557,6 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb-norm", action="store_true", help="IJB: weight image features by their norm")
     p.add_argument("--ijb-detector-score", action="store_true", help="IJB: weight image features by detector score")
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
     _common(p)
     p.set_defaults(func=cmd_evaluate)
 
@@ -567,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", dest="export_format", required=True, choices=["onnx", "rec"])
     p.add_argument("--out", required=True, help="ONNX file, or the folder for train.rec/train.idx/property")
     p.add_argument("--no-flip", action="store_true", help="ONNX: leave the flip test out of the graph")
+    p.add_argument("--trust-model-code", action="store_true",
+                   help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
     _common(p)
     p.set_defaults(func=cmd_export)
 

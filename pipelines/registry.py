@@ -108,6 +108,26 @@ class _PyfuncEmbedder:
         return (program(x) + program(torch.flip(x, dims=[2]))).numpy()
 
 
+class UntrustedModel(ValueError):
+    """A model whose loading would run code from a place nobody vouched for."""
+
+
+def require_trusted(uri: str, trust_code: bool) -> None:
+    """The trust boundary for a model given on the command line. Training checkpoints are
+    tensors only (loaded with weights_only=True) and `models:/`/`runs:/` URIs resolve in
+    the tracking server you configured; a model *folder* (an MLmodel file beside Python
+    code, as MLflow models from code are) runs that code when loaded, so it needs
+    --trust-model-code."""
+    from dataset import storage
+    from pipelines.training import checkpoint
+
+    if trust_code or uri.startswith(("models:/", "runs:/")) or checkpoint.is_checkpoint(uri):
+        return
+    if storage.exists(storage.join(uri, "MLmodel")):
+        raise UntrustedModel(f"{uri} is an MLflow model folder: loading it runs the Python code stored in it. "
+                             "Pass --trust-model-code if you trust its origin, or register it and use models:/NAME/VERSION")
+
+
 def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
     folder (with an MLmodel file), or a training checkpoint folder (state.json + backbone.pt;

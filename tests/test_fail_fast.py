@@ -128,3 +128,41 @@ def test_readme_local_s3_example_runs_as_written(tmp_path, demo_raw):
         assert any(k.startswith("runs/s3-demo/") and k.endswith("backbone.pt") for k in keys)
     finally:
         subprocess.run(CLI + ["services", "down"], env=env, timeout=120, capture_output=True)
+
+
+def test_no_secret_travels_with_a_submitted_job():
+    """Only settings go into a job's runtime env (shown in the Ray dashboard); the local S3
+    endpoint's fixed fake keys are the one exception - real keys are never sent."""
+    from pipelines.cli import job_environment
+
+    real = {"AWS_ACCESS_KEY_ID": "AKIAREALKEY", "AWS_SECRET_ACCESS_KEY": "realsecret", "AWS_SESSION_TOKEN": "tok",
+            "MLFLOW_TRACKING_PASSWORD": "pw", "MLFLOW_TRACKING_USERNAME": "me", "AWS_DEFAULT_REGION": "eu-west-1",
+            "MLFLOW_EXPERIMENT_NAME": "x", "HOME": "/root", "ARCFACE_LOG_LEVEL": "DEBUG"}
+    for endpoint in ("https://s3.example.com", "http://127.0.0.1:9000"):
+        sent = job_environment(dict(real, AWS_ENDPOINT_URL=endpoint))
+        assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "MLFLOW_TRACKING_PASSWORD"} & set(sent)
+        assert sent["AWS_DEFAULT_REGION"] == "eu-west-1" and sent["ARCFACE_LOG_LEVEL"] == "DEBUG" and "HOME" not in sent
+    local = job_environment({"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_ACCESS_KEY_ID": "testing",
+                             "AWS_SECRET_ACCESS_KEY": "testing"})
+    assert local["AWS_ACCESS_KEY_ID"] == "testing" == local["AWS_SECRET_ACCESS_KEY"]
+    assert "AWS_ACCESS_KEY_ID" not in job_environment({"AWS_ENDPOINT_URL": "https://s3.example.com",
+                                                       "AWS_ACCESS_KEY_ID": "testing"})
+
+
+def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path, capsys):
+    import pytest as _pytest
+
+    from pipelines.cli import main
+    from pipelines.registry import UntrustedModel, require_trusted
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "MLmodel").write_text("flavors:\n  python_function:\n    loader_module: evil\n")
+    (folder / "evil.py").write_text("raise SystemExit('code ran')\n")
+    with _pytest.raises(UntrustedModel, match="--trust-model-code"):
+        require_trusted(str(folder), trust_code=False)
+    require_trusted(str(folder), trust_code=True)
+    require_trusted("models:/arcface@champion", trust_code=False)  # the registry you configured
+    assert main(["evaluate", "--model", str(folder), "--pairs", str(tmp_path / "none.bin")]) == 1
+    err = capsys.readouterr().err
+    assert "--trust-model-code" in err and "code ran" not in err

@@ -141,3 +141,19 @@ def test_multinode_rehearsal(tmp_path):
     assert "champion" in lineage["aliases"]
     assert lineage["dataset"]["content_hash"] == manifest["content_hash"]
     assert lineage["code_version"]
+
+
+def test_the_rayjob_head_is_reachable_only_by_its_own_pods_submitter_and_operator():
+    job = yaml.safe_load((INFRA / "k8s" / "rayjob.yaml").read_text())
+    policy = yaml.safe_load((INFRA / "k8s" / "rayjob-networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    name = job["metadata"]["name"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head",
+                                                             "ray.io/originated-from-cr-name": name}
+    rules = policy["spec"]["ingress"]
+    assert all(rule.get("from") for rule in rules), "no rule admits everyone"
+    dashboard = [r for r in rules if any(p["port"] == 8265 for p in r.get("ports", []))]
+    assert dashboard and all(r["ports"] == [{"port": 8265, "protocol": "TCP"}] for r in dashboard)
+    sources = [peer["podSelector"]["matchLabels"] for r in rules for peer in r["from"]]
+    assert {"batch.kubernetes.io/job-name": name} in sources
+    assert "rayjob-networkpolicy.yaml" in (INFRA / "k8s" / "rayjob.yaml").read_text()
