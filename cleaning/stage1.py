@@ -141,6 +141,13 @@ def staged_uris(out: RefinedDataset, index: int) -> dict[str, str]:
             "counts": out.staging(f"{name}.json")}
 
 
+def _peak_rss_mib() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
 def _worker_name() -> str:
     """The Dask worker running this task (provenance: which machine made which shard)."""
     try:
@@ -233,6 +240,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
         "steps": {s.name: s.counts() for s in chain.all()},
         "worker": _worker_name(),
         "fingerprint": stamp,
+        "peak_rss_mib": _peak_rss_mib(),
     }
     counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem

@@ -107,11 +107,15 @@ ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "PPM")
 def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
     """(format, (width, height)) from the header alone - no pixel decoding, so a
     decompression bomb costs nothing here; None when no known image format is recognised."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format or "", im.size
+        with warnings.catch_warnings():  # our own cap decides (PIL warns above 89 MP)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                return im.format or "", im.size
     except Image.DecompressionBombError:  # PIL refuses it on size alone: over any cap we set
         return "bomb", (1 << 31, 1)
     except Exception:

@@ -294,6 +294,9 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
     input_uri = storage.absolute(input_uri)  # the manifest must lead back to the source from anywhere
     storage.check_bucket(out.uri)
     check_output(input_uri, out, overwrite)
+    for uri in (storage.list_files(out.uri) if out.holds_anything() else []):
+        if ".tmp-" in storage.name(uri):  # a write cut short by a kill: never a finished file
+            storage.delete(uri)
     parts = readers.plan(fmt, input_uri, cfg.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():
@@ -339,6 +342,8 @@ def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris,
         "identity_to_label": labels,
         "shards": [storage.name(u) for u in sorted(shard_uris)],
         "executed_by": {str(c["partition"]): c.get("worker", "") for c in counts},
+        # The largest resident memory any worker process reached (MiB), against clean.memory_limit.
+        "worker_peak_rss_mib": max((c.get("peak_rss_mib", 0) for c in counts), default=0),
         "clean_config": dataclasses.asdict(cfg),
         "content_hash": shards.content_hash(shard_uris),
         "seconds": round(seconds, 1),

@@ -98,6 +98,7 @@ def test_an_identity_of_camera_photos_finishes_under_a_worker_memory_limit(tmp_p
     out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 9 == c["kept"] + c["rejected"]
+    assert 0 < out.manifest.extra["worker_peak_rss_mib"] < 1536  # the worker's peak, under its limit
     got = reasons(tmp_path / "out")
     assert got.pop("other/bomb.jpg") == "undecodable"
     assert c["kept"] >= 1 and set(got.values()) <= {"near_duplicate"}  # one photo, shifted: kept once
@@ -182,10 +183,13 @@ def test_a_rerun_after_a_config_or_input_change_equals_a_fresh_run(tmp_path):
     again = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg)
     fresh = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "fresh"), cfg)
     assert again.manifest.counts == fresh.manifest.counts and again.manifest.counts["read"] == 7
+    assert again.content_hash == fresh.content_hash
     assert _reject_rows(out) == _reject_rows(tmp_path / "fresh")
     # config change: the new recipe is in every partition
     cfg2 = CleanConfig(records_per_partition=1, workers=1, max_pixels=1000)  # 60x60 = 3600 pixels: over it
+    (out / "staging" / "part-00000.parquet.tmp-0123abcd").write_bytes(b"cut short by a kill")
     changed = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
+    assert not list(out.rglob("*.tmp-*")), "a killed write's temp file is cleaned on the next run"
     assert set(r for _, r in _reject_rows(out)) == {"too_many_pixels"}
     assert changed.manifest.counts["by_reason"] == {"decode/too_many_pixels": 7}
     # fewer partitions than before: the earlier plan's files are gone
