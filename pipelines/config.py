@@ -102,8 +102,78 @@ def _set(section, path: list[str], value, origin: str, where: str, origins: dict
         origins[here] = origin if origin == "--set" else f"file {origin}"
 
 
+INF = math.inf
+# The range of every numeric setting, as an interval: "[" / "]" include the bound, "(" / ")"
+# do not. A value outside would hang (0 workers), silently disable a check (a NaN or
+# negative threshold) or fail deep inside a job; tests/test_config.py checks that every
+# numeric field of the config has its entry here.
+RANGES = {
+    **{f"services.{k}": "[1, 65535]" for k in ("ray_port", "ray_dashboard_port", "mlflow_port", "s3_port")},
+    "services.ray_num_cpus": "[1, inf)", "services.ray_object_store_bytes": "[78643200, inf)",
+    "services.start_timeout_s": "(0, inf)",
+    "demo.identities": "[1, inf)", "demo.images_per_identity": "[1, inf)", "demo.seed": "[0, inf)",
+    "demo.image_size": "[64, 4096]",
+    **{f"demo.{k}": "[0, 1]" for k in ("label_noise", "exact_duplicate", "near_duplicate", "undecodable",
+                                       "zero_byte", "no_face", "tiny_face", "blurred")},
+    "demo.duplicate_identities": "[0, inf)", "demo.eval_overlap_identities": "[0, inf)",
+    "demo.eval_identities": "[0, inf)", "demo.eval_pairs": "[0, inf)", "demo.ijb_subjects": "[0, inf)",
+    "demo.workers": "[1, inf)",
+    "clean.records_per_partition": "[1, inf)", "clean.workers": "[1, inf)", "clean.max_pixels": "[1, inf)",
+    "clean.min_det_score": "[0, 1]", "clean.min_eye_distance_px": "[0, inf)", "clean.min_blur": "[0, inf)",
+    "clean.near_duplicate_bits": "[0, 256]", "clean.near_duplicate_correlation": "[-1, 1]",
+    "clean.near_duplicate_aligned_bits": "[0, 256]", "clean.near_duplicate_aligned_correlation": "[-1, 1]",
+    "clean.landmark_margin": "[0, 1]", "clean.detector_min_face": "[12, inf)", "clean.detector_batch": "[1, inf)",
+    "clean.detect_max_side": "[112, inf)", "clean.decoded_pixels_per_chunk": "[1, inf)",
+    "clean.jpeg_quality": "[1, 100]", "clean.row_group_rows": "[1, inf)",
+    "denoise.workers": "[1, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "(0, 180]",
+    "denoise.min_images_to_judge": "[1, inf)", "denoise.min_images_per_identity": "[1, inf)",
+    "denoise.merge_max_angle": "[0, 180]", "denoise.overlap_max_angle": "[0, 180]",
+    "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)",
+    "train.embedding_size": "[1, inf)", "train.freeze_stages": "[0, 4]", "train.sample_rate": "(0, 1]",
+    "train.subcentres": "[1, inf)", "train.batch_size": "[1, inf)", "train.epochs": "[0, inf)",
+    "train.max_steps": "[0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
+    "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.poly_power": "[0, inf)",
+    "train.grad_clip": "[0, inf)", "train.workers": "[1, inf)", "train.seed": "[0, inf)",
+    "train.shuffle_rowgroups": "[1, inf)", "train.decode_threads": "[1, inf)", "train.checkpoint_every": "[1, inf)",
+    "train.max_failures": "[0, inf)", "train.eval_every": "[0, inf)", "train.log_every": "[1, inf)",
+    "margin.scale": "(0, inf)", "margin.arcface.m": "[0, 3.14159)", "margin.cosface.m": "[0, 2)",
+    "margin.sphereface.m": "[1, 10]", "margin.sphereface.lambda_base": "[0, inf)",
+    "margin.sphereface.lambda_min": "[0, inf)", "margin.sphereface.gamma": "[0, inf)",
+    "margin.sphereface.power": "[0, inf)", "margin.combined.m1": "[1, 10]", "margin.combined.m2": "[0, 3.14159)",
+    "margin.combined.m3": "[0, 2)",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    lo_text, hi_text = interval[1:-1].split(",")
+    lo, hi = float(lo_text), float(hi_text)
+    above = value >= lo if interval[0] == "[" else value > lo
+    below = value <= hi if interval[-1] == "]" else value < hi
+    return above and below
+
+
+def numeric_settings(cfg: Config) -> dict[str, float]:
+    """Every numeric setting by its dotted name."""
+    out: dict[str, float] = {}
+
+    def walk(section, prefix: str) -> None:
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{prefix}{f.name}"] = value
+
+    walk(cfg, "")
+    return out
+
+
 def validate(cfg: Config) -> None:
     """Ranges that would otherwise hang or silently disable something."""
+    for name, value in numeric_settings(cfg).items():
+        interval = RANGES.get(name)
+        if interval and not _in_range(value, interval):
+            raise ConfigError(f"{name} must be in {interval}, got {value!r}")
     checks = [
         (cfg.clean.workers >= 1, "clean.workers must be >= 1"),
         (cfg.clean.records_per_partition >= 1, "clean.records_per_partition must be >= 1"),

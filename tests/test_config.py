@@ -59,3 +59,26 @@ def test_config_show_round_trips_and_names_each_values_origin(tmp_path):
     assert tomllib.loads(text)["train"]["lr"] == 0.05
     again = load_config(saved, environ={})
     assert to_toml(again) == to_toml(cfg)
+
+
+def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
+    from pipelines.config import RANGES, Config, numeric_settings, validate
+
+    names = set(numeric_settings(Config()))
+    assert names - set(RANGES) == set(), "numeric settings without a range in pipelines/config.RANGES"
+    assert set(RANGES) - names == set(), "ranges for settings that do not exist"
+    validate(Config())
+
+
+@pytest.mark.parametrize("override, message", [
+    ("demo.label_noise=1.5", r"demo.label_noise must be in \[0, 1\]"),
+    ("services.mlflow_port=70000", "services.mlflow_port must be in"),
+    ("clean.jpeg_quality=0", "clean.jpeg_quality"),
+    ("train.momentum=1", r"train.momentum must be in \[0, 1\)"),
+    ("denoise.max_angle=0", r"denoise.max_angle must be in \(0, 180\]"),
+    ("margin.arcface.m=-0.1", "margin.arcface.m"),
+    ("clean.min_blur=nan", "finite"),
+])
+def test_values_out_of_range_are_named_with_their_range(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override], environ={})
