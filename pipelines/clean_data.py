@@ -165,7 +165,7 @@ def _client(scheduler: str | None, cfg: CleanConfig):
 
 
 def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_index: int):
-    """A partition whose task failed: its two halves to run again, or, when it is down to one
+    """A partition whose worker died: its two halves to run again, or, when it is down to one
     record, that record rejected as `resource/worker_lost` (a dict of counts). Every record
     still ends in a shard or in rejects/, and one poison record costs itself, not the job."""
     import dataclasses
@@ -189,7 +189,7 @@ def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_
 
 
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
-    from dask.distributed import as_completed
+    from dask.distributed import KilledWorker, as_completed
 
     client, cluster = _client(scheduler, cfg)
     steps, settings = build_steps(cfg), partition_settings(cfg)
@@ -211,7 +211,9 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
             part = futures.pop(fut)
             try:
                 counts.append(fut.result())
-            except Exception as exc:  # a worker died on it (memory, a crashing decoder) or it raised
+            except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
+                # Other errors (an unreadable input, a bug) fail the job with their message:
+                # rejecting records one by one would hide them.
                 halves, next_index = _bisect(client, part, out, settings, exc, next_index)
                 for half in halves:
                     if isinstance(half, dict):  # the isolated record, rejected
