@@ -149,10 +149,12 @@ def test_no_secret_travels_with_a_submitted_job():
                                                        "AWS_ACCESS_KEY_ID": "testing"})
 
 
-def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path, capsys):
+def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path):
+    import subprocess
+    import sys
+
     import pytest as _pytest
 
-    from pipelines.cli import main
     from pipelines.registry import UntrustedModel, require_trusted
 
     folder = tmp_path / "model"
@@ -163,6 +165,8 @@ def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path, c
         require_trusted(str(folder), trust_code=False)
     require_trusted(str(folder), trust_code=True)
     require_trusted("models:/arcface@champion", trust_code=False)  # the registry you configured
-    assert main(["evaluate", "--model", str(folder), "--pairs", str(tmp_path / "none.bin")]) == 1
-    err = capsys.readouterr().err
-    assert "--trust-model-code" in err and "code ran" not in err
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(folder), "--pairs",
+                          str(tmp_path / "none.bin")], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert "--trust-model-code" in run.stderr and "code ran" not in run.stdout + run.stderr
+    assert "Traceback" not in run.stderr

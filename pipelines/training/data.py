@@ -160,7 +160,7 @@ def device_input(images: torch.Tensor, flips: torch.Tensor | None, device: torch
     if flips is not None:
         mirror = flips.to(device, non_blocking=True).view(-1, 1, 1, 1)
         x = torch.where(mirror, x.flip(2), x)  # no boolean indexing: no host sync, fixed shapes
-    rgb = x.permute(0, 3, 1, 2)[:, [2, 1, 0]]
+    rgb = x.permute(0, 3, 1, 2).flip(1)  # BGR -> RGB (a kernel, no index tensor to upload)
     out = torch.empty(rgb.shape, dtype=dtype, device=device,
                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     out.copy_(rgb)
