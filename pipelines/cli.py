@@ -630,11 +630,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import pickle
+
     from infra.local_services import ServiceError
 
     try:
         return int(args.func(args, cfg) or 0)
-    except (OSError, ValueError, ServiceError) as exc:
+    except (OSError, ValueError, ServiceError, pickle.UnpicklingError) as exc:  # the last: refused .bin files
         # Bad input (a missing dataset, a file that is not what it claims): one clear line;
         # the traceback only with --log-level DEBUG.
         log.debug("traceback", exc_info=True)

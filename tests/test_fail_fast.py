@@ -170,3 +170,35 @@ def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path):
     assert run.returncode == 1
     assert "--trust-model-code" in run.stderr and "code ran" not in run.stdout + run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_refused_pairs_file_is_one_line_and_exit_1(tmp_path):
+    """A .bin that would run code is refused before any object is built, and the CLI says
+    so in one line (no traceback), exit 1."""
+    import dataclasses
+    import pickle
+    import subprocess
+    import sys
+
+    import torch
+
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.step import Trainee
+
+    class Boom:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    evil = tmp_path / "evil.bin"
+    evil.write_bytes(pickle.dumps(([Boom(), b"x"], [True]), protocol=2))
+    trainee = Trainee(TrainConfig(backbone="tiny", embedding_size=16, workers=1), 4, 0, 1, torch.device("cpu"))
+    model = tmp_path / "model"
+    model.mkdir()
+    trainee.save(str(model), {"step": 0, "world": 1, "config": dataclasses.asdict(trainee.cfg)})
+    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", "--model", str(model), "--pairs",
+                          str(evil)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "refusing to load" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "pwned").exists()
