@@ -2,7 +2,11 @@
 
 `process_partition` is what a Dask task runs. It is idempotent: its outputs have fixed
 names and are written whole, the counts file last, so a task that dies half-way is simply
-run again (by Dask's retry or a rerun of the job) and a finished one is skipped.
+run again (by Dask's retry or a rerun of the job), and a finished one is skipped while its
+fingerprint (records, input listing, config, code version) still matches.
+
+Memory per task is bounded by the input, not by an identity's size: an identity's photos
+are decoded in chunks under a pixel budget and detection runs on bounded copies.
 """
 
 from __future__ import annotations
