@@ -8,7 +8,7 @@ from torch import nn
 from arcface_core.backbones.iresnet import LAYERS, IResNet
 from arcface_core.backbones.mobilefacenet import MobileFaceNet
 
-NAMES = (*LAYERS, "mobilefacenet", "tiny")
+NAMES = (*LAYERS, "mobilefacenet", "tiny", "tiny-s2")
 
 
 def build_backbone(name: str, num_features: int = 512, dropout: float = 0.0) -> nn.Module:
@@ -20,6 +20,11 @@ def build_backbone(name: str, num_features: int = 512, dropout: float = 0.0) -> 
     if name == "tiny":
         # For tests and CPU demos: the IResNet design at 1/8 width, one block per stage.
         return IResNet((1, 1, 1, 1), num_features=num_features, dropout=dropout, widths=(8, 16, 32, 64))
+    if name == "tiny-s2":
+        # The demo's model on CPUs: "tiny" with a stride-2 stem, 4.9x the training throughput
+        # (162 -> 792 img/s, batch 64, 2 threads): its 112x112 maps were ~60% of the step.
+        return IResNet((1, 1, 1, 1), num_features=num_features, dropout=dropout, widths=(8, 16, 32, 64),
+                       stem_stride=2)
     raise ValueError(f"unknown backbone {name!r}; choose from {', '.join(NAMES)}")
 
 
