@@ -45,7 +45,9 @@ class DenoiseConfig:
     batch: int = 256
     # Demo, bootstrap model (tiny IResNet, 2 epochs on stage-1 data): clean faces lie
     # within 33 deg of their identity centre (99.5th percentile), mislabelled ones beyond
-    # 58 deg (1st percentile); 50 splits them with precision and recall ~0.998.
+    # 58 deg (1st percentile); 50 splits them with precision and recall ~0.998. With the
+    # demo's tiny-s2 (stride-2 stem) bootstrap, `make run` on the default demo: precision
+    # 0.998, recall 0.993, overlaps removed, both duplicate pairs merged, no other merge.
     max_angle: float = 50.0
     # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
     min_images_to_judge: int = 5
