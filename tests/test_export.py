@@ -131,7 +131,7 @@ def test_fine_tuning_run_records_the_file(tmp_path, demo_shards, mlflow_server):
 
     full = load_config(ROOT / "configs" / "demo-train.toml")
     torch.manual_seed(7)
-    torch.save(build_backbone("tiny", full.train.embedding_size).state_dict(), tmp_path / "released.pth")
+    torch.save(build_backbone(full.train.backbone, full.train.embedding_size).state_dict(), tmp_path / "released.pth")
     cfg = full.train
     cfg.storage, cfg.name, cfg.max_steps, cfg.epochs, cfg.workers = str(tmp_path / "runs"), "ft", 4, 50, 1
     cfg.checkpoint_every, cfg.eval_every, cfg.registered_model = 4, 0, ""

@@ -84,7 +84,7 @@ def test_tracked_run_registered_promoted_and_loaded_elsewhere(tmp_path, demo_sha
     v2 = str(max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'")))
     version = client.get_model_version(NAME, v2)
     run = client.get_run(version.run_id)
-    assert run.data.params["train.backbone"] == "tiny" and run.data.params["data.uri"] == data
+    assert run.data.params["train.backbone"] == cfg.backbone and run.data.params["data.uri"] == data
     assert run.data.params["data.content_hash"] == manifest["content_hash"]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
         a.path for a in client.list_artifacts(run.info.run_id, "plots")}
@@ -133,7 +133,7 @@ def test_tracked_run_registered_promoted_and_loaded_elsewhere(tmp_path, demo_sha
 
     # Lineage from the registered version back to run, config and exact dataset.
     info = lineage(NAME, CHAMPION)
-    assert info["run_id"] == version.run_id and info["config"]["backbone"] == "tiny"
+    assert info["run_id"] == version.run_id and info["config"]["backbone"] == cfg.backbone == "tiny-s2"
     assert info["dataset"] == {"uri": data, "content_hash": manifest["content_hash"]}
 
     # Roll back: the champion returns to the version v2 replaced.

@@ -100,7 +100,7 @@ def test_worker_dies_and_the_run_continues_from_the_checkpoint(tmp_path, demo_sh
     # Rank 0 logged to MLflow, and the resumed attempt kept logging into the same run.
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(state["mlflow_run_id"])
-    assert run.data.params["train.backbone"] == "tiny"
+    assert run.data.params["train.backbone"] == cfg.backbone == "tiny-s2"  # configs/demo-train.toml
     assert run.data.params["data.content_hash"] == json.loads((demo_shards / "manifest.json").read_text())["content_hash"]
     assert run.data.tags["resumed_at_step"] == "5"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
