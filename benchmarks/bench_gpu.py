@@ -126,9 +126,9 @@ class PeerStep:
         labels = torch.searchsorted(index, labels)
         return self.weight[index], labels
 
-    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
-            emb = self.backbone(images)
+    def head_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The classification layer: centres selected, cosines in fp16 autocast then fp32,
+        the margin through arccos under no_grad, the in-place cross entropy."""
         labels = labels.view(-1, 1)
         weight = self.weight
         if self.case.sample_rate < 1:
@@ -144,8 +144,12 @@ class PeerStep:
             logits.arccos_()
             logits[index, labels[index].view(-1)] = target + self.m
             logits.cos_()
-        logits = logits * self.s
-        loss = _PeerCrossEntropy.apply(logits, labels)
+        return _PeerCrossEntropy.apply(logits * self.s, labels)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.fp16):
+            emb = self.backbone(images)
+        loss = self.head_loss(emb, labels)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), 5)
@@ -223,52 +227,24 @@ def bench_peer(case: StepCase, device, warmup: int, timed: int) -> dict:
 
 
 def count_head_buffers(batch: int = 17, classes: int = 4099) -> list[dict]:
-    """B x C_r allocations of the classification layer's forward + backward (new memory only:
-    views and in-place results share an input's storage). The count does not depend on the
-    sizes, so a small problem gives the figure at 2M classes too."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
+    """B x C_r allocations of the classification layer's forward + backward. The count does
+    not depend on the sizes, so a small problem gives the figure at 2M classes too."""
     from arcface_core.classifier import ShardedMarginClassifier
     from arcface_core.margins import ArcFace
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(a, torch.Tensor)}
-            for o in (out if isinstance(out, (tuple, list)) else [out]):
-                if isinstance(o, torch.Tensor) and sorted(o.shape) == sorted((batch, classes)) and \
-                        o.untyped_storage().data_ptr() not in inputs:
-                    self.n += 1
-            return out
+    from arcface_core.memory import count_new_buffers
 
     rows = []
     for label, fused in (("ours: fused node", True), ("ours: composed autograd ops", False)):
         layer = ShardedMarginClassifier(classes, 32, ArcFace())
         emb = torch.randn(batch, 32, requires_grad=True)
-        mode = Count()
-        with mode:
-            layer(emb, torch.randint(0, classes, (batch,)), fused=fused).backward()
-        rows.append({"path": label, "bxc_buffers": mode.n})
+        labels = torch.randint(0, classes, (batch,))
+        rows.append({"path": label, "bxc_buffers": count_new_buffers(
+            lambda: layer(emb, labels, fused=fused).backward(), (batch, classes))})
     peer = PeerStep(StepCase("count", "tiny", batch, classes), torch.device("cpu"))
     emb = torch.randn(batch, 512, requires_grad=True)
-    labels = torch.randint(0, classes, (batch, 1))
-    mode = Count()
-    with mode:
-        logits = F.linear(F.normalize(emb), F.normalize(peer.weight)).clamp(-1, 1)
-        index = torch.where(labels.view(-1) != -1)[0]
-        target = logits[index, labels[index].view(-1)]
-        with torch.no_grad():
-            target.arccos_()
-            logits.arccos_()
-            logits[index, labels[index].view(-1)] = target + 0.5
-            logits.cos_()
-        _PeerCrossEntropy.apply(logits * 64.0, labels).backward()
-    rows.append({"path": "peer-style head", "bxc_buffers": mode.n})
+    labels = torch.randint(0, classes, (batch,))
+    rows.append({"path": "peer-style head", "bxc_buffers": count_new_buffers(
+        lambda: peer.head_loss(emb, labels).backward(), (batch, classes))})
     return rows
 
 

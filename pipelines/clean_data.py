@@ -296,9 +296,12 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
     input_uri = storage.absolute(input_uri)  # the manifest must lead back to the source from anywhere
     storage.check_bucket(out.uri)
     check_output(input_uri, out, overwrite)
-    for uri in (storage.list_files(out.uri) if out.holds_anything() else []):
-        if ".tmp-" in storage.name(uri):  # a write cut short by a kill: never a finished file
-            storage.delete(uri)
+    try:
+        leftovers = [u for u in storage.list_files(out.uri) if ".tmp-" in storage.name(u)]
+    except (FileNotFoundError, OSError):  # a new output folder
+        leftovers = []
+    for uri in leftovers:  # writes cut short by a kill: never a finished file
+        storage.delete(uri)
     parts = readers.plan(fmt, input_uri, cfg.records_per_partition)
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():

@@ -183,32 +183,15 @@ def test_fused_loss_equals_the_composed_one_in_float64(margin):
 def test_fused_loss_keeps_one_batch_by_classes_buffer():
     """Count the B x n allocations of forward + backward through the dispatcher: the fused
     node makes one and reuses it for the probabilities and the gradient."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from arcface_core.memory import count_new_buffers
 
     b, n = 16, 4096
-
-    class CountLarge(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
-                      if isinstance(a, torch.Tensor)}
-            # new memory only: in-place results and views share an input's storage
-            self.count += sum(1 for o in outs if isinstance(o, torch.Tensor) and o.numel() >= b * n
-                              and o.untyped_storage().data_ptr() not in inputs)
-            return out
 
     def run(fused):
         layer = ShardedMarginClassifier(n, D, ArcFace(s=16.0))
         emb = torch.randn(b, D, requires_grad=True)
-        mode = CountLarge()
-        with mode:
-            layer(emb, torch.randint(0, n, (b,)), fused=fused).backward()
-        return mode.count
+        labels = torch.randint(0, n, (b,))
+        return count_new_buffers(lambda: layer(emb, labels, fused=fused).backward(), (b, n))
 
     assert run(True) == 1
     assert run(False) >= 5  # what the fused node saves

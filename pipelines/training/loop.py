@@ -143,6 +143,7 @@ def train_loop(config: dict) -> None:
     steps_log = StepsLog(run_dir if rank == 0 else None, world, cfg.log_every, eager=device.type == "cpu")
     hook = load_step_hook(config.get("step_hook", ""))
     window_start, window_losses, window_timed = time.perf_counter(), [], 0
+    compile_reported = False
     # Rank 0 shows the way: step out of the total, loss, lr, throughput, time left.
     bar = Progress(f"train {cfg.name}", total, unit="step") if rank == 0 else None
     if bar:
@@ -153,7 +154,7 @@ def train_loop(config: dict) -> None:
         trainee.margin.set_step(step)
         loss = trainee.step(batch.images, batch.labels, lr, flips=batch.flips)
         step += 1
-        compiled_now = rank == 0 and trainee.compile_seconds is not None and "compile s" not in bar.figures
+        compiled_now = rank == 0 and trainee.compile_seconds is not None and not compile_reported
         last = step == total
         checkpoint_now = step % cfg.checkpoint_every == 0 or last
         evaluate_now = bool(cfg.eval_every and step % cfg.eval_every == 0) or last
@@ -163,6 +164,7 @@ def train_loop(config: dict) -> None:
         if rank == 0:
             window_losses.append(loss)
             if compiled_now:  # the compiling step is reported apart and kept out of img/s
+                compile_reported = True
                 bar.figures["compile s"] = round(trainee.compile_seconds, 1)
                 if tracker:
                     tracker.log_compile(trainee.compile_seconds)
