@@ -158,7 +158,14 @@ def _client(scheduler: str | None, cfg: CleanConfig):
 
     # A task whose worker dies is failed after one more try (Dask's default is three): a
     # failed partition is split and retried by _bisect, so each death isolates the record faster.
-    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+    # Spilling and pausing are off: a task's memory is its own working set, never stored results
+    # that could be spilled, so a worker paused above 80% (memory freed by a finished task but
+    # kept by the allocator) would wait forever for memory that never comes back. That hung a
+    # CI run for 10 minutes; without the pause the worker either finishes or is restarted at 95%.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.worker.memory.target": False,
+                          "distributed.worker.memory.spill": False,
+                          "distributed.worker.memory.pause": False}):
         cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit)
     return Client(cluster), cluster

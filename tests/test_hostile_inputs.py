@@ -236,6 +236,7 @@ def big_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+@pytest.mark.timeout(300)  # 17 s here; a hang must not eat the suite's budget
 def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     """A photo under the pixel cap (raised here) but over the worker's memory kills every
     worker that decodes it. The partition is split until that record is alone; it becomes a
@@ -245,7 +246,9 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(5):
         (person / f"{i}.jpg").write_bytes(cv2.imencode(".jpg", rng.integers(0, 255, (60, 60, 3), np.uint8))[1].tobytes())
-    (person / "2b_huge.png").write_bytes(big_png(12000, 12000))  # 432 MB as RGB, twice that converted
+    # 507 MB as RGB (and under PIL's own 179 MP bomb line): with any worker's baseline (over
+    # 100 MiB: Python, NumPy, OpenCV) past the 570 MiB restart line on every machine.
+    (person / "2b_huge.png").write_bytes(big_png(13000, 13000))
     cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="600MiB", max_pixels=200_000_000)
     out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
