@@ -215,3 +215,30 @@ def test_same_seed_same_bytes_via_cli(tmp_path):
     a, b, c = (_tree_digest(tmp_path / n) for n in "abc")
     assert a == b, "same seed must give the same bytes, whatever the worker count"
     assert a.keys() == c.keys() and a != c
+
+
+def test_identity_sizes_and_confusable_noise_follow_the_config():
+    """The knobs of the refinement sweep (benchmarks/bench_refinement.py): identity sizes
+    drawn from a range (an alias as large as its original), and label noise drawn only from
+    the k identities that look most like the filed one, never from the same person."""
+    from cleaning.synthetic.demo import DemoConfig, appearance, make_plan, render_identity
+
+    cfg = DemoConfig(identities=12, images_per_identity=16, images_per_identity_min=8, label_noise=0.5,
+                     noise_sources=2, duplicate_identities=1, eval_overlap_identities=0, eval_identities=0)
+    plan = make_plan(cfg)
+    assert len(plan.sizes) == len(plan.identities) == 13
+    assert all(8 <= n <= 16 for n in plan.sizes) and len(set(plan.sizes)) > 1
+    [(alias, orig)] = plan.alias_of.items()
+    assert plan.sizes[alias] == plan.sizes[orig]
+    a = np.stack([appearance(x) for x in plan.identities])
+    z = (a - a.mean(0)) / np.where(a.std(0) > 0, a.std(0), 1)
+    for i, sources in plan.noise_from.items():
+        same = {alias, orig} if i in (alias, orig) else {i}
+        assert len(sources) == 2 and not same & set(sources)  # never the same person
+        others = [j for j in range(len(plan.identities)) if j not in same | set(sources)]
+        farthest_source = max(np.linalg.norm(z[i] - z[s]) for s in sources)
+        assert all(np.linalg.norm(z[i] - z[j]) >= farthest_source for j in others)  # the look-alikes
+    images = render_identity(plan, 0)
+    assert len(images) == plan.sizes[0]
+    noisy = [im for im in images if "label_noise" in im.defects]
+    assert noisy and all(im.true_identity in {plan.alias_of.get(s, s) for s in plan.noise_from[0]} for im in noisy)

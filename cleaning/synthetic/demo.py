@@ -43,6 +43,14 @@ class DemoConfig:
     # Share of images filed under the wrong identity (MS-Celeb-1M has far more; 10% is enough
     # to measure whether de-noising finds it).
     label_noise: float = 0.10
+    # Where a mislabelled image comes from: 0 = any other identity (uniform noise); k = one of
+    # the k identities that look most like the filed one (concentrated, confusable noise: the
+    # look-alikes and co-stars of web-crawled celebrity photos).
+    noise_sources: int = 0
+    # Identity sizes: each identity gets a number of image slots drawn uniformly from
+    # [images_per_identity_min, images_per_identity]; 0 = every identity gets
+    # images_per_identity. Web datasets mix many small identities with a few large ones.
+    images_per_identity_min: int = 0
     exact_duplicate: float = 0.02
     near_duplicate: float = 0.02
     undecodable: float = 0.01
@@ -88,6 +96,34 @@ class Plan:
     alias_of: dict[int, int] = field(default_factory=dict)  # alias identity -> original
     overlap: list[int] = field(default_factory=list)  # training identities also in the eval set
     eval_identities: list[Identity] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # image slots of each filed identity
+    noise_from: dict[int, list[int]] = field(default_factory=dict)  # filed identity -> its noise sources
+
+
+def appearance(ident: Identity) -> np.ndarray:
+    """An identity's drawing parameters as one numeric vector (colours, shapes, flags)."""
+    values: list[float] = []
+    for v in vars(ident).values():
+        if v is None:
+            values += [0.0, 0.0, 0.0]  # no mole: presence 0, position 0
+        elif isinstance(v, tuple):
+            values += ([1.0] if len(v) == 2 else []) + [float(x) for x in v]
+        else:
+            values.append(float(v))
+    return np.asarray(values)
+
+
+def confusable_sources(ids: list[Identity], same_person: dict[int, set[int]], k: int) -> dict[int, list[int]]:
+    """For each filed identity, the k others that look most like it (z-scored appearance
+    parameters, Euclidean), never another filing of the same person."""
+    x = np.stack([appearance(i) for i in ids])
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    out = {}
+    for i in range(len(ids)):
+        order = [int(j) for j in np.argsort(d[i], kind="stable") if int(j) not in same_person.get(i, {i})]
+        out[i] = order[:k]
+    return out
 
 
 def make_plan(cfg: DemoConfig) -> Plan:
@@ -104,7 +140,17 @@ def make_plan(cfg: DemoConfig) -> Plan:
     m = min(cfg.eval_overlap_identities, len(candidates))
     overlap = sorted(int(x) for x in rng.choice(candidates, size=m, replace=False)) if m else []
     evals = [random_identity(np.random.default_rng([cfg.seed, 2, e])) for e in range(cfg.eval_identities)]
-    return Plan(cfg, ids, alias_of, overlap, evals)
+    plan = Plan(cfg, ids, alias_of, overlap, evals)
+    lo = cfg.images_per_identity_min or cfg.images_per_identity
+    if not 1 <= lo <= cfg.images_per_identity:
+        raise ValueError(f"images_per_identity_min ({lo}) must lie in [1, images_per_identity]")
+    size_rng = np.random.default_rng([cfg.seed, 8])
+    plan.sizes = [int(size_rng.integers(lo, cfg.images_per_identity + 1)) for _ in range(n)]
+    plan.sizes += [plan.sizes[orig] for orig in originals]  # an alias is as large as its original
+    if cfg.noise_sources:
+        same = {i: {i, _partner(plan, i)} for i in range(len(ids))}
+        plan.noise_from = confusable_sources(ids, same, cfg.noise_sources)
+    return plan
 
 
 def _jpeg(img: np.ndarray, quality: int) -> bytes:
@@ -128,7 +174,7 @@ def render_identity(plan: Plan, i: int) -> list[DemoImage]:
     thresholds = np.cumsum([getattr(cfg, d) for d in SLOT_DEFECTS])
     same_person = {i, _partner(plan, i)}
     out: list[DemoImage] = []
-    for j in range(cfg.images_per_identity):
+    for j in range(plan.sizes[i] if plan.sizes else cfg.images_per_identity):
         rng = np.random.default_rng([cfg.seed, 3, i, j])
         u = rng.random()
         defect = None if j == 0 else next((d for d, t in zip(SLOT_DEFECTS, thresholds) if u < t), None)
@@ -136,7 +182,7 @@ def render_identity(plan: Plan, i: int) -> list[DemoImage]:
             defect = SLOT_DEFECTS[i]  # every enabled defect occurs at least once, even in tiny sets
         who = i
         if defect == "label_noise":
-            choices = [x for x in range(len(plan.identities)) if x not in same_person]
+            choices = plan.noise_from.get(i) or [x for x in range(len(plan.identities)) if x not in same_person]
             who = int(rng.choice(choices))
         # The alias shares its original's parameters, so its true identity is the original.
         true_id = plan.alias_of.get(who, who)
