@@ -11,6 +11,11 @@ identity's other faces.
     MergeIdentities      identities whose centres coincide: one person filed twice
     EvaluationOverlap    identities that are people in the evaluation sets
 
+Thresholds set to 0 are derived from each run's own angles (the figure that set them is in
+the step's counts, hence in the manifest and report): the intra-class cut is the valley
+between clean and mislabelled faces (Otsu's threshold over face-to-centre angles), the
+evaluation-overlap radius a quantile of the kept faces' angles.
+
 Angles are in degrees between L2-normalised vectors. Centres are robust means: the mean of
 the identity's faces, recomputed over the faces within the threshold (so a minority of
 mislabelled faces does not drag it), or the model's own class centres when given (sub-centre
@@ -75,6 +80,36 @@ def group_centres(emb: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, n
     return normalise(sums), counts
 
 
+def valley_threshold(angles: np.ndarray, separation: float = 0.75) -> tuple[float, dict]:
+    """The angle that splits face-to-centre angles into the clean mode and the mislabelled
+    one. Two modes (Otsu's split explains more than `separation` of the variance; one
+    Gaussian mode gives 0.64, a flat spread 0.75, the demo's 10-50% noise 0.80-0.93):
+    Otsu's threshold, never below the clean side's median + 4 robust sigmas (1.4826 x MAD).
+    One mode (little or no noise, where Otsu would cut the clean faces in half): the whole
+    distribution's median + 4 robust sigmas. Returns (degrees, the figures that set it)."""
+    from skimage.filters import threshold_otsu
+
+    angles = np.asarray(angles, np.float64)
+    angles = angles[np.isfinite(angles)]
+    if len(angles) < 2 or np.ptp(angles) == 0:
+        return 180.0, {"rule": "no spread to split: nothing dropped"}
+
+    def tail(x: np.ndarray) -> float:
+        median = float(np.median(x))
+        return min(180.0, median + 4 * 1.4826 * float(np.median(np.abs(x - median))))
+
+    otsu = float(threshold_otsu(angles, nbins=360))
+    low, high = angles[angles <= otsu], angles[angles > otsu]
+    explained = len(low) * len(high) / len(angles) ** 2 * (high.mean() - low.mean()) ** 2 / angles.var() \
+        if len(high) else 0.0
+    figures = {"otsu_deg": round(otsu, 2), "variance_explained_by_split": round(float(explained), 3)}
+    if explained <= separation:
+        return tail(angles), {"rule": "one mode: median + 4 robust sigmas", **figures}
+    floor = tail(low)
+    return max(otsu, floor), {"rule": "otsu, floored at the clean mode's median + 4 robust sigmas",
+                              "clean_mode_floor_deg": round(floor, 2), **figures}
+
+
 class DenoiseStep:
     name = "step"
     reasons: tuple[str, ...] = ()
@@ -102,7 +137,8 @@ class DenoiseStep:
 
 
 class IntraClassOutliers(DenoiseStep):
-    """Drop faces more than `max_angle` from their identity's centre (label noise).
+    """Drop faces more than `max_angle` from their identity's centre (label noise); with
+    `max_angle` 0, more than the run's valley_threshold (recomputed as the centres settle).
 
     Identities with fewer than `min_images_to_judge` faces have no trustworthy centre and are
     kept whole (counted as unjudged); with `model_centres` (C, K, D), the centre is the
@@ -124,20 +160,32 @@ class IntraClassOutliers(DenoiseStep):
         num = int(groups.max()) + 1 if len(groups) else 0
         counts = torch.bincount(groups[live], minlength=num)
         judged = live & (counts[groups] >= self.min_judge)
+        judged_np = judged.numpy()
+        self.threshold, derived = self.max_angle, {"rule": "configured"}
+
+        def settle(angles: np.ndarray) -> None:
+            if self.max_angle <= 0:
+                self.threshold, figures = valley_threshold(angles[judged_np])
+                derived.clear()
+                derived.update(figures)
+
         if self.model_centres is not None:
             centres = self._dominant_subcentres(emb, groups, judged, num)
         else:
             centres, _ = group_centres(emb, groups, judged, num)
             for _ in range(self.iterations):
-                cos = (emb * centres[groups]).sum(1)
-                inliers = judged & (torch.from_numpy(angle_deg(cos.numpy())) <= self.max_angle)
+                angles = angle_deg((emb * centres[groups]).sum(1).numpy())
+                settle(angles)
+                inliers = judged & torch.from_numpy(angles <= self.threshold)
                 refined, n_in = group_centres(emb, groups, inliers, num)
                 centres = torch.where((n_in > 0)[:, None], refined, centres)
         angles = angle_deg((emb * centres[groups]).sum(1).numpy())
-        data.angles = np.where(judged.numpy(), angles, np.nan)
-        out = np.flatnonzero(judged.numpy() & (angles > self.max_angle))
+        settle(angles)
+        data.angles = np.where(judged_np, angles, np.nan)
+        out = np.flatnonzero(judged_np & (angles > self.threshold))
         self.drop(data, out, self.reasons[0], [f"{a:.1f} deg from identity centre" for a in angles[out]])
-        self.figures = {"max_angle": self.max_angle, "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
+        self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": dict(derived),
+                        "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
                         "judged_faces": int(judged.sum())}
         self.centres = centres.numpy()
 
@@ -146,10 +194,10 @@ class IntraClassOutliers(DenoiseStep):
         if sub.shape[0] < num:
             raise ValueError(f"the model has {sub.shape[0]} class centres for {num} identities: it was not trained "
                              "on this dataset's labels")
-        nearest = torch.einsum("nd,nkd->nk", emb, sub[groups]).argmax(1)  # each face's nearest sub-centre
+        closest = torch.einsum("nd,nkd->nk", emb, sub[groups]).argmax(1)  # each face's nearest sub-centre
         k = sub.shape[1]
         votes = torch.zeros(num * k, dtype=torch.long).index_add_(
-            0, (groups * k + nearest)[judged], torch.ones(int(judged.sum()), dtype=torch.long))
+            0, (groups * k + closest)[judged], torch.ones(int(judged.sum()), dtype=torch.long))
         dominant = votes.view(num, k).argmax(1)
         return sub[torch.arange(num), dominant]
 
@@ -188,24 +236,6 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)  # the smaller label names the merged identity
 
 
-def close_pairs(a: np.ndarray, b: np.ndarray, max_angle: float, chunk: int = 2048, exclude_self: bool = False):
-    """Index pairs (i, j) with angle(a[i], b[j]) <= max_angle, in chunks (1M x 100k fits)."""
-    min_cos = np.cos(np.radians(max_angle))
-    a_t, b_t = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
-    out_i, out_j = [], []
-    for s in range(0, len(a_t), chunk):
-        sims = a_t[s:s + chunk] @ b_t.T
-        if exclude_self:
-            idx = torch.arange(s, min(s + chunk, len(a_t)))
-            sims[idx - s, idx] = -2
-        i, j = torch.nonzero(sims >= min_cos, as_tuple=True)
-        out_i.append(i.numpy() + s)
-        out_j.append(j.numpy())
-    if not out_i:
-        return np.zeros(0, int), np.zeros(0, int)
-    return np.concatenate(out_i), np.concatenate(out_j)
-
-
 @dataclass
 class Merge:
     into: int
@@ -214,22 +244,28 @@ class Merge:
 
 
 class MergeIdentities(DenoiseStep):
-    """Join identities whose centres are within `max_angle`: the same person filed under two
-    ids. Faces are kept; their group becomes the smallest label of the merged set.
+    """Join identities that are one person filed under two ids. Faces are kept; their group
+    becomes the smallest label of the merged set.
 
-    `max_angle` 0 derives it from the data: `relative` times the median angle of the kept
-    faces to their own centre (as measured by IntraClassOutliers, which must run first).
-    Two ids of one person are trained as different classes, so the bootstrap model pushes
-    them apart, the more the longer it trains; relative to the faces' own spread the gap
-    stays clear (demo: duplicates at 7-30 deg with medians of 17-21 deg; distinct
-    identities 42+ deg apart)."""
+    Two identities merge only with evidence that survives label noise and look-alikes:
+      * their centres are each other's nearest (mutual nearest neighbours), within
+        `max_angle` (0: `relative` times the median angle of the kept faces to their own
+        centre, as measured by IntraClassOutliers, which must run first);
+      * at least `min_crossing` of each one's kept faces lie nearer the other's centre than
+        their own. A bootstrap model trained on two ids of one person cannot tell their
+        photos apart, so their faces intermix (demo: 15-46% each way, the least after 12
+        bootstrap epochs); distinct people, even look-alikes with centres closer than a
+        duplicate pair's, barely cross (at most 5% the less-crossed way with a sub-centre
+        bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle alone could not separate them:
+        duplicates lie 2-30 deg apart depending on how long the bootstrap trained, distinct
+        nearest neighbours from 20 deg up at 50% label noise."""
 
     name = "merge_identities"
     reasons = ()
 
-    def __init__(self, max_angle: float = 0.0, relative: float = 2.0):
+    def __init__(self, max_angle: float = 0.0, relative: float = 2.0, min_crossing: float = 0.1):
         super().__init__()
-        self.max_angle, self.relative = max_angle, relative
+        self.max_angle, self.relative, self.min_crossing = max_angle, relative, min_crossing
         self.merges: list[Merge] = []
 
     def apply(self, data: EmbeddedSet) -> None:
@@ -245,10 +281,24 @@ class MergeIdentities(DenoiseStep):
         centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
                                         torch.from_numpy(kept), num)
         present = np.flatnonzero(counts.numpy() > 0)
-        i, j = close_pairs(centres.numpy()[present], centres.numpy()[present], self.max_angle, exclude_self=True)
+        pc = centres.numpy()[present]
+        nearest_of, angle = nearest(pc, pc, exclude_self=True) if len(present) > 1 else (np.zeros(0, np.int64), np.zeros(0))
+        rows_of = _rows_by_group(data.groups, kept)
         uf = _UnionFind(num)
-        for a, b in zip(present[i], present[j]):
-            uf.union(int(a), int(b))
+        candidates, rejected = 0, 0
+        for a in range(len(present)):
+            b = int(nearest_of[a])
+            if a > b or nearest_of[b] != a or angle[a] > self.max_angle:
+                continue  # each mutual pair once, within the search bound
+            candidates += 1
+            ga, gb = int(present[a]), int(present[b])
+            fa, fb = emb[rows_of[ga]], emb[rows_of[gb]]
+            cross_a = float(((fa @ centres[gb]) > (fa @ centres[ga])).float().mean())
+            cross_b = float(((fb @ centres[ga]) > (fb @ centres[gb])).float().mean())
+            if min(cross_a, cross_b) < self.min_crossing:
+                rejected += 1
+                continue
+            uf.union(ga, gb)
         root = np.array([uf.find(g) for g in range(num)])
         members: dict[int, list[int]] = {}
         for g in present:
@@ -258,44 +308,80 @@ class MergeIdentities(DenoiseStep):
                 idents = sorted({str(x) for x in data.identities[np.isin(data.groups, gs)]})
                 self.merges.append(Merge(into, gs, idents))
         data.groups = root[data.groups]
-        self.figures = {"max_angle": self.max_angle, "merged_sets": len(self.merges),
+        self.figures = {"max_angle": round(self.max_angle, 2), "min_crossing": self.min_crossing,
+                        "mutual_nearest_within_max_angle": candidates, "refused_for_too_few_crossing": rejected,
+                        "merged_sets": len(self.merges),
                         "identities_merged_away": sum(len(m.groups) - 1 for m in self.merges)}
 
 
+def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, np.ndarray]:
+    rows = np.flatnonzero(kept)
+    order = rows[np.argsort(groups[rows], kind="stable")]
+    ids, starts = np.unique(groups[order], return_index=True)
+    return {int(g): torch.from_numpy(part) for g, part in zip(ids, np.split(order, starts[1:]))}
+
+
 class EvaluationOverlap(DenoiseStep):
-    """Drop identities that are people in the evaluation sets: those with at least
-    `min_faces` evaluation faces within `max_angle` of their centre, and those named in
-    `names` (an optional list, e.g. LFW's names where the source ids are names)."""
+    """Drop identities that are people in the evaluation sets: those that are the nearest
+    identity of at least `min_faces` evaluation faces within `max_angle` of their centre,
+    and those named in `names` (an optional list, e.g. LFW's names where the source ids
+    are names). `max_angle` 0: the `quantile` of the kept faces' angles to their own centre
+    (IntraClassOutliers must run first) - an evaluation face of a training person lies as
+    near its centre as that person's own photos do; a look-alike's lie farther."""
 
     name = "evaluation_overlap"
     reasons = ("overlaps_evaluation_set", "named_in_evaluation_list")
 
     def __init__(self, eval_embeddings: np.ndarray | None, max_angle: float, min_faces: int,
-                 names: set[str] | None = None):
+                 names: set[str] | None = None, quantile: float = 0.9):
         super().__init__()
         self.eval_embeddings, self.max_angle, self.min_faces = eval_embeddings, max_angle, min_faces
-        self.names = names or set()
+        self.names, self.quantile = names or set(), quantile
 
     def apply(self, data: EmbeddedSet) -> None:
         kept = data.kept
         flagged: set[int] = set()
+        derived = {"rule": "configured"}
+        if self.max_angle <= 0:
+            inlier = data.angles[kept & np.isfinite(data.angles)]
+            if not len(inlier):
+                raise ValueError("overlap_max_angle 0 derives the radius from face-to-centre angles: run "
+                                 "IntraClassOutliers first (or set an angle)")
+            self.max_angle = float(np.quantile(inlier, self.quantile))
+            derived = {"rule": f"quantile {self.quantile:g} of the kept faces' angles to their centre"}
         if self.eval_embeddings is not None and len(self.eval_embeddings):
             num = int(data.groups.max()) + 1
             emb = torch.from_numpy(np.ascontiguousarray(data.embeddings, np.float32))
             centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
                                             torch.from_numpy(kept), num)
             present = np.flatnonzero(counts.numpy() > 0)
-            i, _ = close_pairs(centres.numpy()[present], self.eval_embeddings, self.max_angle)
-            hits = np.bincount(i, minlength=len(present))
+            closest, angle = nearest(self.eval_embeddings, centres.numpy()[present])
+            hits = np.bincount(closest[angle <= self.max_angle], minlength=len(present))
             flagged = {int(g) for g in present[hits >= self.min_faces]}
             rows = np.flatnonzero(kept & np.isin(data.groups, list(flagged)))
-            self.drop(data, rows, self.reasons[0], f">= {self.min_faces} evaluation faces within {self.max_angle:g} deg")
+            self.drop(data, rows, self.reasons[0], f">= {self.min_faces} evaluation faces within "
+                                                   f"{self.max_angle:.1f} deg of the centre, nearer it than any other")
         named = np.flatnonzero(data.kept & np.isin(data.identities, list(self.names)))
         named_groups = set(np.unique(data.groups[named]).tolist())
         self.drop(data, np.flatnonzero(data.kept & np.isin(data.groups, list(named_groups))), self.reasons[1])
-        self.figures = {"max_angle": self.max_angle, "min_faces": self.min_faces,
+        self.figures = {"max_angle": round(self.max_angle, 2), "max_angle_from": derived, "min_faces": self.min_faces,
                         "identities_by_embedding": sorted({str(x) for x in data.identities[np.isin(data.groups, list(flagged))]}),
                         "identities_by_name": sorted({str(x) for x in data.identities[np.isin(data.groups, list(named_groups))]})}
+
+
+def nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, chunk: int = 4096):
+    """For each row of `a`, its nearest row of `b` and the angle to it (a row of `a` that is
+    also row i of `b` skips itself with `exclude_self`), in chunks: memory chunk x len(b)."""
+    a_t, b_t = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
+    index, cos = np.zeros(len(a_t), np.int64), np.zeros(len(a_t), np.float32)
+    for s in range(0, len(a_t), chunk):
+        sims = a_t[s:s + chunk] @ b_t.T
+        if exclude_self:
+            rows = torch.arange(s, min(s + chunk, len(a_t)))
+            sims[rows - s, rows] = -2
+        best = sims.max(1)
+        index[s:s + chunk], cos[s:s + chunk] = best.indices.numpy(), best.values.numpy()
+    return index, angle_deg(cos)
 
 
 def contiguous_labels(data: EmbeddedSet) -> tuple[np.ndarray, dict[str, int]]:

@@ -125,10 +125,10 @@ RANGES = {
     "clean.landmark_margin": "[0, 1]", "clean.detector_min_face": "[12, inf)", "clean.detector_batch": "[1, inf)",
     "clean.detect_max_side": "[112, inf)", "clean.decoded_pixels_per_chunk": "[1, inf)",
     "clean.jpeg_quality": "[1, 100]", "clean.row_group_rows": "[1, inf)",
-    "denoise.workers": "[1, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "(0, 180]",
+    "denoise.workers": "[1, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
     "denoise.min_images_to_judge": "[1, inf)", "denoise.min_images_per_identity": "[1, inf)",
     "denoise.merge_max_angle": "[0, 180]", "denoise.overlap_max_angle": "[0, 180]",
-    "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)",
+    "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)", "denoise.bootstrap_subcentres": "[1, inf)", "denoise.rounds": "[1, inf)",
     "train.embedding_size": "[1, inf)", "train.freeze_stages": "[0, 4]", "train.sample_rate": "(0, 1]",
     "train.subcentres": "[1, inf)", "train.batch_size": "[1, inf)", "train.epochs": "[0, inf)",
     "train.max_steps": "[0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
@@ -195,7 +195,7 @@ def validate(cfg: Config) -> None:
          "on CPU set train.compile_backend = \"aot_eager\", or train on GPUs"),
         (cfg.margin.scale > 0, "margin.scale must be > 0"),
         (cfg.denoise.workers >= 1, "denoise.workers must be >= 1"),
-        (0 < cfg.denoise.max_angle <= 180, "denoise.max_angle must be in (0, 180]"),
+        (0 <= cfg.denoise.max_angle <= 180, "denoise.max_angle must be in [0, 180] (0: derived per run)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -43,36 +43,48 @@ class DenoiseConfig:
     workers: int = 2  # embedding actors
     gpu: bool = False  # one GPU per actor (checkpoints; MLflow models embed on CPU)
     batch: int = 256
-    # Demo, bootstrap model (tiny IResNet, 2 epochs on stage-1 data): clean faces lie
-    # within 33 deg of their identity centre (99.5th percentile), mislabelled ones beyond
-    # 58 deg (1st percentile); 50 splits them with precision and recall ~0.998. With the
-    # demo's tiny-s2 (stride-2 stem) bootstrap, `make run` on the default demo: precision
-    # 0.998, recall 0.993, overlaps removed, both duplicate pairs merged, no other merge.
-    max_angle: float = 50.0
+    # Faces farther than this from their identity's centre are label noise. 0: derived per
+    # run, the valley between the clean and the mislabelled mode of the face-to-centre angles
+    # (Otsu's threshold, never below the clean mode's median + 4 robust sigmas; the figure
+    # is in the manifest and report). Demo, sub-centre bootstrap: 48.8 deg at 10% label
+    # noise, 50.9 at 50%; a fixed 50 was right for the one and wrong for neither, but the
+    # angles move with the model (sub-centre ArcFace used 75 with a ResNet-100 on MS1M).
+    max_angle: float = 0.0
     # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
     min_images_to_judge: int = 5
     # Identities left with fewer faces are dropped (a class needs faces to learn from).
     min_images_per_identity: int = 2
     # Use the model's class centres (dominant sub-centre) instead of the embeddings' robust
-    # mean; needs a training checkpoint of a model trained on this dataset's labels.
+    # mean; needs a training checkpoint of a model trained on this dataset's labels. (After
+    # two bootstrap epochs the class weights are still far from the faces - clean faces sat
+    # beyond 50 deg of them at 50% noise - so the embeddings' mean is the default.)
     use_model_centres: bool = False
-    # Identities whose centres are closer are one person. 0: twice the median angle of the
-    # kept faces to their own centre (derived per run; see cleaning/denoise.MergeIdentities).
-    # Demo: the same person filed under two ids has centres 7 deg (2-epoch bootstrap on the
-    # default demo; median 17) to 30 deg apart (12 epochs on a small demo; median 21) -
-    # training as two classes pushes them apart - while distinct identities are 42+ deg apart.
+    # Search bound for merging (0: twice the median angle of the kept faces to their own
+    # centre). Within it, mutual nearest identities merge only when their faces intermix
+    # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-30 deg
+    # apart on the demo, distinct look-alikes from 20 deg up at 50% noise.
     merge_max_angle: float = 0.0
-    # An identity is an evaluation person when at least `overlap_min_faces` evaluation
-    # faces lie within `overlap_max_angle` of its centre. Demo (2-epoch bootstrap): the 3
-    # overlap identities have 6, 6 and 5 of their 6 evaluation faces within 30 deg, no other
-    # identity more than 1; at 40 deg a look-alike identity reaches all 6.
-    overlap_max_angle: float = 30.0
+    # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
+    # have it as their nearest identity within `overlap_max_angle` of its centre. 0: the 90th
+    # percentile of the kept faces' angles to their centre (demo: 20.8 deg at 10% noise,
+    # 23.6 at 50%); a fixed 30 let 3 look-alikes in at 50% noise.
+    overlap_max_angle: float = 0.0
     overlap_min_faces: int = 3
     # Optional file of identity ids (one per line) known to be in the evaluation sets.
     exclude_identities: str = ""
     # `arcface refine`: epochs of the bootstrap model trained on stage-1 data (the rest of
     # its recipe is [train]); then retrain on the refined data when `retrain` is set.
     bootstrap_epochs: int = 2
+    # Sub-centres per class of the bootstrap model (sub-centre ArcFace, Deng et al. 2020):
+    # a mislabelled face can sit at a sub-centre of its own instead of pulling the identity's
+    # embedding towards it. Demo at 50% label noise, threshold 50 deg: recall 0.90 with one
+    # centre per class, 0.975 with three (benchmarks/results/refinement_sweep.md).
+    bootstrap_subcentres: int = 3
+    # Refinement rounds of `arcface refine`. With 2, a second bootstrap model (one centre per
+    # class) is trained on round 1's output - labels mostly clean - and the stage-1 faces are
+    # judged again with it: a model trained on data that is half wrong embeds poorly, one
+    # trained on what it kept embeds well (benchmarks/results/refinement_sweep.md).
+    rounds: int = 1
     retrain: bool = False
 
 
@@ -150,7 +162,7 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
                             "kept": np.histogram(angles[judged & embedded.kept], edges)[0].tolist(),
                             "dropped": np.histogram(angles[judged & outlier], edges)[0].tolist(),
                             "dropped_other_reasons": np.histogram(angles[judged & other], edges)[0].tolist(),
-                            "threshold_deg": cfg.max_angle},
+                            "threshold_deg": steps[0].threshold},
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)  # embedding and decisions
     rewrite.rewrite_dataset(data, out, decide, id_map, stage=STAGE, extra={STAGE: summary})
@@ -213,7 +225,9 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
                overwrite: bool = False) -> RefineResult:
     """stage 1 -> bootstrap model -> stage 2 (-> retrain), under `out`:
     stage1/ (a refined dataset), runs/ (checkpoints), bootstrap.json (which checkpoint the
-    bootstrap model is, written once it is complete), stage2/ (the refined dataset).
+    bootstrap model is, written once it is complete), stage2/ (the refined dataset); with
+    `denoise.rounds` n > 1 also round1/ .. round{n-1}/ (each round's output, which trains the
+    next round's model: bootstrap2.json ..), and stage2/ is judged by the last model.
     `cfg` is the whole Config: the loop runs every stage."""
     from pipelines.clean_data import run_clean_data
     from pipelines.training.driver import run_training
@@ -227,26 +241,26 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
     # A rerun reuses each step's output only when it was made from the same inputs and
     # config: stage 1 per partition (fingerprints), the bootstrap model and stage 2 by record.
     stage1 = run_clean_data(input_uri, fmt, stage1, cfg.clean, scheduler=scheduler, overwrite=overwrite)
-    marker = storage.join(out, REFINE_LAYOUT["bootstrap"])
     boot = dataclasses.replace(cfg.train, name="bootstrap", storage=runs, epochs=cfg.denoise.bootstrap_epochs,
-                               max_steps=0, registered_model="", eval_every=0)
-    made_from = {"config": dataclasses.asdict(boot), "margin": dataclasses.asdict(cfg.margin),
-                 "dataset": stage1.content_hash}
-    earlier = shards.read_json(marker) if storage.exists(marker) else {}
-    if earlier and all(earlier.get(k) == v for k, v in made_from.items()):
-        bootstrap = earlier["checkpoint"]
-        log.info("bootstrap model trained before on the same stage-1 data and recipe: %s", bootstrap)
-    else:
-        result = run_training(stage1, boot, cfg.margin, ray_address=services.ray_address)
-        if result.error:
-            raise RuntimeError(f"bootstrap training failed: {result.error}")
-        bootstrap = result.checkpoint.path
-        if storage.is_s3(runs) and not bootstrap.startswith("s3://"):
-            bootstrap = "s3://" + bootstrap
-        shards.write_json(marker, {"checkpoint": bootstrap, **made_from})
-    summary = RefineResult(RefinedDataset.open(stage1.uri), stage2, bootstrap)
-    if not _stage2_current(stage2, summary.stage1, bootstrap, cfg.denoise):
-        run_denoise(summary.stage1, stage2, bootstrap, cfg.denoise, ray_address=services.ray_address,
+                               max_steps=0, registered_model="", eval_every=0,
+                               subcentres=cfg.denoise.bootstrap_subcentres)
+    denoise_cfg = cfg.denoise
+    stage1 = RefinedDataset.open(stage1.uri)
+    model = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
+    summary = RefineResult(stage1, stage2, model)
+    for later in range(2, cfg.denoise.rounds + 1):
+        # Round n-1's output, judged by round n-1's model, trains round n's model; each
+        # round judges every stage-1 face again, so a face dropped wrongly can come back.
+        earlier = RefinedDataset.create(storage.join(out, f"round{later - 1}"))
+        if not _stage2_current(earlier, stage1, model, denoise_cfg):
+            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address)
+        boot = dataclasses.replace(boot, name=f"bootstrap{later}")
+        # The new model's classes are round n-1's labels, not stage 1's: centres from embeddings.
+        denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)
+        model = _bootstrap(RefinedDataset.open(earlier.uri), boot, cfg, storage.join(out, f"bootstrap{later}.json"))
+    summary.bootstrap_checkpoint = model
+    if not _stage2_current(stage2, stage1, model, denoise_cfg):
+        run_denoise(stage1, stage2, model, denoise_cfg, ray_address=services.ray_address,
                     mlflow_uri=services.mlflow_tracking_uri)
     summary.stage2 = RefinedDataset.open(stage2.uri)
     if cfg.denoise.retrain:
@@ -257,3 +271,24 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
             raise RuntimeError(f"training on the refined data failed: {result.error}")
         summary.refined_checkpoint = result.checkpoint.path
     return summary
+
+
+def _bootstrap(data: RefinedDataset, boot, cfg, marker: str) -> str:
+    """The checkpoint of a bootstrap model trained on `data` with recipe `boot`: the one the
+    marker names when it was made from the same data and recipe, else a new one."""
+    from pipelines.training.driver import run_training
+
+    made_from = {"config": dataclasses.asdict(boot), "margin": dataclasses.asdict(cfg.margin),
+                 "dataset": data.content_hash}
+    earlier = shards.read_json(marker) if storage.exists(marker) else {}
+    if earlier and all(earlier.get(k) == v for k, v in made_from.items()):
+        log.info("%s model trained before on the same data and recipe: %s", boot.name, earlier["checkpoint"])
+        return earlier["checkpoint"]
+    result = run_training(data, boot, cfg.margin, ray_address=cfg.services.ray_address)
+    if result.error:
+        raise RuntimeError(f"{boot.name} training failed: {result.error}")
+    checkpoint = result.checkpoint.path
+    if storage.is_s3(boot.storage) and not checkpoint.startswith("s3://"):
+        checkpoint = "s3://" + checkpoint
+    shards.write_json(marker, {"checkpoint": checkpoint, **made_from})
+    return checkpoint

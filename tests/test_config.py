@@ -75,7 +75,7 @@ def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
     ("services.mlflow_port=70000", "services.mlflow_port must be in"),
     ("clean.jpeg_quality=0", "clean.jpeg_quality"),
     ("train.momentum=1", r"train.momentum must be in \[0, 1\)"),
-    ("denoise.max_angle=0", r"denoise.max_angle must be in \(0, 180\]"),
+    ("denoise.max_angle=181", r"denoise.max_angle must be in \[0, 180\]"),
     ("margin.arcface.m=-0.1", "margin.arcface.m"),
     ("clean.min_blur=nan", "finite"),
 ])

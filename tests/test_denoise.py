@@ -61,8 +61,9 @@ def test_dominant_subcentre_rule():
 
 def test_merge_overlap_small_and_relabel():
     rng = np.random.default_rng(2)
-    # Groups: 0 and 3 are one person (centres ~5 deg apart); 1 and 2 distinct; 4 has 1 face.
-    directions = [basis(0), basis(1), basis(2), basis(0) + 0.09 * basis(5), basis(4)]
+    # Groups: 0 and 3 are one person (photos of one person filed under two ids); 1 and 2
+    # distinct; 4 has 1 face.
+    directions = [basis(0), basis(1), basis(2), basis(0), basis(4)]
     sizes = [10, 10, 10, 8, 1]
     emb = np.concatenate([around(d, n, 15, rng) for d, n in zip(directions, sizes)])
     groups = np.repeat(np.arange(5), sizes)
@@ -201,18 +202,59 @@ def test_report_renders_in_headless_chromium(refined, tmp_path):
     assert blue > 500, blue
 
 
-def test_merge_threshold_derived_from_the_face_spread():
+def test_merge_needs_mutual_nearest_centres_whose_faces_intermix():
     rng = np.random.default_rng(4)
-    # Two ids of one person 30 deg apart, faces within 40 deg of their centres (median ~20):
-    # derived threshold ~40 deg merges them; a third identity 60 deg away stays.
-    a, b = basis(0), np.cos(np.radians(30)) * basis(0) + np.sin(np.radians(30)) * basis(1)
-    c = np.cos(np.radians(60)) * basis(0) - np.sin(np.radians(60)) * basis(1)
-    emb = np.concatenate([around(a, 30, 40, rng), around(b, 30, 40, rng), around(c, 30, 40, rng)])
-    data = EmbeddedSet(emb, np.repeat([0, 1, 2], 30), np.repeat(np.array(["a", "b", "c"], object), 30))
+    # "a" and "b": one person's photos filed under two ids (one distribution, faces within 40
+    # deg). "d" and "e": two distinct look-alikes, tight (8 deg), centres 20 deg apart - each
+    # other's nearest and within the derived bound, but their faces do not cross.
+    d = np.cos(np.radians(70)) * basis(0) + np.sin(np.radians(70)) * basis(2)
+    e = np.cos(np.radians(20)) * d + np.sin(np.radians(20)) * basis(3)
+    emb = np.concatenate([around(basis(0), 30, 40, rng), around(basis(0), 30, 40, rng),
+                          around(d, 30, 8, rng), around(e, 30, 8, rng)])
+    names = np.repeat(np.array(["a", "b", "d", "e"], object), 30)
+    data = EmbeddedSet(emb, np.repeat([0, 1, 2, 3], 30), names)
     IntraClassOutliers(max_angle=60, min_images_to_judge=5)(data)
-    merge = MergeIdentities(max_angle=0, relative=2.0)
+    merge = MergeIdentities(max_angle=25)
     merge(data)
-    assert 30 < merge.figures["max_angle"] < 50
     assert [m.identities for m in merge.merges] == [["a", "b"]]
+    assert merge.figures["mutual_nearest_within_max_angle"] == 2 and merge.figures["refused_for_too_few_crossing"] == 1
+    derived = MergeIdentities(max_angle=0, relative=2.0)
+    derived(EmbeddedSet(emb, np.repeat([0, 1, 2, 3], 30), names, angles=data.angles.copy()))
+    assert derived.figures["max_angle"] == pytest.approx(2 * np.median(data.angles), abs=0.01)
     with pytest.raises(ValueError, match="IntraClassOutliers first"):
-        MergeIdentities(0)(EmbeddedSet(emb, np.repeat([0, 1, 2], 30), np.repeat(np.array(["a"], object), 90)))
+        MergeIdentities(0)(EmbeddedSet(emb, np.repeat([0, 1, 2, 3], 30), names))
+
+
+def test_valley_threshold_splits_two_modes_and_spares_one():
+    from cleaning.denoise import valley_threshold
+
+    rng = np.random.default_rng(6)
+    clean, noisy = rng.normal(15, 5, 7000).clip(0, 180), rng.normal(85, 12, 3000).clip(0, 180)
+    t, figures = valley_threshold(np.concatenate([clean, noisy]))
+    assert 40 < t < 60 and figures["rule"].startswith("otsu") and figures["variance_explained_by_split"] > 0.9
+    assert ((noisy > t).mean() > 0.99) and ((clean <= t).mean() == 1.0)
+    # One mode (no label noise): Otsu would cut the clean faces in half; the tail rule keeps them.
+    t1, figures = valley_threshold(clean)
+    assert figures["rule"].startswith("one mode") and 30 < t1 < 40 and (clean > t1).mean() < 1e-3
+    assert valley_threshold(np.full(10, 12.0))[0] == 180.0  # nothing to split
+
+
+def test_derived_thresholds_on_the_stage():
+    rng = np.random.default_rng(7)
+    # 30% of identity 0's faces are identity 1's person (90 deg away): the derived cut finds them.
+    emb = np.concatenate([around(basis(0), 14, 20, rng), around(basis(1), 6, 20, rng), around(basis(1), 20, 20, rng)])
+    groups = np.array([0] * 20 + [1] * 20)
+    data = EmbeddedSet(emb, groups, np.array([f"id{g}" for g in groups], object))
+    step = IntraClassOutliers(max_angle=0, min_images_to_judge=5)
+    step(data)
+    assert np.flatnonzero(~data.kept).tolist() == list(range(14, 20))
+    assert 20 < step.figures["max_angle"] < 70 and step.figures["max_angle_from"]["rule"].startswith("otsu")
+    # Evaluation faces near person 1: the radius is the kept faces' 90th-percentile angle (< 20 deg).
+    # Three faces lie 5 deg from person 1 (counted); three lie 8 deg from a direction nearer
+    # person 0's centre than person 1's (they count for 0 only, and 0 needs them within radius).
+    eval_emb = np.concatenate([around(basis(1), 3, 5, rng), around(basis(0) + 0.05 * basis(1), 3, 8, rng)])
+    overlap = EvaluationOverlap(eval_emb, max_angle=0, min_faces=3)
+    overlap(data)
+    assert overlap.figures["max_angle"] < 20 and overlap.figures["identities_by_embedding"] == ["id0", "id1"]
+    with pytest.raises(ValueError, match="IntraClassOutliers first"):
+        EvaluationOverlap(eval_emb, 0, 3)(EmbeddedSet(emb, groups, np.array(["x"] * 40, object)))
