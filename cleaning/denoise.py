@@ -369,10 +369,13 @@ class EvaluationOverlap(DenoiseStep):
                         "identities_by_name": sorted({str(x) for x in data.identities[np.isin(data.groups, list(named_groups))]})}
 
 
-def nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, chunk: int = 4096):
+def nearest(a: np.ndarray, b: np.ndarray, exclude_self: bool = False, chunk_elements: int = 1 << 25):
     """For each row of `a`, its nearest row of `b` and the angle to it (a row of `a` that is
-    also row i of `b` skips itself with `exclude_self`), in chunks: memory chunk x len(b)."""
+    also row i of `b` skips itself with `exclude_self`), in chunks of rows of `a` whose
+    similarities take `chunk_elements` floats (128 MiB), whatever the sizes: 85K centres
+    against each other is never an 85K x 85K matrix."""
     a_t, b_t = torch.from_numpy(np.asarray(a, np.float32)), torch.from_numpy(np.asarray(b, np.float32))
+    chunk = max(1, chunk_elements // max(1, len(b_t)))
     index, cos = np.zeros(len(a_t), np.int64), np.zeros(len(a_t), np.float32)
     for s in range(0, len(a_t), chunk):
         sims = a_t[s:s + chunk] @ b_t.T

@@ -258,3 +258,19 @@ def test_derived_thresholds_on_the_stage():
     assert overlap.figures["max_angle"] < 20 and overlap.figures["identities_by_embedding"] == ["id0", "id1"]
     with pytest.raises(ValueError, match="IntraClassOutliers first"):
         EvaluationOverlap(eval_emb, 0, 3)(EmbeddedSet(emb, groups, np.array(["x"] * 40, object)))
+
+
+def test_nearest_in_chunks_equals_the_full_matrix():
+    from cleaning.denoise import nearest
+
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(301, 16)).astype(np.float32)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    sims = a @ a.T
+    np.fill_diagonal(sims, -2)
+    for chunk_elements in (1, 1000, 10 ** 9):  # one row at a time, chunks across the diagonal, one chunk
+        index, angle = nearest(a, a, exclude_self=True, chunk_elements=chunk_elements)
+        assert (index == sims.argmax(1)).all()
+        assert np.allclose(angle, angle_deg(sims.max(1)), atol=1e-3)
+    index, _ = nearest(a[:5], a)  # without exclude_self every row finds itself
+    assert index.tolist() == [0, 1, 2, 3, 4]
