@@ -251,21 +251,23 @@ class MergeIdentities(DenoiseStep):
       * their centres are each other's nearest (mutual nearest neighbours), within
         `max_angle` (0: `relative` times the median angle of the kept faces to their own
         centre, as measured by IntraClassOutliers, which must run first);
-      * at least `min_crossing` of each one's kept faces lie nearer the other's centre than
-        their own. A bootstrap model trained on two ids of one person cannot tell their
-        photos apart, so their faces intermix (demo: 15-46% each way, the least after 12
+      * each has at least `min_faces` kept faces, and at least `min_crossing` of them lie
+        nearer the other's centre than their own (leave-one-out: each face against its
+        identity's centre without it). A bootstrap model trained on two ids of one person
+        cannot tell their photos apart, so their faces intermix (demo: 31-75% each way, the least after 12
         bootstrap epochs); distinct people, even look-alikes with centres closer than a
-        duplicate pair's, barely cross (at most 5% the less-crossed way with a sub-centre
-        bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle alone could not separate them:
-        duplicates lie 2-30 deg apart depending on how long the bootstrap trained, distinct
-        nearest neighbours from 20 deg up at 50% label noise."""
+        duplicate pair's, barely cross (at most 6% the less-crossed way with the sub-centre
+        bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle
+        alone could not separate them: duplicates lay 2-11 deg apart on the demo, distinct
+        nearest neighbours from 19 deg up at 50% label noise and from 8 deg up with a
+        one-centre bootstrap there."""
 
     name = "merge_identities"
     reasons = ()
 
-    def __init__(self, max_angle: float = 0.0, relative: float = 2.0, min_crossing: float = 0.1):
+    def __init__(self, max_angle: float = 0.0, relative: float = 2.0, min_crossing: float = 0.2, min_faces: int = 3):
         super().__init__()
-        self.max_angle, self.relative, self.min_crossing = max_angle, relative, min_crossing
+        self.max_angle, self.relative, self.min_crossing, self.min_faces = max_angle, relative, min_crossing, min_faces
         self.merges: list[Merge] = []
 
     def apply(self, data: EmbeddedSet) -> None:
@@ -293,9 +295,10 @@ class MergeIdentities(DenoiseStep):
             candidates += 1
             ga, gb = int(present[a]), int(present[b])
             fa, fb = emb[rows_of[ga]], emb[rows_of[gb]]
-            cross_a = float(((fa @ centres[gb]) > (fa @ centres[ga])).float().mean())
-            cross_b = float(((fb @ centres[ga]) > (fb @ centres[gb])).float().mean())
-            if min(cross_a, cross_b) < self.min_crossing:
+            if min(len(fa), len(fb)) < self.min_faces:  # no faces to weigh: no evidence
+                rejected += 1
+                continue
+            if min(_crossing(fa, centres[gb]), _crossing(fb, centres[ga])) < self.min_crossing:
                 rejected += 1
                 continue
             uf.union(ga, gb)
@@ -309,9 +312,17 @@ class MergeIdentities(DenoiseStep):
                 self.merges.append(Merge(into, gs, idents))
         data.groups = root[data.groups]
         self.figures = {"max_angle": round(self.max_angle, 2), "min_crossing": self.min_crossing,
-                        "mutual_nearest_within_max_angle": candidates, "refused_for_too_few_crossing": rejected,
+                        "mutual_nearest_within_max_angle": candidates, "refused_for_too_little_evidence": rejected,
                         "merged_sets": len(self.merges),
                         "identities_merged_away": sum(len(m.groups) - 1 for m in self.merges)}
+
+
+def _crossing(faces: torch.Tensor, other_centre: torch.Tensor) -> float:
+    """The share of an identity's faces nearer `other_centre` than their own identity's
+    centre, each face compared with the centre of the others (leave-one-out): a face is part
+    of its own centre's mean, which in many dimensions would alone keep it on its side."""
+    own = normalise(faces.sum(0, keepdim=True) - faces)
+    return float(((faces @ other_centre) > (faces * own).sum(1)).float().mean())
 
 
 def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, np.ndarray]:

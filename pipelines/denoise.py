@@ -61,8 +61,8 @@ class DenoiseConfig:
     use_model_centres: bool = False
     # Search bound for merging (0: twice the median angle of the kept faces to their own
     # centre). Within it, mutual nearest identities merge only when their faces intermix
-    # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-30 deg
-    # apart on the demo, distinct look-alikes from 20 deg up at 50% noise.
+    # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-11 deg
+    # apart on the demo, distinct look-alikes from 19 deg up at 50% noise.
     merge_max_angle: float = 0.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
     # have it as their nearest identity within `overlap_max_angle` of its centre. 0: the 90th

@@ -217,7 +217,7 @@ def test_merge_needs_mutual_nearest_centres_whose_faces_intermix():
     merge = MergeIdentities(max_angle=25)
     merge(data)
     assert [m.identities for m in merge.merges] == [["a", "b"]]
-    assert merge.figures["mutual_nearest_within_max_angle"] == 2 and merge.figures["refused_for_too_few_crossing"] == 1
+    assert merge.figures["mutual_nearest_within_max_angle"] == 2 and merge.figures["refused_for_too_little_evidence"] == 1
     derived = MergeIdentities(max_angle=0, relative=2.0)
     derived(EmbeddedSet(emb, np.repeat([0, 1, 2, 3], 30), names, angles=data.angles.copy()))
     assert derived.figures["max_angle"] == pytest.approx(2 * np.median(data.angles), abs=0.01)
