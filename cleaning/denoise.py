@@ -73,11 +73,27 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
+# Rows per chunk of the N x D passes: temporaries stay at CHUNK x D (128 MiB at 512-d), not
+# N x D (12 GB each at MS1MV2's 5.8M faces).
+CHUNK = 1 << 16
+
+
 def group_centres(emb: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> tuple:
     """(normalised centres (G, D), counts (G,)) over the rows in `mask`."""
-    sums = torch.zeros(num_groups, emb.shape[1], dtype=emb.dtype).index_add_(0, groups[mask], emb[mask])
+    sums = torch.zeros(num_groups, emb.shape[1], dtype=emb.dtype)
+    for s in range(0, len(emb), CHUNK):
+        m = mask[s:s + CHUNK]
+        sums.index_add_(0, groups[s:s + CHUNK][m], emb[s:s + CHUNK][m])
     counts = torch.bincount(groups[mask], minlength=num_groups)
     return normalise(sums), counts
+
+
+def angles_to_centres(emb: torch.Tensor, centres: torch.Tensor, groups: torch.Tensor) -> np.ndarray:
+    """Each row's angle (degrees) to its group's centre, a chunk of rows at a time."""
+    cos = torch.empty(len(emb), dtype=emb.dtype)
+    for s in range(0, len(emb), CHUNK):
+        cos[s:s + CHUNK] = (emb[s:s + CHUNK] * centres[groups[s:s + CHUNK]]).sum(1)
+    return angle_deg(cos.numpy())
 
 
 def valley_threshold(angles: np.ndarray, separation: float = 0.75) -> tuple[float, dict]:
@@ -122,10 +138,9 @@ class DenoiseStep:
         raise NotImplementedError
 
     def __call__(self, data: EmbeddedSet) -> EmbeddedSet:
-        before = data.reasons.copy()
+        before = data.kept
         self.apply(data)
-        newly = [r for b, r in zip(before, data.reasons) if b is None and r is not None]
-        self.dropped.update(newly)
+        self.dropped.update(data.reasons[before & ~data.kept].tolist())
         return data
 
     def drop(self, data: EmbeddedSet, rows: np.ndarray, reason: str, details=None) -> None:
@@ -174,12 +189,12 @@ class IntraClassOutliers(DenoiseStep):
         else:
             centres, _ = group_centres(emb, groups, judged, num)
             for _ in range(self.iterations):
-                angles = angle_deg((emb * centres[groups]).sum(1).numpy())
+                angles = angles_to_centres(emb, centres, groups)
                 settle(angles)
                 inliers = judged & torch.from_numpy(angles <= self.threshold)
                 refined, n_in = group_centres(emb, groups, inliers, num)
                 centres = torch.where((n_in > 0)[:, None], refined, centres)
-        angles = angle_deg((emb * centres[groups]).sum(1).numpy())
+        angles = angles_to_centres(emb, centres, groups)
         settle(angles)
         data.angles = np.where(judged_np, angles, np.nan)
         out = np.flatnonzero(judged_np & (angles > self.threshold))
