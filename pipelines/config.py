@@ -128,7 +128,7 @@ RANGES = {
     "denoise.workers": "[1, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
     "denoise.min_images_to_judge": "[1, inf)", "denoise.min_images_per_identity": "[1, inf)",
     "denoise.merge_max_angle": "[0, 180]", "denoise.overlap_max_angle": "[0, 180]",
-    "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)", "denoise.bootstrap_subcentres": "[1, inf)", "denoise.rounds": "[1, inf)",
+    "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)", "denoise.bootstrap_subcentres": "[1, inf)", "denoise.rounds": "[1, inf)", "denoise.another_round_above": "[0, 1]",
     "train.embedding_size": "[1, inf)", "train.freeze_stages": "[0, 4]", "train.sample_rate": "(0, 1]",
     "train.subcentres": "[1, inf)", "train.batch_size": "[1, inf)", "train.epochs": "[0, inf)",
     "train.max_steps": "[0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
