@@ -142,7 +142,10 @@ def noise_share(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_ad
 
 
 def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
-                ray_address: str = "", mlflow_uri: str = "") -> RefinedDataset:
+                ray_address: str = "", mlflow_uri: str = "", drop_overlap: bool = True) -> RefinedDataset:
+    """Stage 2 of `data` into `out` with the model `model_uri`. `drop_overlap` False keeps the
+    evaluation-overlap identities (an intermediate round: the next round's bootstrap must
+    learn them like any other identity, or it cannot recognise them in the evaluation set)."""
     from pipelines.registry import load_embedder
     from pipelines.training import checkpoint
 
@@ -155,7 +158,8 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
 
     steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres),
              MergeIdentities(cfg.merge_max_angle),
-             EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces, _read_names(cfg.exclude_identities)),
+             *([EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
+                                  _read_names(cfg.exclude_identities))] if drop_overlap else []),
              SmallIdentities(cfg.min_images_per_identity)]
     for step in steps:
         step(embedded)
@@ -175,7 +179,8 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     other = ~embedded.kept & ~outlier
     edges = np.linspace(0, 180, 91)
     summary = {
-        "model": model_uri, "config": dataclasses.asdict(cfg), "embedding_dim": int(emb.shape[1]),
+        "model": model_uri, "config": dataclasses.asdict(cfg), "drop_overlap": drop_overlap,
+        "embedding_dim": int(emb.shape[1]),
         "steps": {s.name: s.counts() for s in steps},
         "merges": [dataclasses.asdict(m) for m in steps[1].merges],
         "evaluation_faces": int(len(eval_faces)),
@@ -232,14 +237,15 @@ class RefineResult:
     refined_checkpoint: str = ""
 
 
-def _stage2_current(stage2: RefinedDataset, stage1: RefinedDataset, model: str, cfg: DenoiseConfig) -> bool:
+def _stage2_current(stage2: RefinedDataset, stage1: RefinedDataset, model: str, cfg: DenoiseConfig,
+                    drop_overlap: bool = True) -> bool:
     """Whether a finished stage 2 was made from this stage 1, by this model, with this config."""
     if not stage2.is_complete():
         return False
     m = stage2.manifest
     made = m.extra.get(STAGE, {})
     return ((m.parent or {}).get("content_hash") == stage1.content_hash and made.get("model") == model
-            and made.get("config") == dataclasses.asdict(cfg))
+            and made.get("config") == dataclasses.asdict(cfg) and made.get("drop_overlap", True) == drop_overlap)
 
 
 def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = None,
@@ -280,8 +286,10 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
         # Round n-1's output, judged by round n-1's model, trains round n's model; each
         # round judges every stage-1 face again, so a face dropped wrongly can come back.
         earlier = RefinedDataset.create(storage.join(out, f"round{later - 1}"))
-        if not _stage2_current(earlier, stage1, model, denoise_cfg):
-            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address)
+        if not _stage2_current(earlier, stage1, model, denoise_cfg, drop_overlap=False):
+            # Overlap identities stay in: dropped here, the next bootstrap would never learn
+            # them and would miss their evaluation faces (one of 3 missed at 20% noise).
+            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address, drop_overlap=False)
         boot = dataclasses.replace(boot, name=f"bootstrap{later}")
         # The new model's classes are round n-1's labels, not stage 1's: centres from embeddings.
         denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)

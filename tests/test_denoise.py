@@ -289,6 +289,9 @@ def test_second_round_judges_stage_one_again_with_a_model_trained_on_round_one(r
     round1 = RefinedDataset.open(str(out / "round1"))
     boot2 = json.loads((out / "bootstrap2.json").read_text())
     assert boot2["dataset"] == round1.content_hash and boot2["config"]["subcentres"] == 3
+    # Round 1 keeps the overlap identities for the next bootstrap to learn; stage 2 drops them.
+    assert round1.manifest.to_dict()["stage2"]["drop_overlap"] is False
+    assert not any(k.startswith("evaluation_overlap/") for k in round1.manifest.to_dict()["counts"]["by_reason"])
     m = summary.stage2.manifest.to_dict()
     assert m["stage2"]["model"] == boot2["checkpoint"] == summary.bootstrap_checkpoint
     # Every face stage 1 kept is judged again (a face round 1 dropped wrongly can come back).
