@@ -135,8 +135,11 @@ def _embedded(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_addr
 def noise_share(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str = "") -> float:
     """The share of the judged faces that `model_uri` finds mislabelled (the intra-class step
     alone; nothing is written)."""
+    from pipelines.training import checkpoint
+
     embedded, _ = _embedded(data, model_uri, cfg, ray_address)
-    step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge)
+    centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
+    step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
     step(embedded)
     return sum(step.dropped.values()) / max(1, step.figures["judged_faces"])
 
