@@ -65,9 +65,10 @@ class DenoiseConfig:
     # apart on the demo, distinct look-alikes from 19 deg up at 50% noise.
     merge_max_angle: float = 0.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
-    # have it as their nearest identity within `overlap_max_angle` of its centre. 0: the 90th
-    # percentile of the kept faces' angles to their centre (demo: 20.8 deg at 10% noise,
-    # 23.6 at 50%); a fixed 30 let 3 look-alikes in at 50% noise.
+    # have it as their nearest identity, within `overlap_max_angle` of its centre and at most
+    # half their angle to any other identity (cleaning/denoise.EvaluationOverlap). 0: the
+    # farthest kept face's angle. A fixed 30 let 3 look-alikes in at 50% noise; a radius
+    # alone (the kept faces' 90th percentile) missed one of 3 after a second round.
     overlap_max_angle: float = 0.0
     overlap_min_faces: int = 3
     # Optional file of identity ids (one per line) known to be in the evaluation sets.
