@@ -179,10 +179,9 @@ class IntraClassOutliers(DenoiseStep):
         self.threshold, derived = self.max_angle, {"rule": "configured"}
 
         def settle(angles: np.ndarray) -> None:
+            nonlocal derived
             if self.max_angle <= 0:
-                self.threshold, figures = valley_threshold(angles[judged_np])
-                derived.clear()
-                derived.update(figures)
+                self.threshold, derived = valley_threshold(angles[judged_np])
 
         if self.model_centres is not None:
             centres = self._dominant_subcentres(emb, groups, judged, num)
@@ -199,7 +198,7 @@ class IntraClassOutliers(DenoiseStep):
         data.angles = np.where(judged_np, angles, np.nan)
         out = np.flatnonzero(judged_np & (angles > self.threshold))
         self.drop(data, out, self.reasons[0], [f"{a:.1f} deg from identity centre" for a in angles[out]])
-        self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": dict(derived),
+        self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": derived,
                         "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
                         "judged_faces": int(judged.sum())}
         self.centres = centres.numpy()
@@ -269,8 +268,8 @@ class MergeIdentities(DenoiseStep):
       * each has at least `min_faces` kept faces, and at least `min_crossing` of them lie
         nearer the other's centre than their own (leave-one-out: each face against its
         identity's centre without it). A bootstrap model trained on two ids of one person
-        cannot tell their photos apart, so their faces intermix (demo: 31-75% each way, the least after 12
-        bootstrap epochs); distinct people, even look-alikes with centres closer than a
+        cannot tell their photos apart, so their faces intermix (demo: 31-75% each way, the
+        least after 12 bootstrap epochs); distinct people, even look-alikes with centres closer than a
         duplicate pair's, barely cross (at most 6% the less-crossed way with the sub-centre
         bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle
         alone could not separate them: duplicates lay 2-11 deg apart on the demo, distinct
@@ -288,11 +287,7 @@ class MergeIdentities(DenoiseStep):
     def apply(self, data: EmbeddedSet) -> None:
         kept = data.kept
         if self.max_angle <= 0:
-            inlier = data.angles[kept & np.isfinite(data.angles)]
-            if not len(inlier):
-                raise ValueError("merge_max_angle 0 derives the threshold from face-to-centre angles: run "
-                                 "IntraClassOutliers first (or set an angle)")
-            self.max_angle = float(self.relative * np.median(inlier))
+            self.max_angle = float(self.relative * np.median(_kept_angles(data, "merge_max_angle")))
         num = int(data.groups.max()) + 1
         emb = torch.from_numpy(np.ascontiguousarray(data.embeddings, np.float32))
         centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
@@ -332,6 +327,15 @@ class MergeIdentities(DenoiseStep):
                         "identities_merged_away": sum(len(m.groups) - 1 for m in self.merges)}
 
 
+def _kept_angles(data: EmbeddedSet, setting: str) -> np.ndarray:
+    """The kept faces' angles to their centre, which a derived (0) `setting` is computed from."""
+    angles = data.angles[data.kept & np.isfinite(data.angles)]
+    if not len(angles):
+        raise ValueError(f"{setting} 0 derives it from face-to-centre angles: run IntraClassOutliers first "
+                         "(or set an angle)")
+    return angles
+
+
 def _crossing(faces: torch.Tensor, other_centre: torch.Tensor) -> float:
     """The share of an identity's faces nearer `other_centre` than their own identity's
     centre, each face compared with the centre of the others (leave-one-out): a face is part
@@ -340,7 +344,8 @@ def _crossing(faces: torch.Tensor, other_centre: torch.Tensor) -> float:
     return float(((faces @ other_centre) > (faces * own).sum(1)).float().mean())
 
 
-def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, np.ndarray]:
+def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, torch.Tensor]:
+    """Each group's kept rows (a sort, not a scan of all rows per group)."""
     rows = np.flatnonzero(kept)
     order = rows[np.argsort(groups[rows], kind="stable")]
     ids, starts = np.unique(groups[order], return_index=True)
@@ -376,11 +381,7 @@ class EvaluationOverlap(DenoiseStep):
         flagged: set[int] = set()
         derived = {"rule": "configured"}
         if self.max_angle <= 0:
-            inlier = data.angles[kept & np.isfinite(data.angles)]
-            if not len(inlier):
-                raise ValueError("overlap_max_angle 0 derives the radius from face-to-centre angles: run "
-                                 "IntraClassOutliers first (or set an angle)")
-            self.max_angle = float(inlier.max())
+            self.max_angle = float(_kept_angles(data, "overlap_max_angle").max())
             derived = {"rule": "the farthest kept face's angle to its centre"}
         if self.eval_embeddings is not None and len(self.eval_embeddings):
             num = int(data.groups.max()) + 1

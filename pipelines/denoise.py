@@ -46,9 +46,9 @@ class DenoiseConfig:
     # Faces farther than this from their identity's centre are label noise. 0: derived per
     # run, the valley between the clean and the mislabelled mode of the face-to-centre angles
     # (Otsu's threshold, never below the clean mode's median + 4 robust sigmas; the figure
-    # is in the manifest and report). Demo, sub-centre bootstrap: 48.8 deg at 10% label
-    # noise, 50.9 at 50%; a fixed 50 was right for the one and wrong for neither, but the
-    # angles move with the model (sub-centre ArcFace used 75 with a ResNet-100 on MS1M).
+    # is in the manifest and report). Demo, sub-centre bootstrap: 48.5 deg at 10% label
+    # noise, 51.2 at 50%. A fixed angle only fits the model it was measured with (sub-centre
+    # ArcFace used 75 with a ResNet-100 on MS1M; the demo's tiny bootstrap, about 50).
     max_angle: float = 0.0
     # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
     min_images_to_judge: int = 5
