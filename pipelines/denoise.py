@@ -133,28 +133,29 @@ def _embedded(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_addr
     return EmbeddedSet(emb, np.asarray(labels, np.int64), np.asarray(identities, object)), sizes
 
 
-def noise_share(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str = "") -> float:
-    """The share of the judged faces that `model_uri` finds mislabelled (the intra-class step
-    alone; nothing is written)."""
+def noise_share(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> float:
+    """The share of the judged faces that `model_uri` (whose embeddings `embedded` holds)
+    finds mislabelled: the intra-class step alone, on a copy; nothing is written."""
     from pipelines.training import checkpoint
 
-    embedded, _ = _embedded(data, model_uri, cfg, ray_address)
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
     step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
-    step(embedded)
+    step(EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities))
     return sum(step.dropped.values()) / max(1, step.figures["judged_faces"])
 
 
 def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
-                ray_address: str = "", mlflow_uri: str = "", drop_overlap: bool = True) -> RefinedDataset:
+                ray_address: str = "", mlflow_uri: str = "", drop_overlap: bool = True,
+                loaded: tuple | None = None) -> RefinedDataset:
     """Stage 2 of `data` into `out` with the model `model_uri`. `drop_overlap` False keeps the
     evaluation-overlap identities (an intermediate round: the next round's bootstrap must
-    learn them like any other identity, or it cannot recognise them in the evaluation set)."""
+    learn them like any other identity, or it cannot recognise them in the evaluation set).
+    `loaded`: what `_embedded` returned for this data and model, when the caller has it."""
     from pipelines.registry import load_embedder
     from pipelines.training import checkpoint
 
     started = time.perf_counter()
-    embedded, sizes = _embedded(data, model_uri, cfg, ray_address)
+    embedded, sizes = loaded or _embedded(data, model_uri, cfg, ray_address)
     emb = embedded.embeddings
     eval_faces = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
@@ -279,8 +280,10 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
     stage1 = RefinedDataset.open(stage1.uri)
     model = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
     summary = RefineResult(stage1, stage2, model)
+    loaded = None  # the current model's embeddings, read once for its check and its stage 2
     for later in range(2, cfg.denoise.rounds + 1):
-        share = noise_share(stage1, model, denoise_cfg, services.ray_address)
+        loaded = _embedded(stage1, model, denoise_cfg, services.ray_address)
+        share = noise_share(loaded[0], model, denoise_cfg)
         if share < cfg.denoise.another_round_above:
             log.info("round %d found %.1f%% of the faces mislabelled (< %.0f%%): no further round", later - 1,
                      100 * share, 100 * cfg.denoise.another_round_above)
@@ -293,7 +296,9 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
         if not _stage2_current(earlier, stage1, model, denoise_cfg, drop_overlap=False):
             # Overlap identities stay in: dropped here, the next bootstrap would never learn
             # them and would miss their evaluation faces (one of 3 missed at 20% noise).
-            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address, drop_overlap=False)
+            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address, drop_overlap=False,
+                        loaded=loaded)
+        loaded = None  # the next model embeds anew
         boot = dataclasses.replace(boot, name=f"bootstrap{later}")
         # The new model's classes are round n-1's labels, not stage 1's: centres from embeddings.
         denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)
@@ -301,7 +306,8 @@ def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = 
     summary.bootstrap_checkpoint = model
     if not _stage2_current(stage2, stage1, model, denoise_cfg):
         run_denoise(stage1, stage2, model, denoise_cfg, ray_address=services.ray_address,
-                    mlflow_uri=services.mlflow_tracking_uri)
+                    mlflow_uri=services.mlflow_tracking_uri, loaded=loaded)
+    del loaded  # N x D: not held through the retraining below
     summary.stage2 = RefinedDataset.open(stage2.uri)
     if cfg.denoise.retrain:
         final = dataclasses.replace(cfg.train, name="refined", storage=runs)
