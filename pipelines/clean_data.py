@@ -41,6 +41,12 @@ class CleanConfig:
     records_per_partition: int = 2000
     workers: int = 2
     memory_limit: str = "4GiB"
+    # When no partition has finished for this long, the ones in progress are taken as stuck
+    # (a decoder looping on a crafted file, or a task Dask lost with a dead worker: CI hung
+    # twice so): their workers are restarted and they are split as after a worker death, so
+    # a record that hangs costs itself (resource/stalled), not the job. Generous: a partition
+    # of 2,000 camera photos takes about 15 minutes on one core.
+    stall_seconds: float = 1800.0
     # 40 MP: a 7000x5700 photo still passes; a decompression bomb (e.g. 30000x30000) does not.
     max_pixels: int = 40_000_000
     # MTCNN's own O-Net threshold is 0.7. On the demo every detection between 0.7 and 0.9 was
@@ -113,7 +119,7 @@ def config_digest(cfg: CleanConfig) -> str:
     from pipelines.training.driver import code_version
 
     # How it runs (workers, their memory) does not change what a partition holds.
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "memory_limit")}
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "memory_limit", "stall_seconds")}
     blob = json.dumps({"clean": recipe, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -162,7 +168,10 @@ def _client(scheduler: str | None, cfg: CleanConfig):
     # that could be spilled, so a worker paused above 80% (memory freed by a finished task but
     # kept by the allocator) would wait forever for memory that never comes back. That hung a
     # CI run for 10 minutes; without the pause the worker either finishes or is restarted at 95%.
+    # A worker is sent only the tasks it can run now (saturation 1.0): a task queued behind a
+    # poison record on the same worker would otherwise be blamed for its deaths too.
     with dask.config.set({"distributed.scheduler.allowed-failures": 1,
+                          "distributed.scheduler.worker-saturation": 1.0,
                           "distributed.worker.memory.target": False,
                           "distributed.worker.memory.spill": False,
                           "distributed.worker.memory.pause": False}):
@@ -171,10 +180,19 @@ def _client(scheduler: str | None, cfg: CleanConfig):
     return Client(cluster), cluster
 
 
-def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_index: int):
-    """A partition whose worker died: its two halves to run again, or, when it is down to one
-    record, that record rejected as `resource/worker_lost` (a dict of counts). Every record
-    still ends in a shard or in rejects/, and one poison record costs itself, not the job."""
+class PartitionStalled(RuntimeError):
+    """No partition finished within clean.stall_seconds while this one was in progress."""
+
+
+_FAILURE_DETAIL = {"worker_lost": "the worker processing this record died or failed",
+                   "stalled": "the worker processing this record made no progress"}
+
+
+def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_index: int,
+            reason_code: str = "worker_lost"):
+    """A partition whose worker died (or stalled): its two halves to run again, or, when it is
+    down to one record, that record rejected as `resource/<reason_code>` (a dict of counts).
+    Every record still ends in a shard or in rejects/, and one poison record costs itself."""
     import dataclasses
 
     from cleaning.stage1 import count_records, reject_partition
@@ -184,8 +202,8 @@ def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_
     if hi - lo <= 1:
         log.error("record %d of partition %s was rejected: its worker failed on it (%s)", lo, part.index, reason)
         single = dataclasses.replace(part, subset=(lo, hi), index=next_index)
-        counts = reject_partition(single, settings, out, "resource", "worker_lost",
-                                  f"the worker processing this record died or failed ({reason})")
+        counts = reject_partition(single, settings, out, "resource", reason_code,
+                                  f"{_FAILURE_DETAIL[reason_code]} ({reason})")
         return [counts | {"part": single}], next_index + 1
     mid = (lo + hi) // 2
     log.warning("partition %s (records %d-%d) failed (%s); retrying its halves to isolate the record",
@@ -195,8 +213,15 @@ def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_
     return halves, next_index + 2
 
 
+def _running_tasks(dask_scheduler) -> tuple[dict, dict]:
+    """On the scheduler: per worker, the keys it reports executing (in its heartbeats, which a
+    thread stuck in a task does not stop) and the keys assigned to it (which may be queued)."""
+    return ({w.address: [str(t.key) for t in w.executing] for w in dask_scheduler.workers.values()},
+            {w.address: [str(t.key) for t in w.processing] for w in dask_scheduler.workers.values()})
+
+
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
-    from dask.distributed import KilledWorker, as_completed
+    from dask.distributed import KilledWorker
 
     client, cluster = _client(scheduler, cfg)
     steps, settings = build_steps(cfg), partition_settings(cfg)
@@ -213,30 +238,72 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         next_index = max((p.index for p in parts), default=-1) + 1
         counts = []
         bar = Progress("stage 1", unit="record")
-        pending = as_completed(list(futures))
-        for fut in pending:
-            part = futures.pop(fut)
-            try:
-                counts.append(fut.result())
-            except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
-                # Other errors (an unreadable input, a bug) fail the job with their message:
-                # rejecting records one by one would hide them.
-                halves, next_index = _bisect(client, part, out, settings, exc, next_index)
-                for half in halves:
-                    if isinstance(half, dict):  # the isolated record, rejected
-                        counts.append(half)
-                        done_parts.append(half["part"])
-                        bar.update(half["read"])
-                    else:
-                        new = submit(half, 0)
-                        futures[new] = half
-                        pending.add(new)
-                fut.release()
+
+        def failed(part, error: Exception, reason_code: str) -> None:
+            nonlocal next_index
+            halves, next_index = _bisect(client, part, out, settings, error, next_index, reason_code)
+            for half in halves:
+                if isinstance(half, dict):  # the isolated record, rejected
+                    counts.append(half)
+                    done_parts.append(half["part"])
+                    bar.update(half["read"])
+                else:
+                    futures[submit(half, 0)] = half
+
+        def unstick() -> None:
+            """Nothing finished for clean.stall_seconds: partitions the scheduler has running
+            are stuck (their workers are restarted, they are split); the others are submitted
+            again under new keys (their futures may be ones Dask lost track of)."""
+            nonlocal next_index
+            executing, assigned = client.run_on_scheduler(_running_tasks)
+            # Tasks assigned to a worker but queued there are not to blame; a task Dask lost
+            # runs nowhere, and the assigned ones are the best guess.
+            running = executing if any(executing.values()) else assigned
+            stuck = {k for keys in running.values() for k in keys}
+            log.warning("stage 1: no partition finished in %.0f s; %d workers, running: %s", cfg.stall_seconds,
+                        len(running), running)
+            if not running:
+                raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
+                                   f"in {cfg.stall_seconds:.0f} s)")
+            busy = [w for w, keys in running.items() if keys]
+            if busy:  # a thread stuck in native code can only be freed with its process
+                client.restart_workers(busy, timeout=120, raise_for_error=False)
+            for fut, part in list(futures.items()):
+                del futures[fut]
+                fut.cancel()
+                if fut.key in stuck:
+                    failed(part, PartitionStalled(f"no partition finished in {cfg.stall_seconds:.0f} s"), "stalled")
+                else:
+                    again = dataclasses.replace(part, index=next_index)
+                    futures[submit(again, 0)] = again
+                    next_index += 1
+
+        # Futures are polled rather than waited on: a task Dask lost with a dead worker
+        # (dask/distributed#4001) would otherwise leave the driver waiting forever.
+        last_progress = time.monotonic()
+        while futures:
+            finished = [f for f in futures if f.done()]
+            if not finished:
+                if time.monotonic() - last_progress > cfg.stall_seconds:
+                    unstick()
+                    last_progress = time.monotonic()
+                time.sleep(0.2)
                 continue
-            done_parts.append(part)
-            fut.release()
-            bar.update(counts[-1]["read"], partitions=f"{len(done_parts)}/{len(done_parts) + len(futures)}",
-                       kept=sum(c["kept"] for c in counts))
+            last_progress = time.monotonic()
+            for fut in finished:
+                part = futures.pop(fut)
+                try:
+                    counts.append(fut.result())
+                except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
+                    # Other errors (an unreadable input, a bug) fail the job with their message:
+                    # rejecting records one by one would hide them.
+                    failed(part, exc, "worker_lost")
+                    fut.release()
+                    continue
+                done_parts.append(part)
+                fut.release()
+                bar.update(counts[-1]["read"], partitions=f"{len(done_parts)}/{len(done_parts) + len(futures)}",
+                           kept=sum(c["kept"] for c in counts))
         bar.close()
         for c in counts:
             c.pop("part", None)

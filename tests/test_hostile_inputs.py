@@ -249,15 +249,46 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     # 507 MB as RGB (and under PIL's own 179 MP bomb line): with any worker's baseline (over
     # 100 MiB: Python, NumPy, OpenCV) past the 570 MiB restart line on every machine.
     (person / "2b_huge.png").write_bytes(big_png(13000, 13000))
-    cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="600MiB", max_pixels=200_000_000)
+    # Should Dask lose the task with its worker (dask/distributed#4001; CI hung twice here),
+    # the stall watchdog splits it instead: the record is then rejected as `stalled`.
+    cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="600MiB", max_pixels=200_000_000,
+                      stall_seconds=45)
     out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 6 == c["kept"] + c["rejected"]
     got = reasons(tmp_path / "out")
-    assert got.pop("someone/2b_huge.png") == "worker_lost"
+    assert got.pop("someone/2b_huge.png") in {"worker_lost", "stalled"}
     assert set(got) == {f"someone/{i}.jpg" for i in range(5)}  # processed (no face in noise), not lost
     assert set(got.values()) == {"no_face"}
-    assert c["by_reason"]["resource/worker_lost"] == 1
+    assert c["by_reason"].get("resource/worker_lost", 0) + c["by_reason"].get("resource/stalled", 0) == 1
+
+
+@pytest.mark.timeout(300)
+def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch):
+    """A decoder that never returns on one file (injected into the workers): when no partition
+    finishes for clean.stall_seconds, the stuck partition's worker is restarted and the
+    partition split, until the record is alone and rejected as `resource/stalled`."""
+    from pipelines import clean_data
+    from stage1_hooks import DecoderHangsOn
+
+    make_client = clean_data._client
+
+    def client_with_the_fault(scheduler, cfg):
+        client, cluster = make_client(scheduler, cfg)
+        client.register_plugin(DecoderHangsOn("hangs.jpg"))
+        return client, cluster
+
+    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 6, "b": 3})
+    (raw / "a" / "003.jpg").rename(raw / "a" / "003hangs.jpg")
+    cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=4)
+    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    c = out.manifest.counts
+    assert c["read"] == 9 == c["kept"] + c["rejected"]
+    got = reasons(tmp_path / "out")
+    assert got.pop("a/003hangs.jpg") == "stalled"
+    assert len(got) == 8 and set(got.values()) == {"no_face"}  # processed (no face in noise), not lost
 
 
 def test_every_directory_entry_is_accounted_for(tmp_path):
