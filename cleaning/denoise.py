@@ -3,8 +3,9 @@
 Stage 1 judges one image at a time; these steps judge images against their identity, and
 identities against each other and against the evaluation sets. Each step says what it
 drops and why and counts what it did (the datatrove pattern, as in cleaning/steps.py),
-but works on the whole embedded dataset at once: a decision about one face needs its
-identity's other faces.
+but works on the whole embedded dataset: a decision about one face needs its identity's
+other faces. Embeddings are read in passes over blocks of rows (`Embeddings`), so a step
+holds a block, the C x D centres and a few numbers per face, never the N x D embeddings.
 
     IntraClassOutliers   faces too far (angle) from their identity's centre: label noise
     SmallIdentities      identities left with too few faces to train on
@@ -25,17 +26,45 @@ ArcFace's rule: the dominant sub-centre, the one most of the identity's faces ar
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 
+class Embeddings:
+    """The faces' embeddings (N, D), L2-normalised, read a block of rows at a time: every
+    step makes passes over blocks, and takes whole rows only for a few identities, so what a
+    step holds is a block plus C x D centres however large N is. This one holds an array;
+    pipelines/embed.ShardEmbeddings reads a refined dataset's embedding shards from storage,
+    one shard per block, so no process ever holds the whole N x D."""
+
+    def __init__(self, array: np.ndarray, block_rows: int = 1 << 16):
+        self.array = np.ascontiguousarray(array, np.float32)
+        self.block_rows = block_rows  # 128 MiB blocks at 512-d
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @property
+    def dim(self) -> int:
+        return self.array.shape[1]
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, rows x D) in row order."""
+        for s in range(0, len(self.array), self.block_rows):
+            yield s, self.array[s:s + self.block_rows]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[np.asarray(rows, np.int64)]
+
+
 @dataclass
 class EmbeddedSet:
     """Every face of the dataset being refined, in shard-row order."""
 
-    embeddings: np.ndarray  # (N, D) float32, L2-normalised
+    embeddings: Embeddings  # or an (N, D) array, wrapped
     groups: np.ndarray  # (N,) int64: identity group (starts as the stage-1 label; merges join groups)
     identities: np.ndarray  # (N,) str: the source identity
     reasons: np.ndarray = None  # (N,) object: None = kept
@@ -43,6 +72,8 @@ class EmbeddedSet:
     angles: np.ndarray = None  # (N,) float: angle to the identity centre (NaN: not judged)
 
     def __post_init__(self):
+        if isinstance(self.embeddings, np.ndarray):
+            self.embeddings = Embeddings(self.embeddings)
         n = len(self.groups)
         self.reasons = np.full(n, None, object) if self.reasons is None else self.reasons
         self.details = np.full(n, "", object) if self.details is None else self.details
@@ -73,26 +104,23 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-# Rows per chunk of the N x D passes: temporaries stay at CHUNK x D (128 MiB at 512-d), not
-# N x D (12 GB each at MS1MV2's 5.8M faces).
-CHUNK = 1 << 16
-
-
-def group_centres(emb: torch.Tensor, groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> tuple:
-    """(normalised centres (G, D), counts (G,)) over the rows in `mask`."""
-    sums = torch.zeros(num_groups, emb.shape[1], dtype=emb.dtype)
-    for s in range(0, len(emb), CHUNK):
-        m = mask[s:s + CHUNK]
-        sums.index_add_(0, groups[s:s + CHUNK][m], emb[s:s + CHUNK][m])
+def group_centres(emb: Embeddings, groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> tuple:
+    """(normalised centres (G, D), counts (G,)) over the rows in `mask`, one block at a time."""
+    sums = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
+    for s, block in emb.blocks():
+        rows = slice(s, s + len(block))
+        m = mask[rows]
+        sums.index_add_(0, groups[rows][m], torch.from_numpy(block)[m])
     counts = torch.bincount(groups[mask], minlength=num_groups)
     return normalise(sums), counts
 
 
-def angles_to_centres(emb: torch.Tensor, centres: torch.Tensor, groups: torch.Tensor) -> np.ndarray:
-    """Each row's angle (degrees) to its group's centre, a chunk of rows at a time."""
-    cos = torch.empty(len(emb), dtype=emb.dtype)
-    for s in range(0, len(emb), CHUNK):
-        cos[s:s + CHUNK] = (emb[s:s + CHUNK] * centres[groups[s:s + CHUNK]]).sum(1)
+def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups: torch.Tensor) -> np.ndarray:
+    """Each row's angle (degrees) to its group's centre, one block at a time."""
+    cos = torch.empty(len(emb), dtype=torch.float32)
+    for s, block in emb.blocks():
+        rows = slice(s, s + len(block))
+        cos[rows] = (torch.from_numpy(block) * centres[groups[rows]]).sum(1)
     return angle_deg(cos.numpy())
 
 
@@ -169,7 +197,7 @@ class IntraClassOutliers(DenoiseStep):
         self.model_centres = model_centres
 
     def apply(self, data: EmbeddedSet) -> None:
-        emb = torch.from_numpy(np.ascontiguousarray(data.embeddings, np.float32))
+        emb = data.embeddings
         groups = torch.from_numpy(data.groups.astype(np.int64))
         live = torch.from_numpy(data.kept)
         num = int(groups.max()) + 1 if len(groups) else 0
@@ -208,7 +236,10 @@ class IntraClassOutliers(DenoiseStep):
         if sub.shape[0] < num:
             raise ValueError(f"the model has {sub.shape[0]} class centres for {num} identities: it was not trained "
                              "on this dataset's labels")
-        closest = torch.einsum("nd,nkd->nk", emb, sub[groups]).argmax(1)  # each face's nearest sub-centre
+        closest = torch.empty(len(emb), dtype=torch.long)  # each face's nearest sub-centre
+        for s, block in emb.blocks():
+            rows = slice(s, s + len(block))
+            closest[rows] = torch.einsum("nd,nkd->nk", torch.from_numpy(block), sub[groups[rows]]).argmax(1)
         k = sub.shape[1]
         votes = torch.zeros(num * k, dtype=torch.long).index_add_(
             0, (groups * k + closest)[judged], torch.ones(int(judged.sum()), dtype=torch.long))
@@ -274,22 +305,32 @@ class MergeIdentities(DenoiseStep):
         bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle
         alone could not separate them: duplicates lay 2-11 deg apart on the demo, distinct
         nearest neighbours from 19 deg up at 50% label noise and from 8 deg up with a
-        one-centre bootstrap there."""
+        one-centre bootstrap there.
+      * ... or, when the sizes differ, the two crossing shares on average and their
+        underlying centres (`true_centre_cos`) within `same_person_angle`: the larger
+        identity's faces sit nearer their own better-estimated centre, so its share drops
+        (synthetic 512-d, 100K faces: 2 of 7 duplicate pairs crossed 0.10-0.16 one way and
+        0.70-0.78 the other). Duplicates' underlying centres lay 0-2.5 deg apart (demo
+        sweep, 10-50% noise) and about 0 (synthetic); distinct mutual nearest identities
+        26 deg and more (demo) and 25 (synthetic look-alikes, by construction)."""
 
     name = "merge_identities"
     reasons = ()
 
-    def __init__(self, max_angle: float = 0.0, relative: float = 2.0, min_crossing: float = 0.2, min_faces: int = 3):
+    def __init__(self, max_angle: float = 0.0, relative: float = 2.0, min_crossing: float = 0.2, min_faces: int = 3,
+                 same_person_angle: float = 5.0):
         super().__init__()
         self.max_angle, self.relative, self.min_crossing, self.min_faces = max_angle, relative, min_crossing, min_faces
+        self.same_person_angle = same_person_angle
         self.merges: list[Merge] = []
+        self.candidates: list[dict] = []
 
     def apply(self, data: EmbeddedSet) -> None:
         kept = data.kept
         if self.max_angle <= 0:
             self.max_angle = float(self.relative * np.median(_kept_angles(data, "merge_max_angle")))
         num = int(data.groups.max()) + 1
-        emb = torch.from_numpy(np.ascontiguousarray(data.embeddings, np.float32))
+        emb = data.embeddings
         centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
                                         torch.from_numpy(kept), num)
         present = np.flatnonzero(counts.numpy() > 0)
@@ -304,11 +345,20 @@ class MergeIdentities(DenoiseStep):
                 continue  # each mutual pair once, within the search bound
             candidates += 1
             ga, gb = int(present[a]), int(present[b])
-            fa, fb = emb[rows_of[ga]], emb[rows_of[gb]]
+            fa, fb = (torch.from_numpy(emb.take(rows_of[g])) for g in (ga, gb))
             if min(len(fa), len(fb)) < self.min_faces:  # no faces to weigh: no evidence
                 rejected += 1
                 continue
-            if min(_crossing(fa, centres[gb]), _crossing(fb, centres[ga])) < self.min_crossing:
+            crossing = (_crossing(fa, centres[gb]), _crossing(fb, centres[ga]))
+            true_angle = float(angle_deg(np.float64(true_centre_cos(fa, fb))))
+            # Crossing each way; or, as the share of the larger identity falls with the size
+            # ratio, crossing on average with underlying centres that coincide.
+            merge = min(crossing) >= self.min_crossing or (
+                sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle)
+            self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
+                                    "true_centre_angle": round(true_angle, 2), "faces": [len(fa), len(fb)],
+                                    "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})
+            if not merge:
                 rejected += 1
                 continue
             uf.union(ga, gb)
@@ -322,6 +372,7 @@ class MergeIdentities(DenoiseStep):
                 self.merges.append(Merge(into, gs, idents))
         data.groups = root[data.groups]
         self.figures = {"max_angle": round(self.max_angle, 2), "min_crossing": self.min_crossing,
+                        "same_person_angle": self.same_person_angle,
                         "mutual_nearest_within_max_angle": candidates, "refused_for_too_little_evidence": rejected,
                         "merged_sets": len(self.merges),
                         "identities_merged_away": sum(len(m.groups) - 1 for m in self.merges)}
@@ -344,12 +395,28 @@ def _crossing(faces: torch.Tensor, other_centre: torch.Tensor) -> float:
     return float(((faces @ other_centre) > (faces * own).sum(1)).float().mean())
 
 
-def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, torch.Tensor]:
+def true_centre_cos(fa: torch.Tensor, fb: torch.Tensor) -> float:
+    """The cosine between two identities' underlying centres, estimated from their (unit)
+    faces without the pull of sample size: the mean dot product over pairs across the two,
+    over the geometric mean of the mean dot products over pairs within each. The normalised
+    mean of n faces sits nearer its own faces the larger n is, so raw centre angles and
+    crossing shares are lopsided when the sizes differ; this estimate is not (a person filed
+    twice scores about 1 whatever the split). -1 when either has no coherent spread."""
+    sa, sb = fa.sum(0).double(), fb.sum(0).double()
+    na, nb = len(fa), len(fb)
+    within_a = (float(sa @ sa) - na) / (na * (na - 1))
+    within_b = (float(sb @ sb) - nb) / (nb * (nb - 1))
+    if within_a <= 0 or within_b <= 0:
+        return -1.0
+    return min(1.0, float(sa @ sb) / (na * nb) / np.sqrt(within_a * within_b))
+
+
+def _rows_by_group(groups: np.ndarray, kept: np.ndarray) -> dict[int, np.ndarray]:
     """Each group's kept rows (a sort, not a scan of all rows per group)."""
     rows = np.flatnonzero(kept)
     order = rows[np.argsort(groups[rows], kind="stable")]
     ids, starts = np.unique(groups[order], return_index=True)
-    return {int(g): torch.from_numpy(part) for g, part in zip(ids, np.split(order, starts[1:]))}
+    return dict(zip(ids.tolist(), np.split(order, starts[1:])))
 
 
 class EvaluationOverlap(DenoiseStep):
@@ -385,8 +452,7 @@ class EvaluationOverlap(DenoiseStep):
             derived = {"rule": "the farthest kept face's angle to its centre"}
         if self.eval_embeddings is not None and len(self.eval_embeddings):
             num = int(data.groups.max()) + 1
-            emb = torch.from_numpy(np.ascontiguousarray(data.embeddings, np.float32))
-            centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
+            centres, counts = group_centres(data.embeddings, torch.from_numpy(data.groups.astype(np.int64)),
                                             torch.from_numpy(kept), num)
             present = np.flatnonzero(counts.numpy() > 0)
             closest, angle, second = nearest(self.eval_embeddings, centres.numpy()[present], second=True)

@@ -64,6 +64,10 @@ class DenoiseConfig:
     # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-11 deg
     # apart on the demo, distinct look-alikes from 19 deg up at 50% noise.
     merge_max_angle: float = 0.0
+    # ... and identities of unequal size whose faces cross on average merge when their
+    # underlying centres lie within this (cleaning/denoise.true_centre_cos; duplicates 0-2.5
+    # deg on the demo sweep, distinct mutual neighbours 26+).
+    merge_same_person_angle: float = 5.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
     # have it as their nearest identity, within `overlap_max_angle` of its centre and at most
     # half their angle to any other identity (cleaning/denoise.EvaluationOverlap). 0: the
@@ -116,21 +120,25 @@ def _read_names(path: str) -> set[str]:
 
 def _embedded(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str) -> tuple:
     """(EmbeddedSet of every face in shard-row order, faces per shard); embeddings are
-    computed once per model and reused (STAGE1/embeddings/<model hash>/)."""
-    from pipelines.embed import embed_dataset, read_embeddings
+    computed once per model and reused (STAGE1/embeddings/<model hash>/), and read from
+    there shard by shard by each pass of the steps, never held whole."""
+    import pyarrow as pa
+
+    from pipelines.embed import embed_dataset, open_embeddings
 
     embed_dataset(data, model_uri, workers=cfg.workers, gpu=cfg.gpu, batch=cfg.batch, ray_address=ray_address)
-    emb, keys, sizes = read_embeddings(data, model_uri)
-    labels, identities, shard_keys = [], [], []
+    emb = open_embeddings(data, model_uri)
+    labels, identities = [], []
     for uri in data.shard_uris():
-        t = shards.read_table(uri, columns=["key", "label", "identity"])
-        labels += t.column("label").to_pylist()
-        identities += t.column("identity").to_pylist()
-        shard_keys += t.column("key").to_pylist()
-    if shard_keys != keys:
-        raise RuntimeError(f"{data.uri}: embeddings are out of step with the shards; delete "
-                           f"{data.embeddings(model_uri)} and rerun")
-    return EmbeddedSet(emb, np.asarray(labels, np.int64), np.asarray(identities, object)), sizes
+        t = shards.read_table(uri, columns=["label", "identity"])
+        labels.append(t.column("label").to_numpy())
+        identities.append(t.column("identity"))
+    # One string object per identity, not per face (85K, not 5.8M, at MS1MV2's size).
+    encoded = pa.chunked_array(identities, pa.string()).combine_chunks().dictionary_encode() if identities else None
+    names = (np.asarray(encoded.dictionary.to_pylist(), object)[encoded.indices.to_numpy()] if encoded is not None
+             else np.zeros(0, object))
+    groups = np.concatenate(labels).astype(np.int64) if labels else np.zeros(0, np.int64)
+    return EmbeddedSet(emb, groups, names), emb.sizes
 
 
 def noise_share(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> float:
@@ -156,13 +164,12 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
 
     started = time.perf_counter()
     embedded, sizes = loaded or _embedded(data, model_uri, cfg, ray_address)
-    emb = embedded.embeddings
     eval_faces = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
     steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres),
-             MergeIdentities(cfg.merge_max_angle),
+             MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle),
              *([EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
                                   _read_names(cfg.exclude_identities))] if drop_overlap else []),
              SmallIdentities(cfg.min_images_per_identity)]
@@ -185,9 +192,10 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     edges = np.linspace(0, 180, 91)
     summary = {
         "model": model_uri, "config": dataclasses.asdict(cfg), "drop_overlap": drop_overlap,
-        "embedding_dim": int(emb.shape[1]),
+        "embedding_dim": int(embedded.embeddings.dim),
         "steps": {s.name: s.counts() for s in steps},
         "merges": [dataclasses.asdict(m) for m in steps[1].merges],
+        "merge_candidates": steps[1].candidates,
         "evaluation_faces": int(len(eval_faces)),
         "angle_histogram": {"edges_deg": edges.tolist(),
                             "kept": np.histogram(angles[judged & embedded.kept], edges)[0].tolist(),

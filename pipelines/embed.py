@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 
+from cleaning.denoise import Embeddings
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
 from pipelines.logs import Progress
@@ -89,14 +90,66 @@ def embed_dataset(data: RefinedDataset, model_uri: str, workers: int = 2, gpu: b
     return data.embeddings(model_uri)
 
 
-def read_embeddings(data: RefinedDataset, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:
-    """(embeddings (N, D), keys, rows per shard) in shard order, checked against the shards."""
-    embs, keys, sizes = [], [], []
+def _embedding_block(uri: str) -> tuple[np.ndarray, list[str]]:
+    table = shards.read_table(uri)
+    column = table.column("embedding").combine_chunks()
+    emb = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
+    return (emb if emb.flags.writeable else emb.copy()), table.column("key").to_pylist()
+
+
+class ShardEmbeddings(Embeddings):
+    """A refined dataset's embeddings for one model, read shard by shard from storage on
+    every pass (cleaning/denoise.Embeddings): what stage 2 holds of them is one shard, and
+    the next one being read, however large the dataset (MS1MV2's 5.8M x 512 float32 is 12 GB)."""
+
+    def __init__(self, uris: list[str], sizes: list[int], dim: int):
+        self.uris, self.sizes, self._dim = uris, sizes, dim
+        self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def blocks(self):
+        with ThreadPoolExecutor(1) as reader:  # the next shard is read while this one is used
+            ahead = reader.submit(_embedding_block, self.uris[0]) if self.uris else None
+            for i in range(len(self.uris)):
+                emb, _ = ahead.result()
+                ahead = reader.submit(_embedding_block, self.uris[i + 1]) if i + 1 < len(self.uris) else None
+                yield int(self.starts[i]), emb
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(shard_of):  # an identity's rows lie in one shard, or a few
+            mine = shard_of == i
+            out[mine] = _embedding_block(self.uris[i])[0][rows[mine] - self.starts[i]]
+        return out
+
+
+def open_embeddings(data: RefinedDataset, model_uri: str) -> ShardEmbeddings:
+    """`data`'s embeddings by `model_uri` (embed_dataset first), each shard's keys checked
+    against the dataset's shard, one shard at a time."""
+    uris, sizes, dim = [], [], 0
     for name in data.manifest.shards:
-        table = shards.read_table(data.embedding_shard(model_uri, name))
-        column = table.column("embedding").combine_chunks()
-        dim = column.type.list_size
-        embs.append(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
-        keys += table.column("key").to_pylist()
-        sizes.append(table.num_rows)
-    return np.concatenate(embs), keys, sizes
+        uri = data.embedding_shard(model_uri, name)
+        keys = shards.read_table(uri, columns=["key"]).column("key").to_pylist()
+        if keys != shards.read_table(data.shard(name), columns=["key"]).column("key").to_pylist():
+            raise RuntimeError(f"{data.uri}: embeddings are out of step with the shards; delete "
+                               f"{data.embeddings(model_uri)} and rerun")
+        uris.append(uri)
+        sizes.append(len(keys))
+        if not dim and keys:
+            dim = _embedding_block(uri)[0].shape[1]
+    return ShardEmbeddings(uris, sizes, dim)
+
+
+def read_embeddings(data: RefinedDataset, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """(embeddings (N, D), keys, rows per shard) in shard order, all in memory (small sets)."""
+    blocks = [_embedding_block(data.embedding_shard(model_uri, name)) for name in data.manifest.shards]
+    return (np.concatenate([e for e, _ in blocks]), [k for _, keys in blocks for k in keys],
+            [len(keys) for _, keys in blocks])

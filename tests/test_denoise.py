@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities,
                               angle_deg, contiguous_labels)
@@ -230,6 +231,37 @@ def test_merge_needs_mutual_nearest_centres_whose_faces_intermix():
         MergeIdentities(0)(EmbeddedSet(emb, np.repeat([0, 1, 2, 3], 30), names))
 
 
+def test_a_person_filed_twice_in_unequal_sizes_merges_and_look_alikes_do_not():
+    """A person filed under ids of 60 and 12 faces: the larger id's faces sit nearer their own
+    (better estimated) centre, so few cross; their underlying centres still coincide, which a
+    look-alike pair's (25 deg apart) do not."""
+    from cleaning.denoise import true_centre_cos
+
+    rng = np.random.default_rng(0)
+    dim = 256
+    look = np.cos(np.radians(25)) * basis(2, dim) + np.sin(np.radians(25)) * basis(3, dim)
+    sizes = [60, 12, 40, 40]
+    emb = np.concatenate([around(basis(0, dim), 60, 30, rng), around(basis(0, dim), 12, 30, rng),
+                          around(basis(2, dim), 40, 30, rng), around(look, 40, 30, rng)])
+    groups = np.repeat(np.arange(4), sizes)
+    names = np.array([f"id{g}" for g in groups], object)
+
+    faces = [torch.from_numpy(emb[groups == g]) for g in range(4)]
+    assert angle_deg(true_centre_cos(faces[0], faces[1])) < 3
+    assert angle_deg(true_centre_cos(faces[2], faces[3])) == pytest.approx(25, abs=3)
+
+    crossing_only = MergeIdentities(max_angle=40, same_person_angle=0)
+    crossing_only(EmbeddedSet(emb, groups.copy(), names))
+    assert crossing_only.merges == []  # lopsided: the 60-face id barely crosses
+    lopsided = [c["crossing"] for c in crossing_only.candidates if c["groups"] == [0, 1]][0]
+    assert min(lopsided) < 0.2 <= sum(lopsided) / 2
+
+    merge = MergeIdentities(max_angle=40)  # the default: also crossing on average + centres within 5 deg
+    merge(EmbeddedSet(emb, groups.copy(), names))
+    assert [m.identities for m in merge.merges] == [["id0", "id1"]]
+    assert {tuple(c["groups"]): c["merged"] for c in merge.candidates} == {(0, 1): True, (2, 3): False}
+
+
 def test_valley_threshold_splits_two_modes_and_spares_one():
     from cleaning.denoise import valley_threshold
 
@@ -300,3 +332,47 @@ def test_second_round_judges_stage_one_again_with_a_model_trained_on_round_one(r
     steps = m["stage2"]["steps"]
     assert steps["intra_class"]["max_angle_from"]["rule"].startswith(("otsu", "one mode"))
     assert steps["evaluation_overlap"]["max_angle_from"]["rule"].startswith("the farthest kept face")
+
+
+def test_stage2_on_embeddings_read_shard_by_shard_equals_in_memory(tmp_path):
+    """The steps read embeddings in passes over blocks: over shards on storage
+    (pipelines/embed.ShardEmbeddings, what `arcface denoise` uses) every decision, angle and
+    merge is the same as over one in-memory array."""
+    import pyarrow as pa
+
+    from dataset import shards
+    from pipelines.embed import ShardEmbeddings
+
+    rng = np.random.default_rng(3)
+    dim, sizes = 64, [30, 25, 12, 40, 8]
+    centres = [basis(0, dim), basis(1, dim), basis(0, dim), basis(3, dim), basis(4, dim)]  # 0 and 2: one person
+    emb = np.concatenate([around(c, n, 30, rng) for c, n in zip(centres, sizes)])
+    noisy = rng.choice(len(emb), 20, replace=False)
+    emb[noisy] = around(basis(6, dim), 20, 30, rng)  # label noise
+    groups = np.repeat(np.arange(len(sizes)), sizes)
+    names = np.array([f"id{g}" for g in groups], object)
+    cuts = [0, 17, 55, 56, 90, len(emb)]  # shards cut anywhere, one of a single row
+    uris = []
+    for i, (a, b) in enumerate(zip(cuts[:-1], cuts[1:])):
+        uris.append(str(tmp_path / f"part-{i}.parquet"))
+        column = pa.FixedSizeListArray.from_arrays(pa.array(emb[a:b].reshape(-1)), dim)
+        shards.write_table(uris[-1], pa.table({"key": [f"k{j}" for j in range(a, b)], "embedding": column}))
+    sharded = ShardEmbeddings(uris, np.diff(cuts).tolist(), dim)
+    assert np.array_equal(np.concatenate([b for _, b in sharded.blocks()]), emb)
+    rows = rng.choice(len(emb), 40)
+    assert np.array_equal(sharded.take(rows), emb[rows])
+
+    eval_emb = around(basis(3, dim), 4, 10, rng)  # identity 3 is in the evaluation set
+
+    def judged(source):
+        data = EmbeddedSet(source, groups.copy(), names)
+        for step in (IntraClassOutliers(0, 5), MergeIdentities(0), EvaluationOverlap(eval_emb, 0, 3),
+                     SmallIdentities(2)):
+            step(data)
+        return data
+
+    a, b = judged(emb), judged(sharded)
+    assert list(a.reasons) == list(b.reasons) and np.array_equal(a.groups, b.groups)
+    np.testing.assert_allclose(a.angles, b.angles, atol=1e-4)
+    assert set(a.reasons[noisy]) == {"intra_class/far_from_identity_centre"}
+    assert (a.groups[groups == 2] == 0).all() and not a.kept[groups == 3].any()  # merged; overlap dropped
