@@ -2,7 +2,8 @@
 steps (cleaning/denoise.py) on synthetic embeddings with known truth, at sizes growing 10x.
 
 Usage (writes benchmarks/results/stage2_scale.{json,md}):
-    .venv/bin/python benchmarks/bench_stage2_scale.py [--faces 100000 1000000 --dim 512 --noise 0.4]
+    .venv/bin/python benchmarks/bench_stage2_scale.py [--faces 100000 1000000 5800000 --dim 512 --noise 0.4]
+        [--store memory shards]
 
 The embeddings stand in for a bootstrap model's (no rendering, no model): identities have
 random unit centres in `--dim` dimensions, and a face lies at an angle drawn from the clean
@@ -56,8 +57,10 @@ def _rotate_towards(centres: np.ndarray, angles_deg: np.ndarray, rng) -> np.ndar
     return np.cos(a) * centres + np.sin(a) * u
 
 
-def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int = 200_000):
-    """(embeddings (N, D) float32, filed labels, true person, truth dict)."""
+def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int = 50_000, shard_dir: Path | None = None):
+    """(embeddings, filed labels, truth dict, evaluation embeddings). The embeddings are an
+    (N, D) float32 array, or with `shard_dir` embedding shards written there (`chunk` rows
+    each, the format `arcface denoise` reads) and a ShardEmbeddings over them."""
     rng = np.random.default_rng(seed)
     ids = max(2, faces // FACES_PER_IDENTITY)
     centres = _unit(rng.standard_normal((ids, dim), dtype=np.float32))
@@ -76,11 +79,27 @@ def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int 
     noisy = rng.random(faces) < noise
     others = rng.integers(0, ids - 1, int(noisy.sum()))
     true_id[noisy] = others + (others >= filed[noisy])  # anyone but the filed identity
-    emb = np.empty((faces, dim), np.float32)
+    emb = np.empty((faces, dim), np.float32) if shard_dir is None else None
+    uris = []
     for s in range(0, faces, chunk):  # the generator itself stays at one chunk of temporaries
         e = slice(s, min(s + chunk, faces))
         angles = np.abs(rng.normal(15, 6, e.stop - e.start))
-        emb[e] = _rotate_towards(centres[true_id[e]], angles, rng)
+        block = _rotate_towards(centres[true_id[e]], angles, rng)
+        if emb is not None:
+            emb[e] = block
+            continue
+        import pyarrow as pa
+
+        from dataset import shards
+
+        uris.append(str(shard_dir / f"part-{len(uris):05d}.parquet"))
+        column = pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), dim)
+        shards.write_table(uris[-1], pa.table({"key": pa.array(np.arange(e.start, e.stop).astype(str)),
+                                               "embedding": column}), compression="none")
+    if emb is None:
+        from pipelines.embed import ShardEmbeddings
+
+        emb = ShardEmbeddings(uris, [min(chunk, faces - s) for s in range(0, faces, chunk)], dim)
     overlap = rng.choice(np.setdiff1d(free, looks.ravel()), size=max(1, ids // 1000), replace=False)
     held_out = _unit(rng.standard_normal((len(overlap), dim), dtype=np.float32))
     eval_centres = np.concatenate([centres[overlap], held_out])
@@ -90,15 +109,16 @@ def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int 
     return emb, filed, truth, eval_emb
 
 
-def run_size(faces: int, dim: int, noise: float) -> dict:
+def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None) -> dict:
     """One size, in this process: generate, then the stage-2 steps, timed."""
     from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities,
                                   SmallIdentities, contiguous_labels)
 
     t = time.perf_counter()
-    emb, filed, truth, eval_emb = synthetic_set(faces, dim, noise)
+    emb, filed, truth, eval_emb = synthetic_set(faces, dim, noise, shard_dir=shard_dir)
     times = {"generate_s": time.perf_counter() - t}
-    data = EmbeddedSet(emb, filed.astype(np.int64), np.char.add("id", filed.astype(str)).astype(object))
+    names = np.array([f"id{i}" for i in range(truth["identities"])], object)  # one object per identity
+    data = EmbeddedSet(emb, filed.astype(np.int64), names[filed])
     steps = [IntraClassOutliers(0, 5), MergeIdentities(0), EvaluationOverlap(eval_emb, 0, 3), SmallIdentities(2)]
     for step in steps:
         t = time.perf_counter()
@@ -117,6 +137,7 @@ def run_size(faces: int, dim: int, noise: float) -> dict:
     overlap_found = {int(x[2:]) for x in steps[2].figures["identities_by_embedding"]}
     return {
         "faces": faces, "identities": int(truth["identities"]), "dim": dim, "noise": noise, "times": times,
+        "embeddings": "shards" if shard_dir else "memory",
         "steps_total_s": sum(v for k, v in times.items() if k != "generate_s"),
         "threshold_deg": steps[0].figures["max_angle"],
         "noise_precision": float((flagged & noisy).sum() / max(1, flagged.sum())),
@@ -136,37 +157,53 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.4)
     ap.add_argument("--memory-gib", type=float, default=20.0,
                     help="sizes whose embeddings take more than a third of this are reported, not run")
+    ap.add_argument("--store", nargs="+", choices=["memory", "shards"], default=["shards"],
+                    help="embeddings in one array, or in shards on disk read pass by pass (as arcface denoise does)")
+    ap.add_argument("--work", default="", help="folder for the shards (default: a temporary one)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.one:
-        result = run_size(args.one, args.dim, args.noise)
+        result = run_size(args.one, args.dim, args.noise, Path(args.work) if args.work else None)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print("RESULT " + json.dumps(result))
         return
+    import shutil
+    import tempfile
+
     rows = []
-    for faces in args.faces:
-        need_gib = faces * args.dim * 4 / 2 ** 30
-        if need_gib > args.memory_gib / 3:
-            rows.append({"faces": faces, "skipped": f"embeddings alone {need_gib:.1f} GiB; this single-process "
-                                                    f"stage 2 needs about 3x that"})
+    for store in args.store:
+        for faces in args.faces:
+            need_gib = faces * args.dim * 4 / 2 ** 30
+            if store == "memory" and need_gib > args.memory_gib / 3:
+                rows.append({"faces": faces, "embeddings": store, "skipped": f"embeddings alone {need_gib:.1f} GiB; "
+                                                                             "held in memory, about 3x that"})
+                print(rows[-1], flush=True)
+                continue
+            work = Path(tempfile.mkdtemp(prefix="stage2-scale-", dir=args.work or None)) if store == "shards" else None
+            try:
+                proc = subprocess.run([sys.executable, __file__, "--one", str(faces), "--dim", str(args.dim),
+                                       "--noise", str(args.noise), *(["--work", str(work)] if work else [])],
+                                      capture_output=True, text=True)
+            finally:
+                if work:
+                    shutil.rmtree(work, ignore_errors=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                rows.append({"faces": faces, "embeddings": store,
+                             "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"})
+            else:
+                rows.append(json.loads(line[7:]))
             print(rows[-1], flush=True)
-            continue
-        proc = subprocess.run([sys.executable, __file__, "--one", str(faces), "--dim", str(args.dim),
-                               "--noise", str(args.noise)], capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            rows.append({"faces": faces, "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"})
-        else:
-            rows.append(json.loads(line[7:]))
-        print(rows[-1], flush=True)
-    done = [r for r in rows if "times" in r]
-    if len(done) >= 2:
-        a, b = done[0], done[-1]
-        growth = {"steps_time": np.log(b["steps_total_s"] / a["steps_total_s"]) / np.log(b["faces"] / a["faces"]),
-                  "peak_rss": np.log(b["peak_rss_mib"] / a["peak_rss_mib"]) / np.log(b["faces"] / a["faces"])}
-    else:
-        growth = {}
+    growth = {}
+    for store in args.store:
+        done = [r for r in rows if "times" in r and r["embeddings"] == store]
+        if len(done) >= 2:
+            a, b = done[0], done[-1]
+            size = np.log(b["faces"] / a["faces"])
+            growth[store] = {"from": a["faces"], "to": b["faces"],
+                             "steps_time": np.log(b["steps_total_s"] / a["steps_total_s"]) / size,
+                             "peak_rss": np.log(b["peak_rss_mib"] / a["peak_rss_mib"]) / size}
     command = "python benchmarks/bench_stage2_scale.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "dim": args.dim, "noise": args.noise, "growth_exponent": growth}
@@ -175,24 +212,27 @@ def main() -> None:
     md = ["# Stage 2's de-noise steps as the dataset grows (one process, synthetic embeddings)", "",
           f"`{meta['command']}` on {meta['date']} ({meta['machine']}, {meta['cpus']} cpus); {args.dim}-d, "
           f"{args.noise:.0%} label noise, {FACES_PER_IDENTITY} faces per identity (MS1MV2's ratio), 1 in 200 "
-          "identities filed twice, 1 in 20 with a look-alike 25-35 deg away, 1 in 1000 in the evaluation set.", "",
-          "| faces | identities | steps s | intra s | merge s | overlap s | peak RSS MiB | threshold deg "
+          "identities filed twice, 1 in 20 with a look-alike 25-35 deg away, 1 in 1000 in the evaluation set. "
+          "Embeddings `memory`: one array; `shards`: embedding shards of 50,000 rows on local disk, read pass by "
+          "pass as `arcface denoise` reads them. Peak RSS is the whole process's, generation included.", "",
+          "| embeddings | faces | identities | steps s | intra s | merge s | overlap s | peak RSS MiB | threshold deg "
           "| noise P | noise R | clean kept | merges right / wrong | duplicates merged | overlap found / wrong |",
-          "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "times" not in r:
-            md.append(f"| {r['faces']:,} | | {r.get('skipped') or r.get('failed')} |" + " |" * 11)
+            md.append(f"| {r['embeddings']} | {r['faces']:,} | | {r.get('skipped') or r.get('failed')} |" + " |" * 11)
             continue
         t = r["times"]
-        md.append(f"| {r['faces']:,} | {r['identities']:,} | {r['steps_total_s']:.1f} | {t['intra_class_s']:.1f} "
+        md.append(f"| {r['embeddings']} | {r['faces']:,} | {r['identities']:,} | {r['steps_total_s']:.1f} "
+                  f"| {t['intra_class_s']:.1f} "
                   f"| {t['merge_identities_s']:.1f} | {t['evaluation_overlap_s']:.1f} | {r['peak_rss_mib']:.0f} "
                   f"| {r['threshold_deg']:.1f} | {r['noise_precision']:.4f} | {r['noise_recall']:.4f} "
                   f"| {r['clean_kept']:.4f} | {r['merges_right']} / {r['merges_wrong']} "
                   f"| {r['duplicates_merged']} / {r['duplicates']} | {r['overlap_found']}/{r['overlap_truth']} / "
                   f"{r['overlap_wrong']} |")
-    if growth:
-        md += ["", f"Growth exponent (time ~ faces^k) from {done[0]['faces']:,} to {done[-1]['faces']:,} faces: "
-                   f"steps {growth['steps_time']:.2f}, peak memory {growth['peak_rss']:.2f}."]
+    for store, g in growth.items():
+        md += ["", f"Growth exponent (time ~ faces^k), embeddings in {store}, from {g['from']:,} to {g['to']:,} "
+                   f"faces: steps {g['steps_time']:.2f}, peak memory {g['peak_rss']:.2f}."]
     (out / "stage2_scale.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

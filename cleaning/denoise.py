@@ -322,6 +322,7 @@ class MergeIdentities(DenoiseStep):
         super().__init__()
         self.max_angle, self.relative, self.min_crossing, self.min_faces = max_angle, relative, min_crossing, min_faces
         self.same_person_angle = same_person_angle
+        self.pairs_per_read = 256  # candidate pairs whose faces are read at once (~70 MB at 512-d)
         self.merges: list[Merge] = []
         self.candidates: list[dict] = []
 
@@ -338,37 +339,41 @@ class MergeIdentities(DenoiseStep):
         nearest_of, angle = nearest(pc, pc, exclude_self=True) if len(present) > 1 else (np.zeros(0, np.int64), np.zeros(0))
         rows_of = _rows_by_group(data.groups, kept)
         uf = _UnionFind(num)
-        candidates, rejected = 0, 0
-        for a in range(len(present)):
-            b = int(nearest_of[a])
-            if a > b or nearest_of[b] != a or angle[a] > self.max_angle:
-                continue  # each mutual pair once, within the search bound
-            candidates += 1
-            ga, gb = int(present[a]), int(present[b])
-            fa, fb = (torch.from_numpy(emb.take(rows_of[g])) for g in (ga, gb))
-            if min(len(fa), len(fb)) < self.min_faces:  # no faces to weigh: no evidence
-                rejected += 1
-                continue
-            crossing = (_crossing(fa, centres[gb]), _crossing(fb, centres[ga]))
-            true_angle = float(angle_deg(np.float64(true_centre_cos(fa, fb))))
-            # Crossing each way; or, as the share of the larger identity falls with the size
-            # ratio, crossing on average with underlying centres that coincide.
-            merge = min(crossing) >= self.min_crossing or (
-                sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle)
-            self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
-                                    "true_centre_angle": round(true_angle, 2), "faces": [len(fa), len(fb)],
-                                    "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})
-            if not merge:
-                rejected += 1
-                continue
-            uf.union(ga, gb)
+        pairs = [(a, int(nearest_of[a])) for a in range(len(present))
+                 if a < nearest_of[a] and nearest_of[nearest_of[a]] == a and angle[a] <= self.max_angle]
+        rejected = 0
+        for first in range(0, len(pairs), self.pairs_per_read):
+            batch = pairs[first:first + self.pairs_per_read]
+            # The faces of a batch of pairs in one read (one pass over the shards they lie in).
+            wanted = [rows_of[int(present[x])] for pair in batch for x in pair]
+            faces = torch.from_numpy(emb.take(np.concatenate(wanted))).split([len(w) for w in wanted])
+            for i, (a, b) in enumerate(batch):
+                ga, gb = int(present[a]), int(present[b])
+                fa, fb = faces[2 * i], faces[2 * i + 1]
+                if min(len(fa), len(fb)) < self.min_faces:  # no faces to weigh: no evidence
+                    rejected += 1
+                    continue
+                crossing = (_crossing(fa, centres[gb]), _crossing(fb, centres[ga]))
+                true_angle = float(angle_deg(np.float64(true_centre_cos(fa, fb))))
+                # Crossing each way; or, as the share of the larger identity falls with the
+                # size ratio, crossing on average with underlying centres that coincide.
+                merge = min(crossing) >= self.min_crossing or (
+                    sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle)
+                self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
+                                        "true_centre_angle": round(true_angle, 2), "faces": [len(fa), len(fb)],
+                                        "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})
+                if merge:
+                    uf.union(ga, gb)
+                else:
+                    rejected += 1
+        candidates = len(pairs)
         root = np.array([uf.find(g) for g in range(num)])
         members: dict[int, list[int]] = {}
         for g in present:
             members.setdefault(int(root[g]), []).append(int(g))
         for into, gs in sorted(members.items()):
             if len(gs) > 1:
-                idents = sorted({str(x) for x in data.identities[np.isin(data.groups, gs)]})
+                idents = sorted({str(x) for g in gs for x in data.identities[rows_of[g]]})
                 self.merges.append(Merge(into, gs, idents))
         data.groups = root[data.groups]
         self.figures = {"max_angle": round(self.max_angle, 2), "min_crossing": self.min_crossing,

@@ -51,14 +51,16 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}"
 
 
-def table_bytes(table: pa.Table, row_group_rows: int) -> bytes:
+def table_bytes(table: pa.Table, row_group_rows: int, compression: str = "zstd") -> bytes:
     sink = io.BytesIO()
-    pq.write_table(table, sink, row_group_size=row_group_rows, compression="zstd")
+    pq.write_table(table, sink, row_group_size=row_group_rows, compression=compression)
     return sink.getvalue()
 
 
-def write_table(uri: str, table: pa.Table, row_group_rows: int = 1000) -> None:
-    storage.write_bytes(uri, table_bytes(table, row_group_rows))
+def write_table(uri: str, table: pa.Table, row_group_rows: int = 1000, compression: str = "zstd") -> None:
+    """`compression` "none" for float data (embeddings): zstd gains nothing there and made
+    every read 3x slower (100 MB shard: 0.6 s against 0.18 s)."""
+    storage.write_bytes(uri, table_bytes(table, row_group_rows, compression))
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -56,7 +56,7 @@ class ShardEmbedder:
         dim = emb.shape[1] if emb.size else 0
         column = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), dim)
         shards.write_table(out_uri, pa.table({"key": table.column("key"), "label": table.column("label"),
-                                              "embedding": column}))
+                                              "embedding": column}), compression="none")
         return table.num_rows
 
 
