@@ -115,6 +115,41 @@ def group_centres(emb: Embeddings, groups: torch.Tensor, mask: torch.Tensor, num
     return normalise(sums), counts
 
 
+def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_groups: int,
+                    share: float = 0.4) -> torch.Tensor:
+    """Per group, the centre of its densest part: the face whose nearest `share` of the
+    group's faces are the most similar to it, and the normalised mean of those. The plain
+    mean is a poor start when half the faces are someone else's: with the noise from a few
+    look-alikes (demo, 50% label noise from 3 look-alikes per identity) clean faces lay 25.5
+    deg (median) from the mean and mislabelled ones 48; from the densest quarter's centre,
+    11.5 and 62. Holds while the identity's own person is the largest part and at least
+    `share` of its faces. Groups whose rows lie in one block are done from it; the others
+    from their rows, read at the end."""
+    centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
+    rows = np.flatnonzero(mask)
+    order = rows[np.argsort(groups[rows], kind="stable")]
+    ids, starts = np.unique(groups[order], return_index=True)
+    members = np.split(order, starts[1:]) if len(order) else []
+    first = np.array([m.min() for m in members], np.int64)
+    last = np.array([m.max() for m in members], np.int64)
+    done = np.zeros(len(ids), bool)
+
+    def centre(faces: torch.Tensor) -> torch.Tensor:
+        k = max(1, int(np.ceil(share * len(faces))))
+        near = (faces @ faces.T).topk(k, dim=1)
+        best = int(near.values.mean(1).argmax())
+        return normalise(faces[near.indices[best]].mean(0, keepdim=True))[0]
+
+    for s, block in emb.blocks():
+        inside = np.flatnonzero(~done & (first >= s) & (last < s + len(block)))
+        for i in inside:
+            centres[ids[i]] = centre(torch.from_numpy(block[members[i] - s]))
+        done[inside] = True
+    for i in np.flatnonzero(~done):  # groups whose rows straddle blocks
+        centres[ids[i]] = centre(torch.from_numpy(emb.take(members[i])))
+    return centres
+
+
 def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups: torch.Tensor) -> np.ndarray:
     """Each row's angle (degrees) to its group's centre, one block at a time."""
     cos = torch.empty(len(emb), dtype=torch.float32)
@@ -191,10 +226,10 @@ class IntraClassOutliers(DenoiseStep):
     reasons = ("far_from_identity_centre",)
 
     def __init__(self, max_angle: float, min_images_to_judge: int, iterations: int = 3,
-                 model_centres: np.ndarray | None = None):
+                 model_centres: np.ndarray | None = None, densest_share: float = 0.4):
         super().__init__()
         self.max_angle, self.min_judge, self.iterations = max_angle, min_images_to_judge, iterations
-        self.model_centres = model_centres
+        self.model_centres, self.densest_share = model_centres, densest_share
 
     def apply(self, data: EmbeddedSet) -> None:
         emb = data.embeddings
@@ -214,7 +249,7 @@ class IntraClassOutliers(DenoiseStep):
         if self.model_centres is not None:
             centres = self._dominant_subcentres(emb, groups, judged, num)
         else:
-            centres, _ = group_centres(emb, groups, judged, num)
+            centres = densest_centres(emb, data.groups, judged_np, num, self.densest_share)
             for _ in range(self.iterations):
                 angles = angles_to_centres(emb, centres, groups)
                 settle(angles)
