@@ -132,7 +132,9 @@ def _row(case: dict) -> str:
     s = case["stage2_score"]
     noise, dup = s["label_noise"], s["duplicate_identities"]
     cells = [f"{case['label_noise']:.1f}", str(case["seed"]), f"{noise['precision']:.4f}", f"{noise['recall']:.4f}",
-             str(dup["other_merges"]), f"{len(dup['merged'])}/{len(dup['truth'])}",
+             str(dup["other_merges"]) + (f" ({dup['other_merges_of_one_person']} of one person)"
+                                         if dup.get("other_merges_of_one_person") else ""),
+             f"{len(dup['merged'])}/{len(dup['truth'])}",
              f"{len(s['overlap_identities']['removed'])}/{len(s['overlap_identities']['truth'])}",
              f"{s['clean_kept']:.4f}"]
     for key in ("heldout_only",):

@@ -331,23 +331,20 @@ class MergeIdentities(DenoiseStep):
       * their centres are each other's nearest (mutual nearest neighbours), within
         `max_angle` (0: `relative` times the median angle of the kept faces to their own
         centre, as measured by IntraClassOutliers, which must run first);
-      * each has at least `min_faces` kept faces, and at least `min_crossing` of them lie
-        nearer the other's centre than their own (leave-one-out: each face against its
-        identity's centre without it). A bootstrap model trained on two ids of one person
-        cannot tell their photos apart, so their faces intermix (demo: 31-75% each way, the
-        least after 12 bootstrap epochs); distinct people, even look-alikes with centres closer than a
-        duplicate pair's, barely cross (at most 6% the less-crossed way with the sub-centre
-        bootstrap at 50% label noise; benchmarks/results/refinement_sweep.md). An angle
-        alone could not separate them: duplicates lay 2-11 deg apart on the demo, distinct
-        nearest neighbours from 19 deg up at 50% label noise and from 8 deg up with a
-        one-centre bootstrap there.
-      * ... or, when the sizes differ, the two crossing shares on average and their
-        underlying centres (`true_centre_cos`) within `same_person_angle`: the larger
-        identity's faces sit nearer their own better-estimated centre, so its share drops
-        (synthetic 512-d, 100K faces: 2 of 7 duplicate pairs crossed 0.10-0.16 one way and
-        0.70-0.78 the other). Duplicates' underlying centres lay 0-2.5 deg apart (demo
-        sweep, 10-50% noise) and about 0 (synthetic); distinct mutual nearest identities
-        26 deg and more (demo) and 25 (synthetic look-alikes, by construction)."""
+      * each has at least `min_faces` kept faces, and on average at least `min_crossing` of
+        them lie nearer the other's centre than their own (leave-one-out: each face against
+        its identity's centre without it). A bootstrap model trained on two ids of one person
+        cannot tell their photos apart, so their faces intermix (demo: 27-68% each way);
+        distinct people barely cross (at most 6% with uniform label noise). The average,
+        not each way: the larger identity's faces sit nearer their own better-estimated
+        centre, so its share falls with the size ratio (synthetic 512-d, 100K faces: 2 of 7
+        duplicate pairs crossed 0.10-0.16 one way and 0.70-0.78 the other);
+      * and their underlying centres (`true_centre_cos`, free of sample size) lie within
+        `same_person_angle`. Look-alikes whose folders hold each other's faces intermix too
+        (demo, 50% label noise from 3 look-alikes per identity: 8 such pairs crossed 20-35%
+        each way), but their centres stay 9.6-19 deg apart; duplicates' lay 0-2.5 deg apart
+        (demo sweep, 10-50% uniform and confusable noise) and about 0 (synthetic), distinct
+        mutual nearest identities with uniform noise 26 deg and more."""
 
     name = "merge_identities"
     reasons = ()
@@ -390,10 +387,7 @@ class MergeIdentities(DenoiseStep):
                     continue
                 crossing = (_crossing(fa, centres[gb]), _crossing(fb, centres[ga]))
                 true_angle = float(angle_deg(np.float64(true_centre_cos(fa, fb))))
-                # Crossing each way; or, as the share of the larger identity falls with the
-                # size ratio, crossing on average with underlying centres that coincide.
-                merge = min(crossing) >= self.min_crossing or (
-                    sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle)
+                merge = sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle
                 self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
                                         "true_centre_angle": round(true_angle, 2), "faces": [len(fa), len(fb)],
                                         "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})

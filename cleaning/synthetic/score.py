@@ -97,13 +97,26 @@ def score_stage2(out: str, truth_path: str) -> dict:
                     if all(p in labels for p in pair) and labels[pair[0]] == labels[pair[1]]]
     label_sizes = Counter(labels.values())
     clean = [r for r in reached if not r["defects"] and r["filed_identity"] not in overlap_ids]
+    # A merge the truth did not ask for can still join one person's kept faces: when an
+    # identity's own person was outnumbered in its folder, what it kept is a look-alike's.
+    kept_people: dict[str, Counter] = defaultdict(Counter)
+    for r in reached:
+        if got.get(r["key"]) == "kept":
+            kept_people[r["filed_identity"]][r["true_identity"]] += 1
+    members: dict[int, list[str]] = defaultdict(list)
+    for ident, label in labels.items():
+        members[label].append(ident)
+    merged_pair_labels = {labels[pair[0]] for pair in merged_pairs}
+    other = [ids for label, ids in members.items() if len(ids) > 1 and label not in merged_pair_labels]
+    one_person = sum(1 for ids in other if len({kept_people[i].most_common(1)[0][0] for i in ids if kept_people[i]}) == 1)
     return {
         "label_noise": {"reached_stage2": len(noise), "flagged": len(flagged), "caught": len(caught),
                         "recall": len(caught) / max(1, len(noise)), "precision": len(caught) / max(1, len(flagged))},
         "overlap_identities": {"truth": sorted(overlap_ids), "removed": sorted(removed_ids),
                                "all_removed": overlap_ids <= removed_ids and not (overlap_ids & kept_ids)},
         "duplicate_identities": {"truth": truth["duplicate_identities"], "merged": merged_pairs,
-                                 "other_merges": sum(1 for n in label_sizes.values() if n > 1) - len(merged_pairs)},
+                                 "other_merges": sum(1 for n in label_sizes.values() if n > 1) - len(merged_pairs),
+                                 "other_merges_of_one_person": one_person},
         "clean_kept": sum(got.get(r["key"]) == "kept" for r in clean) / max(1, len(clean)),
         "accounted": manifest["counts"]["read"] == manifest["counts"]["kept"] + manifest["counts"]["rejected"],
         "missing": sum(got.get(r["key"], "missing") == "missing" for r in truth["images"]),
