@@ -44,8 +44,9 @@ class CleanConfig:
     # When no partition has finished for this long, the ones in progress are taken as stuck
     # (a decoder looping on a crafted file, or a task Dask lost with a dead worker: CI hung
     # twice so): their workers are restarted and they are split as after a worker death, so
-    # a record that hangs costs itself (resource/stalled), not the job. Generous: a partition
-    # of 2,000 camera photos takes about 15 minutes on one core.
+    # a record that hangs costs itself (resource/stalled), not the job. Generous: detection
+    # alone took 130 ms per 512-px photo on one core (stage1_cpu.md), so a partition of 2,000
+    # camera photos can take many minutes without being stuck.
     stall_seconds: float = 1800.0
     # 40 MP: a 7000x5700 photo still passes; a decompression bomb (e.g. 30000x30000) does not.
     max_pixels: int = 40_000_000
@@ -119,7 +120,8 @@ def config_digest(cfg: CleanConfig) -> str:
     from pipelines.training.driver import code_version
 
     # How it runs (workers, their memory) does not change what a partition holds.
-    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "memory_limit", "stall_seconds")}
+    how = ("workers", "memory_limit", "stall_seconds")
+    recipe = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in how}
     blob = json.dumps({"clean": recipe, "code": code_version()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -64,10 +64,11 @@ class DenoiseConfig:
     # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-11 deg
     # apart on the demo, distinct look-alikes from 19 deg up at 50% noise.
     merge_max_angle: float = 0.0
-    # ... and identities of unequal size whose faces cross on average merge when their
-    # underlying centres lie within this (cleaning/denoise.true_centre_cos; duplicates 0-2.5
-    # deg on the demo sweep, distinct mutual neighbours 26+).
-    merge_same_person_angle: float = 5.0
+    # ... whose faces cross on average, and whose underlying centres lie within this
+    # (cleaning/denoise.true_centre_cos; duplicates 0-2.5 deg on the demo sweep and 8.8 for
+    # identities of 6 and 9 faces, look-alikes whose folders hold each other's faces 11.7+,
+    # distinct mutual neighbours 26+).
+    merge_same_person_angle: float = 10.0
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
     # have it as their nearest identity, within `overlap_max_angle` of its centre and at most
     # half their angle to any other identity (cleaning/denoise.EvaluationOverlap). 0: the
