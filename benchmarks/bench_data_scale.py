@@ -24,7 +24,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68
 
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(measure(args.one, args.batch, args.timed)))
+        report(measure(args.one, args.batch, args.timed))
         return
     from benchmarks.synthetic_refined import write_synthetic_refined
 
@@ -105,22 +105,15 @@ def main() -> None:
                                     images_per_identity=FACES_PER_IDENTITY, distinct_images=2000, threads=2)
             written = time.perf_counter() - t
             size = sum(f.stat().st_size for f in (work / "data").rglob("*") if f.is_file())
-            proc = subprocess.run([sys.executable, __file__, "--one", str(work / "data"), "--batch", str(args.batch),
-                                   "--timed", str(args.timed)], capture_output=True, text=True)
+            row = {"faces": faces, "identities": faces // FACES_PER_IDENTITY, "write_s": written, "bytes": size,
+                   **measure_in_process([__file__, "--one", str(work / "data"), "--batch", str(args.batch),
+                                         "--timed", str(args.timed)])}
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        row = {"faces": faces, "identities": faces // FACES_PER_IDENTITY, "write_s": written, "bytes": size}
-        row.update(json.loads(line[7:]) if line else {"failed": f"exit {proc.returncode}: {proc.stderr[-300:]}"})
         rows.append(row)
         print(row, flush=True)
-    done = [r for r in rows if "open_s" in r]
-    growth = {}
-    if len(done) >= 2:
-        a, b = done[0], done[-1]
-        k = np.log(b["faces"] / a["faces"])
-        growth = {key: float(np.log(b[key] / a[key]) / k) for key in ("open_s", "rss_after_open_mib", "peak_rss_mib",
-                                                                      "resume_lookup_s", "batch_end_median_s")}
+    growth = growth_exponents([r for r in rows if "open_s" in r], "faces",
+                              ["open_s", "rss_after_open_mib", "peak_rss_mib", "resume_lookup_s", "batch_end_median_s"])
     command = "python benchmarks/bench_data_scale.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "batch": args.batch, "growth_exponent": growth}
@@ -142,9 +135,8 @@ def main() -> None:
                   f"| {r['batch_start_median_s']:.3f} | {r['batch_end_median_s']:.3f} | {r['resume_lookup_s']:.2f} "
                   f"| {r['peak_rss_mib']:.0f} |")
     if growth:
-        md += ["", "Growth exponents (quantity ~ faces^k) from {:,} to {:,} faces: ".format(done[0]["faces"],
-                                                                                           done[-1]["faces"])
-               + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()) + "."]
+        md += ["", f"Growth exponents (quantity ~ faces^k) from {growth['from']:,} to {growth['to']:,} faces: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if k not in ("from", "to")) + "."]
     (out / "data_scale.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

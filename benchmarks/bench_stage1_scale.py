@@ -21,16 +21,15 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68
 POOL = 4000
@@ -70,7 +69,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one[0], args.one[1], args.workers)))
+        report(run_one(args.one[0], args.one[1], args.workers))
         return
     rows = []
     for records in args.records:
@@ -79,24 +78,17 @@ def main() -> None:
             t = time.perf_counter()
             write_input(work / "rec", records)
             written = time.perf_counter() - t
-            proc = subprocess.run([sys.executable, __file__, "--one", str(work / "rec"), str(work / "out"),
-                                   "--workers", str(args.workers)], capture_output=True, text=True)
+            row = {"records": records, "write_input_s": written,
+                   **measure_in_process([__file__, "--one", str(work / "rec"), str(work / "out"),
+                                         "--workers", str(args.workers)])}
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        row = {"records": records, "write_input_s": written}
-        row.update(json.loads(line[7:]) if line else {"failed": f"exit {proc.returncode}: {proc.stderr[-400:]}"})
-        if line:
+        if "seconds" in row:
             row["records_per_s_per_core"] = row["read"] / row["seconds"] / args.workers
         rows.append(row)
         print(row, flush=True)
-    done = [r for r in rows if "seconds" in r]
-    growth = {}
-    if len(done) >= 2:
-        a, b = done[0], done[-1]
-        k = np.log(b["records"] / a["records"])
-        growth = {key: float(np.log(b[key] / a[key]) / k)
-                  for key in ("seconds", "driver_peak_rss_mib", "worker_peak_rss_mib", "manifest_bytes")}
+    growth = growth_exponents([r for r in rows if "seconds" in r], "records",
+                              ["seconds", "driver_peak_rss_mib", "worker_peak_rss_mib", "manifest_bytes"])
     command = "python benchmarks/bench_stage1_scale.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "workers": args.workers, "growth_exponent": growth}
@@ -117,8 +109,8 @@ def main() -> None:
                   f"| {r['records_per_s_per_core']:.0f} | {r['driver_peak_rss_mib']:.0f} "
                   f"| {r['worker_peak_rss_mib']:.0f} | {r['manifest_bytes'] / 1024:.0f} | {r['kept']:,} | {reasons} |")
     if growth:
-        md += ["", "Growth exponents (quantity ~ records^k) from {:,} to {:,} records: ".format(
-            done[0]["records"], done[-1]["records"]) + ", ".join(f"{k} {v:.2f}" for k, v in growth.items()) + "."]
+        md += ["", f"Growth exponents (quantity ~ records^k) from {growth['from']:,} to {growth['to']:,} records: "
+               + ", ".join(f"{k} {v:.2f}" for k, v in growth.items() if k not in ("from", "to")) + "."]
     (out / "stage1_scale.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68  # MS1MV2: 5.8M faces / 85.7K identities
 
@@ -166,7 +166,7 @@ def main() -> None:
     if args.one:
         result = run_size(args.one, args.dim, args.noise, Path(args.work) if args.work else None)
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("RESULT " + json.dumps(result))
+        report(result)
         return
     import shutil
     import tempfile
@@ -182,28 +182,20 @@ def main() -> None:
                 continue
             work = Path(tempfile.mkdtemp(prefix="stage2-scale-", dir=args.work or None)) if store == "shards" else None
             try:
-                proc = subprocess.run([sys.executable, __file__, "--one", str(faces), "--dim", str(args.dim),
-                                       "--noise", str(args.noise), *(["--work", str(work)] if work else [])],
-                                      capture_output=True, text=True)
+                rows.append({"faces": faces, "embeddings": store,
+                             **measure_in_process([__file__, "--one", str(faces), "--dim", str(args.dim),
+                                                   "--noise", str(args.noise), *(["--work", str(work)] if work else [])])})
             finally:
                 if work:
                     shutil.rmtree(work, ignore_errors=True)
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                rows.append({"faces": faces, "embeddings": store,
-                             "failed": f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}"})
-            else:
-                rows.append(json.loads(line[7:]))
             print(rows[-1], flush=True)
     growth = {}
     for store in args.store:
-        done = [r for r in rows if "times" in r and r["embeddings"] == store]
-        if len(done) >= 2:
-            a, b = done[0], done[-1]
-            size = np.log(b["faces"] / a["faces"])
-            growth[store] = {"from": a["faces"], "to": b["faces"],
-                             "steps_time": np.log(b["steps_total_s"] / a["steps_total_s"]) / size,
-                             "peak_rss": np.log(b["peak_rss_mib"] / a["peak_rss_mib"]) / size}
+        g = growth_exponents([r for r in rows if "times" in r and r["embeddings"] == store], "faces",
+                             ["steps_total_s", "peak_rss_mib"])
+        if g:
+            growth[store] = {"from": g["from"], "to": g["to"], "steps_time": g["steps_total_s"],
+                             "peak_rss": g["peak_rss_mib"]}
     command = "python benchmarks/bench_stage2_scale.py " + " ".join(sys.argv[1:])
     meta = {"command": command.strip(), "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.machine(),
             "cpus": os.cpu_count(), "dim": args.dim, "noise": args.noise, "growth_exponent": growth}
