@@ -282,7 +282,9 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
     raw = tmp_path / "raw"
     _folder_dataset(raw, {"a": 6, "b": 3})
     (raw / "a" / "003.jpg").rename(raw / "a" / "003hangs.jpg")
-    cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=4)
+    # Long enough for a partition of good records on a freshly restarted worker (it loads torch
+    # and the detector first: 4 s failed once here beside other tests), short for the test.
+    cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=20)
     out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 9 == c["kept"] + c["rejected"]
