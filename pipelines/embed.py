@@ -90,11 +90,11 @@ def embed_dataset(data: RefinedDataset, model_uri: str, workers: int = 2, gpu: b
     return data.embeddings(model_uri)
 
 
-def _embedding_block(uri: str) -> tuple[np.ndarray, list[str]]:
-    table = shards.read_table(uri)
-    column = table.column("embedding").combine_chunks()
+def _embedding_block(uri: str) -> np.ndarray:
+    """One embedding shard's (rows, D) float32, the embedding column alone."""
+    column = shards.read_table(uri, columns=["embedding"]).column("embedding").combine_chunks()
     emb = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, column.type.list_size)
-    return (emb if emb.flags.writeable else emb.copy()), table.column("key").to_pylist()
+    return emb if emb.flags.writeable else emb.copy()
 
 
 class ShardEmbeddings(Embeddings):
@@ -117,7 +117,7 @@ class ShardEmbeddings(Embeddings):
         with ThreadPoolExecutor(1) as reader:  # the next shard is read while this one is used
             ahead = reader.submit(_embedding_block, self.uris[0]) if self.uris else None
             for i in range(len(self.uris)):
-                emb, _ = ahead.result()
+                emb = ahead.result()
                 ahead = reader.submit(_embedding_block, self.uris[i + 1]) if i + 1 < len(self.uris) else None
                 yield int(self.starts[i]), emb
 
@@ -127,7 +127,7 @@ class ShardEmbeddings(Embeddings):
         shard_of = np.searchsorted(self.starts, rows, side="right") - 1
         for i in np.unique(shard_of):  # an identity's rows lie in one shard, or a few
             mine = shard_of == i
-            out[mine] = _embedding_block(self.uris[i])[0][rows[mine] - self.starts[i]]
+            out[mine] = _embedding_block(self.uris[i])[rows[mine] - self.starts[i]]
         return out
 
 
@@ -144,12 +144,13 @@ def open_embeddings(data: RefinedDataset, model_uri: str) -> ShardEmbeddings:
         uris.append(uri)
         sizes.append(len(keys))
         if not dim and keys:
-            dim = _embedding_block(uri)[0].shape[1]
+            dim = _embedding_block(uri).shape[1]
     return ShardEmbeddings(uris, sizes, dim)
 
 
 def read_embeddings(data: RefinedDataset, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:
     """(embeddings (N, D), keys, rows per shard) in shard order, all in memory (small sets)."""
-    blocks = [_embedding_block(data.embedding_shard(model_uri, name)) for name in data.manifest.shards]
-    return (np.concatenate([e for e, _ in blocks]), [k for _, keys in blocks for k in keys],
-            [len(keys) for _, keys in blocks])
+    uris = [data.embedding_shard(model_uri, name) for name in data.manifest.shards]
+    blocks = [_embedding_block(u) for u in uris]
+    keys = [shards.read_table(u, columns=["key"]).column("key").to_pylist() for u in uris]
+    return np.concatenate(blocks), [k for ks in keys for k in ks], [len(ks) for ks in keys]
