@@ -126,10 +126,8 @@ def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_g
     `share` of its faces. Groups whose rows lie in one block are done from it; the others
     from their rows, read at the end."""
     centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
-    rows = np.flatnonzero(mask)
-    order = rows[np.argsort(groups[rows], kind="stable")]
-    ids, starts = np.unique(groups[order], return_index=True)
-    members = np.split(order, starts[1:]) if len(order) else []
+    rows_of = _rows_by_group(groups, mask)
+    ids, members = list(rows_of), list(rows_of.values())
     first = np.array([m.min() for m in members], np.int64)
     last = np.array([m.max() for m in members], np.int64)
     done = np.zeros(len(ids), bool)
