@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from distributed.diagnostics.plugin import WorkerPlugin
 
 from cleaning import readers
 from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
@@ -126,10 +127,16 @@ def config_digest(cfg: CleanConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _worker_setup():
-    import torch
+class _OneTorchThread(WorkerPlugin):
+    """A Dask worker plugin: one task per worker thread, so torch must not oversubscribe. A
+    plugin (not a one-off client.run) so that workers restarted after a death get it too."""
 
-    torch.set_num_threads(1)  # one task per worker thread; torch must not oversubscribe
+    name = "arcface-one-torch-thread"
+
+    def setup(self, worker):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def finalize_partition(out: RefinedDataset, index: int, labels: dict[str, int], row_group_rows: int) -> str:
@@ -190,7 +197,7 @@ _FAILURE_DETAIL = {"worker_lost": "the worker processing this record died or fai
                    "stalled": "the worker processing this record made no progress"}
 
 
-def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_index: int,
+def _bisect(part, out: RefinedDataset, settings, error: Exception, next_index: int,
             reason_code: str = "worker_lost"):
     """A partition whose worker died (or stalled): its two halves to run again, or, when it is
     down to one record, that record rejected as `resource/<reason_code>` (a dict of counts).
@@ -199,7 +206,8 @@ def _bisect(client, part, out: RefinedDataset, settings, error: Exception, next_
 
     from cleaning.stage1 import count_records, reject_partition
 
-    lo, hi = part.subset or (0, client.submit(count_records, part, pure=False).result())
+    # Counted here, not on the cluster: a cluster that just lost a task is not to be waited on.
+    lo, hi = part.subset or (0, count_records(part))
     reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
     if hi - lo <= 1:
         log.error("record %d of partition %s was rejected: its worker failed on it (%s)", lo, part.index, reason)
@@ -222,13 +230,43 @@ def _running_tasks(dask_scheduler) -> tuple[dict, dict]:
             {w.address: [str(t.key) for t in w.processing] for w in dask_scheduler.workers.values()})
 
 
+@dataclass
+class StallPlan:
+    split: list  # keys whose partitions are split (or, down to one record, rejected as stalled)
+    again: list  # keys whose partitions are submitted again whole, under new keys
+
+
+def plan_after_stall(pending: dict, executing: dict, assigned: dict, strikes: dict) -> StallPlan:
+    """What to do with the pending partitions (key -> record count, None when not yet
+    counted) when none finished for clean.stall_seconds.
+
+    The partitions the workers report executing are the stuck ones, and are split. When Dask
+    no longer has any of ours running (it can lose a task with its worker, dask/distributed#4001)
+    the culprit is unknown, so every pending partition is split, and a single record is given
+    a second chance (`strikes`, updated here) before it is rejected. Either way each stall
+    splits or strikes at least one partition, so a job cannot stall forever."""
+    for running in (executing, assigned):  # queued-but-assigned is the next best guess
+        stuck = [k for keys in running.values() for k in keys if k in pending]
+        if stuck:
+            return StallPlan(split=stuck, again=[k for k in pending if k not in stuck])
+    split, again = [], []
+    for key, records in pending.items():
+        if records == 1 and strikes.get(key, 0) == 0:
+            again.append(key)
+        else:
+            split.append(key)
+    for key in again:
+        strikes[key] = strikes.get(key, 0) + 1
+    return StallPlan(split=split, again=again)
+
+
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
     from dask.distributed import KilledWorker
 
     client, cluster = _client(scheduler, cfg)
     steps, settings = build_steps(cfg), partition_settings(cfg)
     try:
-        client.run(_worker_setup)
+        client.register_plugin(_OneTorchThread())
         run_id = id(parts)
 
         def submit(p, retries: int):
@@ -239,11 +277,12 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         done_parts: list = []
         next_index = max((p.index for p in parts), default=-1) + 1
         counts = []
+        strikes: dict[str, int] = {}  # key -> stalls a lone record has been pending through
         bar = Progress("stage 1", unit="record")
 
         def failed(part, error: Exception, reason_code: str) -> None:
             nonlocal next_index
-            halves, next_index = _bisect(client, part, out, settings, error, next_index, reason_code)
+            halves, next_index = _bisect(part, out, settings, error, next_index, reason_code)
             for half in halves:
                 if isinstance(half, dict):  # the isolated record, rejected
                     counts.append(half)
@@ -253,31 +292,36 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
                     futures[submit(half, 0)] = half
 
         def unstick() -> None:
-            """Nothing finished for clean.stall_seconds: partitions the scheduler has running
-            are stuck (their workers are restarted, they are split); the others are submitted
-            again under new keys (their futures may be ones Dask lost track of)."""
+            """Nothing finished for clean.stall_seconds: see plan_after_stall."""
             nonlocal next_index
             executing, assigned = client.run_on_scheduler(_running_tasks)
-            # Tasks assigned to a worker but queued there are not to blame; a task Dask lost
-            # runs nowhere, and the assigned ones are the best guess.
-            running = executing if any(executing.values()) else assigned
-            stuck = {k for keys in running.values() for k in keys}
-            log.warning("stage 1: no partition finished in %.0f s; %d workers, running: %s", cfg.stall_seconds,
-                        len(running), running)
-            if not running:
+            log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s",
+                        cfg.stall_seconds, len(executing), executing, assigned)
+            if not executing:
                 raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
                                    f"in {cfg.stall_seconds:.0f} s)")
-            busy = [w for w, keys in running.items() if keys]
-            if busy:  # a thread stuck in native code can only be freed with its process
+            by_key = {fut.key: (fut, part) for fut, part in futures.items()}
+            pending = {k: (part.subset[1] - part.subset[0] if part.subset else None) for k, (_, part) in by_key.items()}
+            plan = plan_after_stall(pending, executing, assigned, strikes)
+            # Workers running a partition to split, or still running one we no longer hold (a
+            # cancelled task whose thread is stuck): a thread stuck in native code can only be
+            # freed with its process.
+            busy = [w for w in executing
+                    if set(executing[w] + assigned.get(w, [])) & set(plan.split) or set(executing[w]) - set(pending)]
+            if busy:
                 client.restart_workers(busy, timeout=120, raise_for_error=False)
-            for fut, part in list(futures.items()):
+            stalled = PartitionStalled(f"no partition finished in {cfg.stall_seconds:.0f} s")
+            for key in plan.split + plan.again:
+                fut, part = by_key[key]
                 del futures[fut]
                 fut.cancel()
-                if fut.key in stuck:
-                    failed(part, PartitionStalled(f"no partition finished in {cfg.stall_seconds:.0f} s"), "stalled")
+                if key in plan.split:
+                    failed(part, stalled, "stalled")
                 else:
                     again = dataclasses.replace(part, index=next_index)
-                    futures[submit(again, 0)] = again
+                    fut = submit(again, 0)
+                    futures[fut] = again
+                    strikes[fut.key] = strikes.pop(key, 0)
                     next_index += 1
 
         # Futures are polled rather than waited on: a task Dask lost with a dead worker
@@ -322,7 +366,7 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         final = client.map(finalize_partition, [out] * len(parts), [p.index for p in parts],
                            [label_future] * len(parts), [cfg.row_group_rows] * len(parts), pure=False)
         shard_uris = client.gather(final)
-        del final, futures
+        del final
     finally:
         client.close()
         if cluster is not None:

@@ -249,10 +249,11 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     # 507 MB as RGB (and under PIL's own 179 MP bomb line): with any worker's baseline (over
     # 100 MiB: Python, NumPy, OpenCV) past the 570 MiB restart line on every machine.
     (person / "2b_huge.png").write_bytes(big_png(13000, 13000))
-    # Should Dask lose the task with its worker (dask/distributed#4001; CI hung twice here),
-    # the stall watchdog splits it instead: the record is then rejected as `stalled`.
+    # Should Dask lose the task with its worker (dask/distributed#4001; CI hung three times
+    # here), the stall watchdog splits it instead: the record is then rejected as `stalled`.
+    # Each lost level costs one stall, so 25 s (the test's record takes up to 5 of them).
     cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="600MiB", max_pixels=200_000_000,
-                      stall_seconds=45)
+                      stall_seconds=25)
     out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 6 == c["kept"] + c["rejected"]
@@ -291,6 +292,46 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
     got = reasons(tmp_path / "out")
     assert got.pop("a/003hangs.jpg") == "stalled"
     assert len(got) == 8 and set(got.values()) == {"no_face"}  # processed (no face in noise), not lost
+
+
+def test_a_stall_always_splits_or_strikes_a_partition():
+    """The watchdog's plan: the partitions a worker runs are split, the queued ones go again;
+    when Dask runs none of ours (a lost task), all are split, and a lone record goes again
+    once before it is split (rejected). Repeated stalls therefore always end."""
+    from pipelines.clean_data import plan_after_stall
+
+    strikes: dict = {}
+    plan = plan_after_stall({"a": None, "b": 4, "c": 1}, {"w1": ["a"], "w2": []}, {"w1": ["a"], "w2": ["b"]}, strikes)
+    assert (plan.split, plan.again, strikes) == (["a"], ["b", "c"], {})
+    # Nothing executing: the assigned-but-queued ones are the best guess.
+    plan = plan_after_stall({"a": None, "b": 4}, {"w1": []}, {"w1": ["b"]}, strikes)
+    assert (plan.split, plan.again) == (["b"], ["a"])
+    # A worker still runs a task we no longer hold (cancelled, stuck): not ours, so unknown.
+    plan = plan_after_stall({"a": None, "b": 1}, {"w1": ["old"]}, {"w1": ["old"]}, strikes)
+    assert (plan.split, plan.again, strikes) == (["a"], ["b"], {"b": 1})
+    # The lone record's second stall (the driver carries its strikes to its new key): split.
+    plan = plan_after_stall({"b2": 1, "d": 2}, {"w1": []}, {"w1": []}, {"b2": 1})
+    assert (plan.split, plan.again) == (["b2", "d"], [])
+
+    # Stalling forever on a lost 6-record partition ends, in a bounded number of stalls, with
+    # every record rejected exactly once (the driver's bookkeeping, played here by hand).
+    pending, strikes, rejected, stalls = {"p": (0, 6)}, {}, [], 0
+    while pending:
+        stalls += 1
+        plan = plan_after_stall({k: hi - lo for k, (lo, hi) in pending.items()}, {"w": []}, {"w": []}, strikes)
+        nxt = {}
+        for key in plan.split:
+            lo, hi = pending[key]
+            if hi - lo == 1:
+                rejected.append(lo)
+            else:
+                mid = (lo + hi) // 2
+                nxt[f"{key}L"], nxt[f"{key}R"] = (lo, mid), (mid, hi)
+        for key in plan.again:
+            nxt[f"{key}'"] = pending[key]
+            strikes[f"{key}'"] = strikes.pop(key)
+        pending = nxt
+    assert sorted(rejected) == list(range(6)) and stalls <= 5
 
 
 def test_every_directory_entry_is_accounted_for(tmp_path):
