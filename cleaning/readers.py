@@ -437,68 +437,176 @@ def _seek_read(fh, offset: int, size: int) -> bytes:
     return fh.read(size)
 
 
-def _rec_labels(fh, entries: list[tuple[int, int, int]]) -> list[int | None]:
-    """The label of every record (headers only): how a file without identity records is cut."""
-    labels = []
-    for _, offset, _ in entries:
-        try:
-            fh.seek(offset)
-            head = fh.read(8 + IR_HEADER.size + 4)
-            flag, label, _, _ = IR_HEADER.unpack_from(head, 8)
-            labels.append(int(struct.unpack_from("<f", head, 8 + IR_HEADER.size)[0]) if flag > 0 else int(label))
-        except (struct.error, ValueError):
-            labels.append(None)  # read_partition rejects it with the reason
-    return labels
+def _rec_label(fh, offset: int) -> int | None:
+    """A record's class label from its header bytes alone (None when unreadable: the reader
+    rejects that record with the reason)."""
+    try:
+        fh.seek(offset)
+        head = fh.read(8 + IR_HEADER.size + 4)
+        flag, label, _, _ = IR_HEADER.unpack_from(head, 8)
+        return int(struct.unpack_from("<f", head, 8 + IR_HEADER.size)[0]) if flag > 0 else int(label)
+    except (struct.error, ValueError, OverflowError):
+        return None
+
+
+def _parse_idx_line(raw: bytes) -> tuple[int, int]:
+    """'index<TAB>offset' -> (index, offset); ValueError saying what is wrong otherwise."""
+    cols = raw.rstrip(b"\r\n").split(b"\t")
+    if len(cols) != 2:
+        raise ValueError("expected 'index<TAB>offset'")
+    index, offset = int(cols[0]), int(cols[1])
+    if index < 0 or offset < 0:
+        raise ValueError("negative index or offset")
+    return index, offset
+
+
+def _idx_lines(idx_uri: str) -> Iterator[tuple[int, int, bytes, tuple[int, int] | None]]:
+    """(byte offset, line number, line, (index, offset) or None when malformed) for each line
+    of a .idx, streamed: the driver never holds the index."""
+    fs, path = storage.resolve(idx_uri)
+    with fs.open_input_stream(path) as fh:
+        pos = 0
+        for line_no, raw in enumerate(io.BufferedReader(fh, buffer_size=1 << 20), start=1):
+            try:
+                parsed = _parse_idx_line(raw)
+            except ValueError:
+                parsed = None
+            yield pos, line_no, raw, parsed
+            pos += len(raw)
+
+
+def _bad_idx_line(line_no: int, raw: bytes) -> str:
+    try:
+        _parse_idx_line(raw)
+        problem = "unparsable"
+    except ValueError as exc:
+        problem = str(exc)
+    text = raw.rstrip(b"\r\n")[:60].decode("utf-8", "replace")
+    return f"train.idx:{line_no}: {problem}: {text!r}"
+
+
+class _Unsorted(Exception):
+    """The .idx does not list records in increasing index order."""
 
 
 def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partition]:
-    """Partitions of whole identities. With insightface's header record (record 0, label
-    [first identity record, end]) the identity records give each identity's image range;
-    without one, the records' own labels are read (header bytes only) and the cut falls
-    where the label changes."""
+    """Partitions of whole identities, each a byte range of train.idx (the worker reads its
+    own lines): the driver streams the index and holds one entry per identity, never one per
+    record (10M records of raw MS-Celeb would otherwise cost gigabytes here).
+
+    With insightface's header record (record 0, label [first identity record, end]) the
+    identity records give each identity's image range; without one, the records' own labels
+    are read (header bytes only) and the cut falls where the label changes. An index not in
+    increasing record order (not as insightface or im2rec write it) is planned in memory."""
     idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
-    entries, bad = [], []
-    text = storage.read_bytes(idx_uri).decode("utf-8", "replace")
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        parts = line.split("\t")
+    with storage.open_input(rec_uri) as fh:
         try:
-            if len(parts) != 2:
-                raise ValueError("expected 'index<TAB>offset'")
-            entries.append((int(parts[0]), int(parts[1]), line_no))
-        except ValueError as exc:
-            bad.append((line_no, f"train.idx:{line_no}: {exc}: {line[:60]!r}"))
+            return _plan_rec_streamed(root, idx_uri, fh, records_per_partition)
+        except _Unsorted:
+            log.warning("%s: records are not listed in index order; planning with the whole index in memory",
+                        idx_uri)
+            return _plan_rec_in_memory(root, idx_uri, fh, records_per_partition)
+
+
+def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
+    lines = _idx_lines(idx_uri)
+    first = next(((pos, no, p) for pos, no, _, p in lines if p is not None), None)
+    if first is None or first[2][0] != 0:
+        raise _Unsorted  # record 0 is missing or not first: the in-memory planner says which
+    flag, labels, _, _ = unpack_record(read_record(fh, first[2][1]))
+    cuts: list[tuple[int, int]] = [(0, 1)]  # (byte offset, line number) where each partition starts
+    last_index = 0
+    if flag >= 2:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
+        first_identity, end_identity = int(labels[0]), int(labels[1])
+        identity_offsets = {}
+        for _, _, _, parsed in lines:
+            if parsed is not None:
+                if parsed[0] <= last_index:
+                    raise _Unsorted
+                last_index = parsed[0]
+                if first_identity <= parsed[0] < end_identity:
+                    identity_offsets[parsed[0]] = parsed[1]
+        ranges, missing = _rec_identity_ranges(fh, identity_offsets, first_identity, end_identity)
+        if missing:  # their images are still read; only the grouping is lost
+            log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
+        # Partitions start at the first image of an identity, once the one before holds enough.
+        starts, size = [], 0
+        for start, end in sorted(ranges):
+            if size >= per_partition:
+                starts.append(start)
+                size = 0
+            size += max(end - start, 0)
+        at = iter(starts)
+        want = next(at, None)
+        for pos, no, _, parsed in _idx_lines(idx_uri):
+            if want is not None and parsed is not None and parsed[0] >= want:
+                cuts.append((pos, no))
+                while want is not None and want <= parsed[0]:
+                    want = next(at, None)
+        extra = {"identity_records": [first_identity, end_identity]}
+    else:  # no header (im2rec): every record is an image; cut where the label changes
+        size, previous = 1, _rec_label(fh, first[2][1])
+        for pos, no, _, parsed in lines:
+            if parsed is None:
+                size += 1
+                continue
+            if parsed[0] <= last_index:
+                raise _Unsorted
+            last_index = parsed[0]
+            label = _rec_label(fh, parsed[1])
+            if size >= per_partition and label != previous:
+                cuts.append((pos, no))
+                size = 0
+            size += 1
+            previous = label
+        extra = {}
+    end_of_index = storage.size(idx_uri)
+    return [Partition("insightface-rec", root, k, byte_range=(pos, nxt), first_line=no, extra=dict(extra))
+            for k, ((pos, no), nxt) in enumerate(zip(cuts, [c[0] for c in cuts[1:]] + [end_of_index]))]
+
+
+def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
+    entries, bad, seen = [], [], set()
+    for _, line_no, raw, parsed in _idx_lines(idx_uri):
+        if parsed is None:
+            bad.append((line_no, _bad_idx_line(line_no, raw)))
+        elif parsed[0] in seen:
+            bad.append((line_no, f"train.idx:{line_no}: record {parsed[0]} is listed twice"))
+        else:
+            seen.add(parsed[0])
+            entries.append((parsed[0], parsed[1], line_no))
     offsets = {i: off for i, off, _ in entries}
     if 0 not in offsets:
         raise RecordIOError(f"{idx_uri}: no entry for record 0 (an insightface .idx starts there)")
-    with storage.open_input(rec_uri) as fh:
-        flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
-        groups: list[list[tuple[int, int, int]]] = []
-        if flag >= 2:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
-            first_identity, end_identity = int(labels[0]), int(labels[1])
-            images = {e[0]: e for e in entries if 1 <= e[0] < first_identity}
-            ranges, missing = _rec_identity_ranges(fh, offsets, first_identity, end_identity)
-            for start, end in sorted(ranges):
-                groups.append([images.pop(i) for i in range(start, end) if i in images])
-            if images:  # images no identity record claims: read (and accounted for) all the same
-                groups.append(sorted(images.values()))
-            if missing:  # their images are still read (above); only the grouping is lost
-                log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
-        else:
-            entries.sort()
-            current, last = [], object()
-            for entry, label in zip(entries, _rec_labels(fh, entries)):
-                if current and label != last:
-                    groups.append(current)
-                    current = []
-                current.append(entry)
-                last = label
-            if current:
+    entries.sort()
+    flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
+    groups: list[list[tuple[int, int, int]]] = []
+    if flag >= 2:
+        first_identity, end_identity = int(labels[0]), int(labels[1])
+        images = {e[0]: e for e in entries if e[0] != 0 and not first_identity <= e[0] < end_identity}
+        ranges, missing = _rec_identity_ranges(fh, offsets, first_identity, end_identity)
+        for start, end in sorted(ranges):
+            groups.append([images.pop(i) for i in range(start, end) if i in images])
+        if images:  # images no identity record claims: read (and accounted for) all the same
+            groups.append(sorted(images.values()))
+        if missing:
+            log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
+    else:
+        current, last = [], object()
+        for entry in entries:
+            label = _rec_label(fh, entry[1])
+            if current and label != last:
                 groups.append(current)
+                current = []
+            current.append(entry)
+            last = label
+        if current:
+            groups.append(current)
     parts: list[Partition] = []
     chunk: list[tuple[int, int, int]] = []
-    for group in groups:  # whole identities, about `records_per_partition` records each
+    for group in groups:  # whole identities, about `per_partition` records each
         chunk += group
-        if len(chunk) >= records_per_partition:
+        if len(chunk) >= per_partition:
             parts.append(Partition("insightface-rec", root, len(parts), records=chunk))
             chunk = []
     if chunk or not parts:
@@ -508,19 +616,43 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
     return parts
 
 
+def _rec_entries(part: Partition) -> Iterator[tuple[int, int, int] | tuple[int, str]]:
+    """(index, offset, idx line) of each image record of a partition, or (idx line, what is
+    wrong) for a malformed .idx line."""
+    yield from part.extra.get("bad_idx_lines", [])
+    yield from part.records
+    if part.byte_range is None:
+        return
+    skip_lo, skip_hi = part.extra.get("identity_records", (0, 0))
+    data = _read_range(storage.join(part.root, "train.idx"), *part.byte_range)
+    for k, raw in enumerate(io.BytesIO(data)):
+        line_no = part.first_line + k
+        try:
+            index, offset = _parse_idx_line(raw)
+        except ValueError:
+            yield line_no, _bad_idx_line(line_no, raw)
+            continue
+        if "identity_records" in part.extra and (index == 0 or skip_lo <= index < skip_hi):
+            continue  # the header and identity records describe the images; they are not ones
+        yield index, offset, line_no
+
+
 def read_insightface_rec(part: Partition) -> Iterator[RawSample]:
     rec_uri = storage.join(part.root, "train.rec")
-    for line_no, detail in part.extra.get("bad_idx_lines", []):
-        yield RawSample(f"idx-line:{line_no}", "", detail, reject=("corrupt_index", detail))
     with storage.open_input(rec_uri) as fh:
-        for idx, offset, line_no in part.records:
+        for entry in _rec_entries(part):
+            if len(entry) == 2:
+                line_no, detail = entry
+                yield RawSample(f"idx-line:{line_no}", "", detail, reject=("corrupt_index", detail))
+                continue
+            idx, offset, line_no = entry
             where = f"train.rec#{idx} (train.idx:{line_no})"
             try:
                 _, labels, _, payload = unpack_record(read_record(fh, offset))
-            except RecordIOError as exc:
+                label = int(labels[0])
+            except (RecordIOError, ValueError, OverflowError) as exc:  # a NaN or infinite label too
                 yield RawSample(f"rec:{idx}", "", where, reject=("corrupt_record", f"{where}: {exc}"))
                 continue
-            label = int(labels[0])
             yield RawSample(f"rec:{idx}", str(label), where, data=payload, aligned=True)
 
 

@@ -151,6 +151,11 @@ def list_files(uri: str, suffix: str = "", recursive: bool = True) -> list[str]:
     return sorted(out)
 
 
+def size(uri: str) -> int:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).size
+
+
 def open_input(uri: str):
     fs, path = resolve(uri)
     return fs.open_input_file(path)

@@ -83,6 +83,49 @@ def test_rec_corrupt_record_is_a_reject(rec_dataset):
     assert len(samples) == 7  # 6 images + the bad idx line: nothing silently lost
 
 
+def _outcomes(root, per_partition):
+    """key -> identity, or the reject reason, of everything the partitions read."""
+    got = {}
+    for part in plan("insightface-rec", str(root), per_partition):
+        for s in read_partition(part):
+            assert s.key not in got, f"{s.key} read twice"
+            got[s.key] = s.reject[0] if s.reject else s.identity
+    return got
+
+
+def test_rec_plan_holds_no_record_list_and_matches_the_in_memory_plan(rec_dataset):
+    """The driver's plan is byte ranges of train.idx (one per partition, whatever the
+    record count); what the workers read from it is exactly what the in-memory plan reads."""
+    root, _ = rec_dataset
+    streamed = plan("insightface-rec", str(root), 2)
+    assert all(p.byte_range and not p.records for p in streamed)
+    with open(root / "train.rec", "rb") as fh:
+        in_memory = readers._plan_rec_in_memory(str(root), str(root / "train.idx"), fh, 2)
+    assert [sorted(s.key for s in read_partition(p)) for p in streamed] == \
+        [sorted(s.key for s in read_partition(p)) for p in in_memory]
+
+
+def test_rec_index_out_of_order_or_repeated_loses_nothing(rec_dataset):
+    """An index not in record order is planned in memory; a record listed twice is read once
+    and the second line rejected; a record past the identity records is read as an image."""
+    root, images = rec_dataset
+    expected = _outcomes(root, 100)
+    lines = (root / "train.idx").read_text().splitlines()
+    shuffled = [lines[0]] + lines[1:][::-1]  # the garbage line (4th) moves to the 9th
+    (root / "train.idx").write_text("\n".join(shuffled) + "\n")
+    got = _outcomes(root, 2)
+    assert got.pop("idx-line:9") == "corrupt_index" and got | {"idx-line:4": "corrupt_index"} == expected
+    (root / "train.idx").write_text("\n".join(lines + [lines[2]]) + "\n")
+    got = _outcomes(root, 2)
+    assert got.pop(f"idx-line:{len(lines) + 1}") == "corrupt_index" and got == expected
+    # A record after the identity records (index 10 of a header that ends them at 10).
+    with open(root / "train.rec", "ab") as fh:
+        fh.write(b"\0" * ((-fh.tell()) % 4))
+        offset = dmlc_write(fh, pack(7, images[0][1]))
+    (root / "train.idx").write_text("\n".join(lines + [f"10\t{offset}"]) + "\n")
+    assert _outcomes(root, 2) == expected | {"rec:10": "7"}
+
+
 def test_msceleb_rows_never_crash(tmp_path):
     img = cv2.imencode(".jpg", np.zeros((50, 50, 3), np.uint8))[1].tobytes()
     rect = base64.b64encode(struct.pack("<4f", 0.1, 0.1, 0.5, 0.5)).decode()
