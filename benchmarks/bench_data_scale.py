@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cleaning.stage1 import peak_rss_mib  # noqa: E402
 from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68
@@ -78,7 +78,7 @@ def measure(uri: str, batch: int, timed: int) -> dict:
     stream.close()
     out.update(samples=data.num_samples, steps_per_epoch=steps, row_groups=len(data.groups),
                shards=len(data.data.manifest.shards), rss_end_mib=_rss_mib(),
-               peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+               peak_rss_mib=peak_rss_mib())
     return out
 
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cleaning.stage1 import peak_rss_mib  # noqa: E402
 from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68
@@ -57,7 +57,7 @@ def run_one(input_dir: str, out_dir: str, workers: int) -> dict:
             "rejected_by_reason": m["counts"]["by_reason"], "identities": m["num_classes"],
             "partitions": len(m["shards"]), "worker_peak_rss_mib": m["worker_peak_rss_mib"],
             "manifest_bytes": manifest_bytes,
-            "driver_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "driver_peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:

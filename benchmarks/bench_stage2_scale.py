@@ -3,7 +3,7 @@ steps (cleaning/denoise.py) on synthetic embeddings with known truth, at sizes g
 
 Usage (writes benchmarks/results/stage2_scale.{json,md}):
     .venv/bin/python benchmarks/bench_stage2_scale.py [--faces 100000 1000000 5800000 --dim 512 --noise 0.4]
-        [--store memory shards]
+        [--store memory shards ray]
 
 The embeddings stand in for a bootstrap model's (no rendering, no model): identities have
 random unit centres in `--dim` dimensions, and a face lies at an angle drawn from the clean
@@ -18,10 +18,13 @@ direction. Injected, as in raw MS-Celeb:
     people who resemble each other: what a merge rule must not join);
   * evaluation overlap: 1 in 1000 identities also has 6 faces in the evaluation set, among
     the faces of as many held-out people.
-Each size runs in a fresh process (peak RSS measured by the OS), the whole single-process
-stage 2 as `arcface denoise` runs it after embedding: IntraClassOutliers (derived threshold)
--> MergeIdentities -> EvaluationOverlap -> SmallIdentities -> contiguous labels. Sizes whose
-embeddings alone would not fit in memory are reported, not run.
+Each size runs in a fresh process (peak RSS measured by the OS), the whole stage 2 as
+`arcface denoise` runs it after embedding: IntraClassOutliers (derived threshold) ->
+MergeIdentities -> EvaluationOverlap -> SmallIdentities -> contiguous labels. Embeddings:
+`memory` one array; `shards` embedding shards on disk, read pass by pass by this process;
+`ray` the same shards, each pass run as 2 parallel Ray tasks of one shard each (a local Ray
+with 2 CPUs; the peak of every Ray worker process is reported too). Sizes whose embeddings
+alone would not fit in memory are reported, not run.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -39,6 +41,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from cleaning.stage1 import peak_rss_mib  # noqa: E402
 from benchmarks.scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 FACES_PER_IDENTITY = 68  # MS1MV2: 5.8M faces / 85.7K identities
@@ -109,7 +112,7 @@ def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int 
     return emb, filed, truth, eval_emb
 
 
-def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None) -> dict:
+def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None, parallel: int = 0) -> dict:
     """One size, in this process: generate, then the stage-2 steps, timed."""
     from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities,
                                   SmallIdentities, contiguous_labels)
@@ -117,6 +120,13 @@ def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None) 
     t = time.perf_counter()
     emb, filed, truth, eval_emb = synthetic_set(faces, dim, noise, shard_dir=shard_dir)
     times = {"generate_s": time.perf_counter() - t}
+    if parallel > 1:
+        from pipelines.ray_connect import connect
+
+        t = time.perf_counter()
+        connect("", num_cpus=parallel)
+        times["ray_start_s"] = time.perf_counter() - t
+        emb.parallel = parallel
     names = np.array([f"id{i}" for i in range(truth["identities"])], object)  # one object per identity
     data = EmbeddedSet(emb, filed.astype(np.int64), names[filed])
     steps = [IntraClassOutliers(0, 5), MergeIdentities(0), EvaluationOverlap(eval_emb, 0, 3), SmallIdentities(2)]
@@ -137,8 +147,9 @@ def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None) 
     overlap_found = {int(x[2:]) for x in steps[2].figures["identities_by_embedding"]}
     return {
         "faces": faces, "identities": int(truth["identities"]), "dim": dim, "noise": noise, "times": times,
-        "embeddings": "shards" if shard_dir else "memory",
-        "steps_total_s": sum(v for k, v in times.items() if k != "generate_s"),
+        "embeddings": "ray" if parallel > 1 else "shards" if shard_dir else "memory",
+        "other_processes_peak_rss_mib": _children_peak_rss_mib(),
+        "steps_total_s": sum(v for k, v in times.items() if k not in ("generate_s", "ray_start_s")),
         "threshold_deg": steps[0].figures["max_angle"],
         "noise_precision": float((flagged & noisy).sum() / max(1, flagged.sum())),
         "noise_recall": float((flagged & noisy).sum() / max(1, noisy.sum())),
@@ -150,6 +161,22 @@ def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None) 
     }
 
 
+def _children_peak_rss_mib() -> float:
+    """The largest peak resident memory (VmHWM) among this process's descendants (the local
+    Ray's workers and daemons); 0 when there are none."""
+    import psutil
+
+    peak = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            with open(f"/proc/{child.pid}/status") as f:
+                hwm = next(line for line in f if line.startswith("VmHWM:"))
+            peak = max(peak, int(hwm.split()[1]) / 1024)
+        except (OSError, StopIteration):
+            continue
+    return peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--faces", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -157,15 +184,17 @@ def main() -> None:
     ap.add_argument("--noise", type=float, default=0.4)
     ap.add_argument("--memory-gib", type=float, default=20.0,
                     help="sizes whose embeddings take more than a third of this are reported, not run")
-    ap.add_argument("--store", nargs="+", choices=["memory", "shards"], default=["shards"],
-                    help="embeddings in one array, or in shards on disk read pass by pass (as arcface denoise does)")
+    ap.add_argument("--store", nargs="+", choices=["memory", "shards", "ray"], default=["shards"],
+                    help="embeddings in one array, in shards on disk read pass by pass by this process, or the "
+                         "shards read by 2 parallel Ray tasks per pass (as arcface denoise does)")
+    ap.add_argument("--parallel", type=int, default=0, help=argparse.SUPPRESS)  # internal: Ray tasks per pass
     ap.add_argument("--work", default="", help="folder for the shards (default: a temporary one)")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size, print JSON
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     if args.one:
-        result = run_size(args.one, args.dim, args.noise, Path(args.work) if args.work else None)
-        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result = run_size(args.one, args.dim, args.noise, Path(args.work) if args.work else None, args.parallel)
+        result["peak_rss_mib"] = peak_rss_mib()
         report(result)
         return
     import shutil
@@ -180,11 +209,12 @@ def main() -> None:
                                                                              "held in memory, about 3x that"})
                 print(rows[-1], flush=True)
                 continue
-            work = Path(tempfile.mkdtemp(prefix="stage2-scale-", dir=args.work or None)) if store == "shards" else None
+            work = Path(tempfile.mkdtemp(prefix="stage2-scale-", dir=args.work or None)) if store != "memory" else None
             try:
                 rows.append({"faces": faces, "embeddings": store,
                              **measure_in_process([__file__, "--one", str(faces), "--dim", str(args.dim),
-                                                   "--noise", str(args.noise), *(["--work", str(work)] if work else [])])})
+                                                   "--noise", str(args.noise), *(["--work", str(work)] if work else []),
+                                                   *(["--parallel", "2"] if store == "ray" else [])])})
             finally:
                 if work:
                     shutil.rmtree(work, ignore_errors=True)
@@ -201,23 +231,27 @@ def main() -> None:
             "cpus": os.cpu_count(), "dim": args.dim, "noise": args.noise, "growth_exponent": growth}
     out = Path(args.out)
     (out / "stage2_scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=float) + "\n")
-    md = ["# Stage 2's de-noise steps as the dataset grows (one process, synthetic embeddings)", "",
+    md = ["# Stage 2's de-noise steps as the dataset grows (synthetic embeddings)", "",
           f"`{meta['command']}` on {meta['date']} ({meta['machine']}, {meta['cpus']} cpus); {args.dim}-d, "
           f"{args.noise:.0%} label noise, {FACES_PER_IDENTITY} faces per identity (MS1MV2's ratio), 1 in 200 "
           "identities filed twice, 1 in 20 with a look-alike 25-35 deg away, 1 in 1000 in the evaluation set. "
           "Embeddings `memory`: one array; `shards`: embedding shards of 50,000 rows on local disk, read pass by "
-          "pass as `arcface denoise` reads them. Peak RSS is the whole process's, generation included.", "",
-          "| embeddings | faces | identities | steps s | intra s | merge s | overlap s | peak RSS MiB | threshold deg "
+          "pass by the driver; `ray`: each pass as 2 parallel Ray tasks of one shard each, as `arcface denoise` "
+          "runs them (denoise.pass_tasks). Peak RSS: the driver's (generation included) and the largest of any "
+          "other process (Ray's workers and daemons).", "",
+          "| embeddings | faces | identities | steps s | intra s | merge s | overlap s | driver peak MiB "
+          "| other process peak MiB | threshold deg "
           "| noise P | noise R | clean kept | merges right / wrong | duplicates merged | overlap found / wrong |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "times" not in r:
-            md.append(f"| {r['embeddings']} | {r['faces']:,} | | {r.get('skipped') or r.get('failed')} |" + " |" * 11)
+            md.append(f"| {r['embeddings']} | {r['faces']:,} | | {r.get('skipped') or r.get('failed')} |" + " |" * 12)
             continue
         t = r["times"]
         md.append(f"| {r['embeddings']} | {r['faces']:,} | {r['identities']:,} | {r['steps_total_s']:.1f} "
                   f"| {t['intra_class_s']:.1f} "
                   f"| {t['merge_identities_s']:.1f} | {t['evaluation_overlap_s']:.1f} | {r['peak_rss_mib']:.0f} "
+                  f"| {r['other_processes_peak_rss_mib']:.0f} "
                   f"| {r['threshold_deg']:.1f} | {r['noise_precision']:.4f} | {r['noise_recall']:.4f} "
                   f"| {r['clean_kept']:.4f} | {r['merges_right']} / {r['merges_wrong']} "
                   f"| {r['duplicates_merged']} / {r['duplicates']} | {r['overlap_found']}/{r['overlap_truth']} / "

@@ -1,6 +1,8 @@
-"""What the scale benchmarks share: each size is measured in a fresh process (so its peak
-memory is its own), which prints one `RESULT {json}` line; growth is reported as the
-exponent k of quantity ~ size^k between the smallest and the largest size measured."""
+"""What the scale benchmarks share: each size is measured in a fresh process, which prints
+one `RESULT {json}` line; growth is reported as the exponent k of quantity ~ size^k between
+the smallest and the largest size measured. A process's peak memory is its VmHWM
+(cleaning.stage1.peak_rss_mib): getrusage's ru_maxrss survives exec, so a fresh process
+started after the benchmark wrote a large input would report the benchmark's own size."""
 
 from __future__ import annotations
 

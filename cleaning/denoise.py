@@ -59,6 +59,14 @@ class Embeddings:
     def take(self, rows: np.ndarray) -> np.ndarray:
         return self.array[np.asarray(rows, np.int64)]
 
+    def map_blocks(self, fn, *shared) -> Iterator[tuple[int, object]]:
+        """(first row, fn(block, first row, *shared)) for each block, in row order: one pass.
+        Every pass of the steps is written this way, so that pipelines/embed.ShardEmbeddings
+        can run it as parallel Ray tasks, each reading its own shard (`fn` and `shared` must
+        then pickle; `shared` is sent once per pass, not per block)."""
+        for s, block in self.blocks():
+            yield s, fn(block, s, *shared)
+
 
 @dataclass
 class EmbeddedSet:
@@ -104,15 +112,28 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def group_centres(emb: Embeddings, groups: torch.Tensor, mask: torch.Tensor, num_groups: int) -> tuple:
+def group_centres(emb: Embeddings, groups, mask, num_groups: int) -> tuple:
     """(normalised centres (G, D), counts (G,)) over the rows in `mask`, one block at a time."""
+    groups, mask = _as_numpy(groups).astype(np.int64, copy=False), _as_numpy(mask).astype(bool, copy=False)
     sums = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
-    for s, block in emb.blocks():
-        rows = slice(s, s + len(block))
-        m = mask[rows]
-        sums.index_add_(0, groups[rows][m], torch.from_numpy(block)[m])
-    counts = torch.bincount(groups[mask], minlength=num_groups)
+    for _, (ids, block_sums) in emb.map_blocks(_block_sums, groups, mask):
+        sums.index_add_(0, torch.from_numpy(np.array(ids)), block_sums)  # results of Ray tasks are read-only
+    counts = torch.from_numpy(np.bincount(groups[mask], minlength=num_groups))
     return normalise(sums), counts
+
+
+def _as_numpy(x) -> np.ndarray:
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _block_sums(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray) -> tuple:
+    """The groups present in a block's masked rows, and the sum of their rows."""
+    rows = slice(start, start + len(block))
+    m = mask[rows]
+    ids, inverse = np.unique(groups[rows][m], return_inverse=True)
+    sums = torch.zeros(len(ids), block.shape[1], dtype=torch.float32)
+    sums.index_add_(0, torch.from_numpy(inverse.reshape(-1).astype(np.int64)), torch.from_numpy(block[m]))
+    return ids.astype(np.int64), sums
 
 
 def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_groups: int,
@@ -127,34 +148,51 @@ def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_g
     from their rows, read at the end."""
     centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
     rows_of = _rows_by_group(groups, mask)
-    ids, members = list(rows_of), list(rows_of.values())
-    first = np.array([m.min() for m in members], np.int64)
-    last = np.array([m.max() for m in members], np.int64)
-    done = np.zeros(len(ids), bool)
-
-    def centre(faces: torch.Tensor) -> torch.Tensor:
-        k = max(1, int(np.ceil(share * len(faces))))
-        near = (faces @ faces.T).topk(k, dim=1)
-        best = int(near.values.mean(1).argmax())
-        return normalise(faces[near.indices[best]].mean(0, keepdim=True))[0]
-
-    for s, block in emb.blocks():
-        inside = np.flatnonzero(~done & (first >= s) & (last < s + len(block)))
-        for i in inside:
-            centres[ids[i]] = centre(torch.from_numpy(block[members[i] - s]))
+    ids = np.fromiter(rows_of, np.int64, len(rows_of))
+    first, last = np.full(num_groups, -1, np.int64), np.full(num_groups, -1, np.int64)
+    first[ids] = [m.min() for m in rows_of.values()]
+    last[ids] = [m.max() for m in rows_of.values()]
+    done = np.zeros(num_groups, bool)
+    for _, (inside, block_centres) in emb.map_blocks(_block_densest_centres, groups, mask, first, last, share):
+        centres[torch.from_numpy(np.array(inside))] = block_centres
         done[inside] = True
-    for i in np.flatnonzero(~done):  # groups whose rows straddle blocks
-        centres[ids[i]] = centre(torch.from_numpy(emb.take(members[i])))
+    for g in ids[~done[ids]]:  # groups whose rows straddle blocks
+        centres[g] = _densest_centre(torch.from_numpy(emb.take(rows_of[int(g)])), share)
     return centres
 
 
-def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups: torch.Tensor) -> np.ndarray:
+def _densest_centre(faces: torch.Tensor, share: float) -> torch.Tensor:
+    k = max(1, int(np.ceil(share * len(faces))))
+    near = (faces @ faces.T).topk(k, dim=1)
+    best = int(near.values.mean(1).argmax())
+    return normalise(faces[near.indices[best]].mean(0, keepdim=True))[0]
+
+
+def _block_densest_centres(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, first: np.ndarray,
+                           last: np.ndarray, share: float) -> tuple:
+    """The densest-part centres of the groups whose masked rows all lie in this block."""
+    end = start + len(block)
+    rows = start + np.flatnonzero(mask[start:end])
+    present = np.unique(groups[rows])
+    inside = present[(first[present] >= start) & (last[present] < end)]
+    out = torch.zeros(len(inside), block.shape[1], dtype=torch.float32)
+    members = _rows_by_group(groups[rows], np.isin(groups[rows], inside))
+    for i, g in enumerate(inside.tolist()):
+        out[i] = _densest_centre(torch.from_numpy(block[rows[members[g]] - start]), share)
+    return inside.astype(np.int64), out
+
+
+def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups) -> np.ndarray:
     """Each row's angle (degrees) to its group's centre, one block at a time."""
-    cos = torch.empty(len(emb), dtype=torch.float32)
-    for s, block in emb.blocks():
-        rows = slice(s, s + len(block))
-        cos[rows] = (torch.from_numpy(block) * centres[groups[rows]]).sum(1)
-    return angle_deg(cos.numpy())
+    groups = _as_numpy(groups).astype(np.int64, copy=False)
+    cos = np.empty(len(emb), dtype=np.float32)
+    for s, block_cos in emb.map_blocks(_block_cos, _as_numpy(centres), groups):
+        cos[s:s + len(block_cos)] = block_cos
+    return angle_deg(cos)
+
+
+def _block_cos(block: np.ndarray, start: int, centres: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    return (torch.from_numpy(block) * torch.from_numpy(centres[groups[start:start + len(block)]])).sum(1).numpy()
 
 
 def valley_threshold(angles: np.ndarray, separation: float = 0.75) -> tuple[float, dict]:
@@ -270,14 +308,18 @@ class IntraClassOutliers(DenoiseStep):
             raise ValueError(f"the model has {sub.shape[0]} class centres for {num} identities: it was not trained "
                              "on this dataset's labels")
         closest = torch.empty(len(emb), dtype=torch.long)  # each face's nearest sub-centre
-        for s, block in emb.blocks():
-            rows = slice(s, s + len(block))
-            closest[rows] = torch.einsum("nd,nkd->nk", torch.from_numpy(block), sub[groups[rows]]).argmax(1)
+        for s, nearest_sub in emb.map_blocks(_block_nearest_subcentre, sub.numpy(), groups.numpy()):
+            closest[s:s + len(nearest_sub)] = torch.from_numpy(np.array(nearest_sub))
         k = sub.shape[1]
         votes = torch.zeros(num * k, dtype=torch.long).index_add_(
             0, (groups * k + closest)[judged], torch.ones(int(judged.sum()), dtype=torch.long))
         dominant = votes.view(num, k).argmax(1)
         return sub[torch.arange(num), dominant]
+
+
+def _block_nearest_subcentre(block: np.ndarray, start: int, sub: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    rows = groups[start:start + len(block)]
+    return torch.einsum("nd,nkd->nk", torch.from_numpy(block), torch.from_numpy(sub[rows])).argmax(1).numpy()
 
 
 class SmallIdentities(DenoiseStep):

@@ -145,11 +145,17 @@ def staged_uris(out: RefinedDataset, index: int) -> dict[str, str]:
             "counts": out.staging(f"{name}.json")}
 
 
-def _peak_rss_mib() -> int:
-    """This process's peak resident memory so far (Linux reports KiB)."""
-    import resource
+def peak_rss_mib() -> int:
+    """This process's peak resident memory so far: VmHWM, not getrusage's ru_maxrss, which
+    Linux carries across exec, so a process started by a large parent (a Dask nanny in a big
+    driver, a benchmark that has just written its input) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) // 1024
+    except (OSError, StopIteration):  # not Linux
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
 def _worker_name() -> str:
@@ -244,7 +250,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
         "steps": {s.name: s.counts() for s in chain.all()},
         "worker": _worker_name(),
         "fingerprint": stamp,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
     }
     counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem

@@ -126,7 +126,7 @@ RANGES = {
     "clean.landmark_margin": "[0, 1]", "clean.detector_min_face": "[12, inf)", "clean.detector_batch": "[1, inf)",
     "clean.detect_max_side": "[112, inf)", "clean.decoded_pixels_per_chunk": "[1, inf)",
     "clean.jpeg_quality": "[1, 100]", "clean.row_group_rows": "[1, inf)",
-    "denoise.workers": "[1, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
+    "denoise.workers": "[1, inf)", "denoise.pass_tasks": "[0, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
     "denoise.min_images_to_judge": "[1, inf)", "denoise.min_images_per_identity": "[1, inf)",
     "denoise.merge_max_angle": "[0, 180]", "denoise.merge_same_person_angle": "[0, 180]",
     "denoise.overlap_max_angle": "[0, 180]",

@@ -41,6 +41,10 @@ class DenoiseConfig:
     in the report (sub-centre ArcFace used 75 deg with a ResNet-100 trained on MS1M)."""
 
     workers: int = 2  # embedding actors
+    # Each pass of the de-noise steps over the embeddings runs as this many parallel Ray tasks,
+    # one embedding shard each (0 or 1: in the driver, shard after shard). Same decisions
+    # either way (tests/test_denoise_scale.py); timed in benchmarks/results/stage2_scale.md.
+    pass_tasks: int = 2
     gpu: bool = False  # one GPU per actor (checkpoints; MLflow models embed on CPU)
     batch: int = 256
     # Faces farther than this from their identity's centre are label noise. 0: derived per
@@ -128,7 +132,11 @@ def _embedded(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_addr
     from pipelines.embed import embed_dataset, open_embeddings
 
     embed_dataset(data, model_uri, workers=cfg.workers, gpu=cfg.gpu, batch=cfg.batch, ray_address=ray_address)
-    emb = open_embeddings(data, model_uri)
+    if cfg.pass_tasks > 1:
+        from pipelines.ray_connect import connect
+
+        connect(ray_address, num_cpus=max(2, cfg.pass_tasks))
+    emb = open_embeddings(data, model_uri, parallel=cfg.pass_tasks)
     labels, identities = [], []
     for uri in data.shard_uris():
         t = shards.read_table(uri, columns=["label", "identity"])

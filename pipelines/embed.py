@@ -15,6 +15,7 @@ unit of resume.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -97,14 +98,42 @@ def _embedding_block(uri: str) -> np.ndarray:
     return emb if emb.flags.writeable else emb.copy()
 
 
+def _on_shard(fn, uri: str, start: int, *shared):
+    """A Ray task: one pass's work on one embedding shard, read here rather than sent."""
+    return fn(_embedding_block(uri), start, *shared)
+
+
 class ShardEmbeddings(Embeddings):
     """A refined dataset's embeddings for one model, read shard by shard from storage on
     every pass (cleaning/denoise.Embeddings): what stage 2 holds of them is one shard, and
-    the next one being read, however large the dataset (MS1MV2's 5.8M x 512 float32 is 12 GB)."""
+    the next one being read, however large the dataset (MS1MV2's 5.8M x 512 float32 is 12 GB).
 
-    def __init__(self, uris: list[str], sizes: list[int], dim: int):
+    With `parallel` > 1 (Ray connected), each pass runs as Ray tasks, one per shard, at most
+    `parallel` of them running and a few more queued: a task reads its shard and returns only
+    its result (per-face numbers, per-identity sums), so the driver never receives embeddings."""
+
+    def __init__(self, uris: list[str], sizes: list[int], dim: int, parallel: int = 0):
         self.uris, self.sizes, self._dim = uris, sizes, dim
         self.starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.parallel = parallel
+
+    def map_blocks(self, fn, *shared):
+        if self.parallel <= 1 or len(self.uris) < 2:
+            yield from super().map_blocks(fn, *shared)
+            return
+        import ray
+
+        task = ray.remote(num_cpus=1)(_on_shard)
+        refs = [ray.put(x) for x in shared]  # once per pass: zero-copy for the tasks on this node
+        pending: deque = deque()
+        for start, uri in zip(self.starts.tolist(), self.uris):
+            pending.append((start, task.remote(fn, uri, start, *refs)))
+            if len(pending) >= 2 * self.parallel:  # results are taken in order; memory stays bounded
+                first, ref = pending.popleft()
+                yield first, ray.get(ref)
+        while pending:
+            first, ref = pending.popleft()
+            yield first, ray.get(ref)
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -131,9 +160,10 @@ class ShardEmbeddings(Embeddings):
         return out
 
 
-def open_embeddings(data: RefinedDataset, model_uri: str) -> ShardEmbeddings:
+def open_embeddings(data: RefinedDataset, model_uri: str, parallel: int = 0) -> ShardEmbeddings:
     """`data`'s embeddings by `model_uri` (embed_dataset first), each shard's keys checked
-    against the dataset's shard, one shard at a time."""
+    against the dataset's shard, one shard at a time; passes over them run as `parallel` Ray
+    tasks (0 or 1: in this process)."""
     uris, sizes, dim = [], [], 0
     for name in data.manifest.shards:
         uri = data.embedding_shard(model_uri, name)
@@ -145,7 +175,7 @@ def open_embeddings(data: RefinedDataset, model_uri: str) -> ShardEmbeddings:
         sizes.append(len(keys))
         if not dim and keys:
             dim = _embedding_block(uri).shape[1]
-    return ShardEmbeddings(uris, sizes, dim)
+    return ShardEmbeddings(uris, sizes, dim, parallel)
 
 
 def read_embeddings(data: RefinedDataset, model_uri: str) -> tuple[np.ndarray, list[str], list[int]]:

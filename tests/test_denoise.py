@@ -366,8 +366,9 @@ def test_second_round_judges_stage_one_again_with_a_model_trained_on_round_one(r
 
 def test_stage2_on_embeddings_read_shard_by_shard_equals_in_memory(tmp_path):
     """The steps read embeddings in passes over blocks: over shards on storage
-    (pipelines/embed.ShardEmbeddings, what `arcface denoise` uses) every decision, angle and
-    merge is the same as over one in-memory array."""
+    (pipelines/embed.ShardEmbeddings, what `arcface denoise` uses), in this process or as
+    parallel Ray tasks, every decision, angle and merge is the same as over one in-memory
+    array."""
     import pyarrow as pa
 
     from dataset import shards
@@ -401,8 +402,13 @@ def test_stage2_on_embeddings_read_shard_by_shard_equals_in_memory(tmp_path):
             step(data)
         return data
 
+    from pipelines.ray_connect import connect
+
+    connect("", num_cpus=2)  # each pass as Ray tasks, one shard each, as `arcface denoise` runs them
     a, b = judged(emb), judged(sharded)
-    assert list(a.reasons) == list(b.reasons) and np.array_equal(a.groups, b.groups)
-    np.testing.assert_allclose(a.angles, b.angles, atol=1e-4)
+    c = judged(ShardEmbeddings(uris, np.diff(cuts).tolist(), dim, parallel=2))
+    for other in (b, c):
+        assert list(a.reasons) == list(other.reasons) and np.array_equal(a.groups, other.groups)
+        np.testing.assert_allclose(a.angles, other.angles, atol=1e-4)
     assert set(a.reasons[noisy]) == {"intra_class/far_from_identity_centre"}
     assert (a.groups[groups == 2] == 0).all() and not a.kept[groups == 3].any()  # merged; overlap dropped
