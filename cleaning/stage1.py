@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from cleaning.readers import Partition, input_stamp, read_partition
-from cleaning.steps import Face, Step, StepChain
+from cleaning.steps import Face, Step, StepChain, internal_error
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
 
@@ -191,16 +191,30 @@ def detect_bounded(detector, images: list[np.ndarray], max_side: int) -> list[li
 def _finish_chunk(chunk: list[Face], chain: StepChain, cfg: PartitionSettings, tables: "_Tables") -> None:
     """Detection where needed, then the steps after it, for one chunk of an identity."""
     need = [f for f in chunk if f.landmarks is None and f.aligned is None]
+    failed: dict[int, tuple[str, str]] = {}  # id(face) -> (stage, reason): detection raised on it
     if need:
         detector = get_detector(cfg.detector_min_face, cfg.detector_device)
-        for face, dets in zip(need, detect_bounded(detector, [f.image for f in need], cfg.detect_max_side)):
+        try:
+            found = detect_bounded(detector, [f.image for f in need], cfg.detect_max_side)
+        except Exception:  # one image broke the batch: detect one by one to find it
+            found = []
+            for face in need:
+                try:
+                    found += detect_bounded(detector, [face.image], cfg.detect_max_side)
+                except Exception as exc:
+                    failed[id(face)] = ("detect", internal_error(face, "detection", exc))
+                    found.append(None)
+        for face, dets in zip(need, found):
             face.detections = dets
     for face in chunk:  # in the reader's (key) order: duplicates keep the first
-        dropped = _run(chain.after_detection, face)
+        dropped = failed.get(id(face)) or _run(chain.after_detection, face)
+        if not dropped:
+            try:
+                tables.keep(face)
+            except Exception as exc:  # encoding the kept face
+                dropped = ("write", internal_error(face, "writing the kept face", exc))
         if dropped:
             tables.reject(face, *dropped)
-        else:
-            tables.keep(face)
         face.image = None  # free the decoded photo early
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -18,6 +19,8 @@ import numpy as np
 
 from cleaning.align import ARCFACE_TEMPLATE, AlignmentError, align_face
 from cleaning.readers import RawSample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +42,22 @@ class Face:
     encoded: bytes | None = None  # bytes to store as they are (a pre-aligned 112x112 JPEG: no re-encoding)
 
 
+INTERNAL_ERROR = "internal_error"
+
+
+def internal_error(face: Face, where: str, exc: Exception) -> str:
+    """A record on which our code (or a library's) raised: the reason it is rejected for,
+    with the error in its detail and, with its traceback, in the worker's log. The job fails
+    when many records do (clean.max_internal_error_share): that is a bug, not bad input."""
+    face.detail = f"{face.raw.source}: {type(exc).__name__} in {where}: {str(exc)[:300]}"
+    log.error("%s: %s raised on this record; it is rejected as %s", face.raw.key, where, INTERNAL_ERROR,
+              exc_info=exc)
+    return INTERNAL_ERROR
+
+
 class Step:
-    """Keep (return None) or drop (return a reason). Subclasses say which reasons they give."""
+    """Keep (return None) or drop (return a reason). Subclasses say which reasons they give;
+    any of them may also drop a record it raised on (INTERNAL_ERROR)."""
 
     name = "step"
     reasons: tuple[str, ...] = ()
@@ -53,7 +70,10 @@ class Step:
         raise NotImplementedError
 
     def __call__(self, face: Face) -> str | None:
-        reason = self.check(face)
+        try:
+            reason = self.check(face)
+        except Exception as exc:  # a record that trips an error here costs itself, not its partition
+            reason = internal_error(face, self.name, exc)
         if reason is None:
             self.kept += 1
         else:

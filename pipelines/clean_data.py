@@ -24,8 +24,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 
 from cleaning import readers
 from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
-from cleaning.steps import (Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize, NearDuplicate,
-                            RecordCheck, SourceLandmarks, StepChain)
+from cleaning.steps import (INTERNAL_ERROR, Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize,
+                            NearDuplicate, RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
 from dataset.refined import RefinedDataset
 from pipelines.logs import Progress
@@ -49,6 +49,10 @@ class CleanConfig:
     # alone took 130 ms per 512-px photo on one core (stage1_cpu.md), so a partition of 2,000
     # camera photos can take many minutes without being stuck.
     stall_seconds: float = 1800.0
+    # A record on which a step raises is rejected (reason internal_error, the error in its
+    # detail and log); but when more than this share of the records (and at least 10) are,
+    # it is a bug, not bad input, and the job fails before writing its manifest.
+    max_internal_error_share: float = 0.01
     # 40 MP: a 7000x5700 photo still passes; a decompression bomb (e.g. 30000x30000) does not.
     max_pixels: int = 40_000_000
     # MTCNN's own O-Net threshold is 0.7. On the demo every detection between 0.7 and 0.9 was
@@ -426,6 +430,7 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
     log.info("%s: %d partitions from %s", fmt, len(parts), input_uri)
     with _EnvironmentKept():
         shard_uris, counts, labels = _run_on_dask(parts, out, cfg, scheduler)
+    _check_internal_errors(counts, cfg)
     _drop_stale(out, counts)
     out.write_manifest(build_manifest(input_uri, fmt, cfg, counts, labels, shard_uris, time.perf_counter() - started))
     if not labels:
@@ -441,6 +446,23 @@ def run_clean_data(input_uri: str, fmt: str, out: RefinedDataset, cfg: CleanConf
         log.exception("the report of %s failed", out.uri)
         storage.delete(out.report_index)
     return out
+
+
+class TooManyInternalErrors(ValueError):
+    """Many records were rejected because a step raised on them: a bug, not bad input (a
+    ValueError for the CLI's one-line error, as OutputRefused)."""
+
+
+def _check_internal_errors(counts: list[dict], cfg: CleanConfig) -> None:
+    read = sum(c["read"] for c in counts)
+    errors = Counter({k: n for c in counts for k, n in c["reasons"].items() if k.endswith(f"/{INTERNAL_ERROR}")})
+    total = sum(errors.values())
+    if total >= 10 and total > cfg.max_internal_error_share * read:
+        raise TooManyInternalErrors(
+            f"{total} of {read} records ({total / read:.1%}) were rejected because a step raised on them "
+            f"({', '.join(f'{k}: {n}' for k, n in errors.most_common())}): that is a bug, not bad input. Each "
+            f"record's error is in rejects/ (reason {INTERNAL_ERROR}), with its traceback in the Dask workers' "
+            "log; no manifest was written. To accept them, raise clean.max_internal_error_share")
 
 
 def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris, seconds) -> dict:

@@ -119,7 +119,7 @@ RANGES = {
     "demo.eval_identities": "[0, inf)", "demo.eval_pairs": "[0, inf)", "demo.ijb_subjects": "[0, inf)",
     "demo.workers": "[1, inf)", "demo.noise_sources": "[0, inf)", "demo.images_per_identity_min": "[0, inf)",
     "clean.records_per_partition": "[1, inf)", "clean.workers": "[1, inf)", "clean.max_pixels": "[1, inf)",
-    "clean.stall_seconds": "(0, inf)",
+    "clean.stall_seconds": "(0, inf)", "clean.max_internal_error_share": "[0, 1]",
     "clean.min_det_score": "[0, 1]", "clean.min_eye_distance_px": "[0, inf)", "clean.min_blur": "[0, inf)",
     "clean.near_duplicate_bits": "[0, 256]", "clean.near_duplicate_correlation": "[-1, 1]",
     "clean.near_duplicate_aligned_bits": "[0, 256]", "clean.near_duplicate_aligned_correlation": "[-1, 1]",

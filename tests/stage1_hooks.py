@@ -25,3 +25,30 @@ class DecoderHangsOn(WorkerPlugin):
             return original(step, face)
 
         steps.Decode.check = check
+
+
+class StepRaisesOn(WorkerPlugin):
+    """A step raises on files whose name ends with `suffix`, and the detector on images
+    `width` pixels wide (as a bug triggered by one odd record would)."""
+
+    def __init__(self, suffix: str, width: int):
+        self.suffix, self.width = suffix, width
+
+    def setup(self, worker):
+        from cleaning import stage1, steps
+
+        original_check, suffix = steps.Decode.check, self.suffix
+        original_copy, width = stage1.bounded_copy, self.width
+
+        def check(step, face):
+            if face.raw.source.endswith(suffix):
+                raise ValueError("a bug this record triggers")
+            return original_check(step, face)
+
+        def bounded_copy(image, max_side):
+            if image.shape[1] == width:
+                raise IndexError("a detector bug this image triggers")
+            return original_copy(image, max_side)
+
+        steps.Decode.check = check
+        stage1.bounded_copy = bounded_copy

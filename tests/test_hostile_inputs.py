@@ -294,6 +294,47 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
     assert len(got) == 8 and set(got.values()) == {"no_face"}  # processed (no face in noise), not lost
 
 
+def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
+    """A step, or the detector, that raises on one record (injected into the workers): that
+    record is rejected as internal_error with the error in its detail, and every other record
+    of its partition and its detection batch is processed. When many records raise, it is a
+    bug: the job fails with one clear error and writes no manifest."""
+    from pipelines import clean_data
+    from pipelines.clean_data import TooManyInternalErrors
+    from stage1_hooks import StepRaisesOn
+
+    make_client = clean_data._client
+
+    def client_with_the_fault(scheduler, cfg):
+        client, cluster = make_client(scheduler, cfg)
+        client.register_plugin(StepRaisesOn("raises.jpg", width=77))
+        return client, cluster
+
+    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 6, "b": 3})
+    (raw / "a" / "002.jpg").rename(raw / "a" / "002raises.jpg")
+    odd = np.random.default_rng(1).integers(0, 255, (61, 77, 3), np.uint8)  # the detector raises on it
+    (raw / "b" / "001.jpg").write_bytes(cv2.imencode(".jpg", odd)[1].tobytes())
+    cfg = CleanConfig(records_per_partition=50, workers=1)
+    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    c = out.manifest.counts
+    assert c["read"] == 9 == c["kept"] + c["rejected"]
+    assert c["by_reason"] == {"detect/no_face": 7, "decode/internal_error": 1, "detect/internal_error": 1}
+    t = pq.read_table(tmp_path / "out" / "rejects", columns=["key", "reason", "detail"]).to_pydict()
+    detail = dict(zip(t["key"], t["detail"]))
+    assert "ValueError in decode: a bug this record triggers" in detail["a/002raises.jpg"]
+    assert "IndexError in detection: a detector bug" in detail["b/001.jpg"]
+
+    many = tmp_path / "many"
+    _folder_dataset(many, {"c": 12})
+    for f in sorted((many / "c").iterdir()):
+        f.rename(f.with_name(f.stem + "raises.jpg"))
+    with pytest.raises(TooManyInternalErrors, match=r"12 of 12 records \(100.0%\).*decode/internal_error: 12"):
+        run_clean_data(str(many), "image-folder", RefinedDataset.create(tmp_path / "out2"), cfg)
+    assert not (tmp_path / "out2" / "manifest.json").exists()
+
+
 def test_a_stall_always_splits_or_strikes_a_partition():
     """The watchdog's plan: the partitions a worker runs are split, the queued ones go again;
     when Dask runs none of ours (a lost task), all are split, and a lone record goes again
