@@ -345,8 +345,9 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
                 try:
                     counts.append(fut.result())
                 except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
-                    # Other errors (an unreadable input, a bug) fail the job with their message:
-                    # rejecting records one by one would hide them.
+                    # A step that raises on a record has already rejected it (internal_error);
+                    # what raises out of a partition (storage, an input that cannot be listed
+                    # or opened) fails the job with its message: bisecting would hide it.
                     failed(part, exc, "worker_lost")
                     fut.release()
                     continue
