@@ -171,9 +171,13 @@ def job_environment(environ) -> dict:
 
     endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
     local_s3 = endpoint.startswith(("http://127.0.0.1", "http://localhost"))
-    return {k: v for k, v in environ.items()
+    sent = {k: v for k, v in environ.items()
             if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
             and (not _secret(k) or (local_s3 and LOCAL_S3_ENV.get(k) == v))}
+    base = environ.get("ARCFACE_CONFIG", "")
+    if base:  # the base config this command read its settings with: the job must read the same
+        sent["ARCFACE_CONFIG"] = base if "://" in base else os.path.abspath(base)
+    return sent
 
 
 def cmd_submit_train(args, cfg) -> int:

@@ -147,6 +147,8 @@ def test_no_secret_travels_with_a_submitted_job():
     assert local["AWS_ACCESS_KEY_ID"] == "testing" == local["AWS_SECRET_ACCESS_KEY"]
     assert "AWS_ACCESS_KEY_ID" not in job_environment({"AWS_ENDPOINT_URL": "https://s3.example.com",
                                                        "AWS_ACCESS_KEY_ID": "testing"})
+    # The base config file travels (as an absolute path: the job runs in a copy of the project).
+    assert job_environment({"ARCFACE_CONFIG": "site.toml"})["ARCFACE_CONFIG"] == os.path.abspath("site.toml")
 
 
 def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path):
