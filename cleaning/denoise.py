@@ -112,13 +112,18 @@ def normalise(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def group_centres(emb: Embeddings, groups, mask, num_groups: int) -> tuple:
-    """(normalised centres (G, D), counts (G,)) over the rows in `mask`, one block at a time."""
+def group_sums(emb: Embeddings, groups, mask, num_groups: int) -> tuple:
+    """(sums (G, D), counts (G,)) of the rows in `mask` per group, one pass."""
     groups, mask = _as_numpy(groups).astype(np.int64, copy=False), _as_numpy(mask).astype(bool, copy=False)
     sums = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
     for _, (ids, block_sums) in emb.map_blocks(_block_sums, groups, mask):
         sums.index_add_(0, torch.from_numpy(np.array(ids)), block_sums)  # results of Ray tasks are read-only
-    counts = torch.from_numpy(np.bincount(groups[mask], minlength=num_groups))
+    return sums, torch.from_numpy(np.bincount(groups[mask], minlength=num_groups))
+
+
+def group_centres(emb: Embeddings, groups, mask, num_groups: int) -> tuple:
+    """(normalised centres (G, D), counts (G,)) over the rows in `mask`, one pass."""
+    sums, counts = group_sums(emb, groups, mask, num_groups)
     return normalise(sums), counts
 
 
@@ -396,7 +401,6 @@ class MergeIdentities(DenoiseStep):
         super().__init__()
         self.max_angle, self.relative, self.min_crossing, self.min_faces = max_angle, relative, min_crossing, min_faces
         self.same_person_angle = same_person_angle
-        self.pairs_per_read = 256  # candidate pairs whose faces are read at once (~70 MB at 512-d)
         self.merges: list[Merge] = []
         self.candidates: list[dict] = []
 
@@ -406,37 +410,43 @@ class MergeIdentities(DenoiseStep):
             self.max_angle = float(self.relative * np.median(_kept_angles(data, "merge_max_angle")))
         num = int(data.groups.max()) + 1
         emb = data.embeddings
-        centres, counts = group_centres(emb, torch.from_numpy(data.groups.astype(np.int64)),
-                                        torch.from_numpy(kept), num)
-        present = np.flatnonzero(counts.numpy() > 0)
+        groups = data.groups.astype(np.int64)
+        sums, counts = group_sums(emb, groups, kept, num)
+        centres, counts = normalise(sums), counts.numpy()
+        present = np.flatnonzero(counts > 0)
         pc = centres.numpy()[present]
         nearest_of, angle = nearest(pc, pc, exclude_self=True) if len(present) > 1 else (np.zeros(0, np.int64), np.zeros(0))
         rows_of = _rows_by_group(data.groups, kept)
         uf = _UnionFind(num)
         pairs = [(a, int(nearest_of[a])) for a in range(len(present))
                  if a < nearest_of[a] and nearest_of[nearest_of[a]] == a and angle[a] <= self.max_angle]
+        # The evidence in one pass over the embeddings, shard by shard (parallel under Ray):
+        # each candidate's faces nearer its partner's centre than their own. Mutual nearest
+        # pairs are disjoint, so each group has at most one partner.
+        partner = np.full(num, -1, np.int64)
+        for a, b in pairs:
+            partner[present[a]], partner[present[b]] = present[b], present[a]
+        crossed = np.zeros(num)
+        if pairs:
+            for _, (ids, n) in emb.map_blocks(_block_crossing, groups, kept, partner, centres.numpy(), sums.numpy()):
+                crossed[ids] += n
         rejected = 0
-        for first in range(0, len(pairs), self.pairs_per_read):
-            batch = pairs[first:first + self.pairs_per_read]
-            # The faces of a batch of pairs in one read (one pass over the shards they lie in).
-            wanted = [rows_of[int(present[x])] for pair in batch for x in pair]
-            faces = torch.from_numpy(emb.take(np.concatenate(wanted))).split([len(w) for w in wanted])
-            for i, (a, b) in enumerate(batch):
-                ga, gb = int(present[a]), int(present[b])
-                fa, fb = faces[2 * i], faces[2 * i + 1]
-                if min(len(fa), len(fb)) < self.min_faces:  # no faces to weigh: no evidence
-                    rejected += 1
-                    continue
-                crossing = (_crossing(fa, centres[gb]), _crossing(fb, centres[ga]))
-                true_angle = float(angle_deg(np.float64(true_centre_cos(fa, fb))))
-                merge = sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle
-                self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
-                                        "true_centre_angle": round(true_angle, 2), "faces": [len(fa), len(fb)],
-                                        "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})
-                if merge:
-                    uf.union(ga, gb)
-                else:
-                    rejected += 1
+        for a, b in pairs:
+            ga, gb = int(present[a]), int(present[b])
+            na, nb = int(counts[ga]), int(counts[gb])
+            if min(na, nb) < self.min_faces:  # no faces to weigh: no evidence
+                rejected += 1
+                continue
+            crossing = (crossed[ga] / na, crossed[gb] / nb)
+            true_angle = float(angle_deg(np.float64(true_centre_cos_from_sums(sums[ga], na, sums[gb], nb))))
+            merge = sum(crossing) / 2 >= self.min_crossing and true_angle <= self.same_person_angle
+            self.candidates.append({"groups": [ga, gb], "centre_angle": round(float(angle[a]), 2),
+                                    "true_centre_angle": round(true_angle, 2), "faces": [na, nb],
+                                    "crossing": [round(c, 3) for c in crossing], "merged": bool(merge)})
+            if merge:
+                uf.union(ga, gb)
+            else:
+                rejected += 1
         candidates = len(pairs)
         root = np.array([uf.find(g) for g in range(num)])
         members: dict[int, list[int]] = {}
@@ -463,12 +473,20 @@ def _kept_angles(data: EmbeddedSet, setting: str) -> np.ndarray:
     return angles
 
 
-def _crossing(faces: torch.Tensor, other_centre: torch.Tensor) -> float:
-    """The share of an identity's faces nearer `other_centre` than their own identity's
-    centre, each face compared with the centre of the others (leave-one-out): a face is part
-    of its own centre's mean, which in many dimensions would alone keep it on its side."""
-    own = normalise(faces.sum(0, keepdim=True) - faces)
-    return float(((faces @ other_centre) > (faces * own).sum(1)).float().mean())
+def _block_crossing(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, partner: np.ndarray,
+                    centres: np.ndarray, sums: np.ndarray) -> tuple:
+    """Per merge candidate in this block, how many of its faces lie nearer its partner's
+    centre than their own identity's centre, each face compared with the centre of the
+    others (leave-one-out: a face is part of its own centre's mean, which in many dimensions
+    would alone keep it on its side)."""
+    rows = start + np.flatnonzero(mask[start:start + len(block)])
+    rows = rows[partner[groups[rows]] >= 0]
+    g = groups[rows]
+    faces = torch.from_numpy(block[rows - start])
+    own = normalise(torch.from_numpy(sums[g]) - faces)
+    nearer = (faces * torch.from_numpy(centres[partner[g]])).sum(1) > (faces * own).sum(1)
+    ids, inverse = np.unique(g, return_inverse=True)
+    return ids, np.bincount(inverse.reshape(-1), weights=nearer.numpy(), minlength=len(ids))
 
 
 def true_centre_cos(fa: torch.Tensor, fb: torch.Tensor) -> float:
@@ -478,8 +496,15 @@ def true_centre_cos(fa: torch.Tensor, fb: torch.Tensor) -> float:
     mean of n faces sits nearer its own faces the larger n is, so raw centre angles and
     crossing shares are lopsided when the sizes differ; this estimate is not (a person filed
     twice scores about 1 whatever the split). -1 when either has no coherent spread."""
-    sa, sb = fa.sum(0).double(), fb.sum(0).double()
-    na, nb = len(fa), len(fb)
+    return true_centre_cos_from_sums(fa.sum(0), len(fa), fb.sum(0), len(fb))
+
+
+def true_centre_cos_from_sums(sa: torch.Tensor, na: int, sb: torch.Tensor, nb: int) -> float:
+    """true_centre_cos from each identity's sum of unit faces and count: every mean of dot
+    products over pairs is a function of the sums alone."""
+    sa, sb = sa.double(), sb.double()
+    if na < 2 or nb < 2:
+        return -1.0
     within_a = (float(sa @ sa) - na) / (na * (na - 1))
     within_b = (float(sb @ sb) - nb) / (nb * (nb - 1))
     if within_a <= 0 or within_b <= 0:
