@@ -291,6 +291,20 @@ def test_a_person_filed_twice_in_unequal_sizes_merges_and_look_alikes_do_not():
     assert min(got[(0, 1)]["crossing"]) < 0.2 <= sum(got[(0, 1)]["crossing"]) / 2  # lopsided
     assert min(got[(4, 5)]["crossing"]) >= 0.2  # the mixed look-alikes cross both ways
 
+    # The evidence, counted shard by shard from group sums, against the definition computed
+    # face by face: the share of an id's faces nearer the partner's centre than the mean of
+    # their own id's other faces; and the underlying-centre angle.
+    def crossing(a: int, b: int) -> float:
+        fa, other = emb[groups == a].astype(np.float64), emb[groups == b].astype(np.float64)
+        partner = other.sum(0) / np.linalg.norm(other.sum(0))
+        own = [(fa.sum(0) - f) / np.linalg.norm(fa.sum(0) - f) for f in fa]
+        return float(np.mean([f @ partner > f @ o for f, o in zip(fa, own)]))
+
+    for a, b in got:
+        assert got[(a, b)]["crossing"] == [round(crossing(a, b), 3), round(crossing(b, a), 3)]
+        assert got[(a, b)]["true_centre_angle"] == pytest.approx(
+            float(angle_deg(true_centre_cos(faces[a], faces[b]))), abs=0.01)
+
 
 def test_valley_threshold_splits_two_modes_and_spares_one():
     from cleaning.denoise import valley_threshold
