@@ -238,34 +238,39 @@ def _running_tasks(dask_scheduler) -> tuple[dict, dict]:
 class StallPlan:
     split: list  # keys whose partitions are split (or, down to one record, rejected as stalled)
     again: list  # keys whose partitions are submitted again whole, under new keys
+    counted: dict = dataclasses.field(default_factory=dict)  # key -> records, counted here
 
 
-def plan_after_stall(pending: dict, executing: dict, assigned: dict, strikes: dict) -> StallPlan:
+def plan_after_stall(pending: dict, executing: dict, assigned: dict, strikes: dict, count=None) -> StallPlan:
     """What to do with the pending partitions (key -> record count, None when not yet
     counted) when none finished for clean.stall_seconds.
 
     The partitions the workers report executing are the stuck ones, and are split. When Dask
     no longer has any of ours running (it can lose a task with its worker, dask/distributed#4001)
     the culprit is unknown, so every pending partition is split, and a single record is given
-    a second chance (`strikes`, updated here) before it is rejected. Either way each stall
-    splits or strikes at least one partition, so a job cannot stall forever."""
+    a second chance (`strikes`, updated here) before it is rejected; partitions not yet
+    counted are counted first (`count(key)`: splitting counts them anyway). Either way each
+    stall splits or strikes at least one partition, so a job cannot stall forever."""
     for running in (executing, assigned):  # queued-but-assigned is the next best guess
         stuck = [k for keys in running.values() for k in keys if k in pending]
         if stuck:
             return StallPlan(split=stuck, again=[k for k in pending if k not in stuck])
+    counted = {k: count(k) for k, n in pending.items() if n is None and count is not None}
     split, again = [], []
-    for key, records in pending.items():
+    for key, records in {**pending, **counted}.items():
         if records == 1 and strikes.get(key, 0) == 0:
             again.append(key)
         else:
             split.append(key)
     for key in again:
         strikes[key] = strikes.get(key, 0) + 1
-    return StallPlan(split=split, again=again)
+    return StallPlan(split=split, again=again, counted=counted)
 
 
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
     from dask.distributed import KilledWorker
+
+    from cleaning.stage1 import count_records
 
     client, cluster = _client(scheduler, cfg)
     steps, settings = build_steps(cfg), partition_settings(cfg)
@@ -306,7 +311,10 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
                                    f"in {cfg.stall_seconds:.0f} s)")
             by_key = {fut.key: (fut, part) for fut, part in futures.items()}
             pending = {k: (part.subset[1] - part.subset[0] if part.subset else None) for k, (_, part) in by_key.items()}
-            plan = plan_after_stall(pending, executing, assigned, strikes)
+            plan = plan_after_stall(pending, executing, assigned, strikes, count=lambda k: count_records(by_key[k][1]))
+            for key, records in plan.counted.items():  # so that splitting does not count them again
+                fut, part = by_key[key]
+                by_key[key] = fut, dataclasses.replace(part, subset=(0, records))
             # Workers running a partition to split, or still running one we no longer hold (a
             # cancelled task whose thread is stuck): a thread stuck in native code can only be
             # freed with its process.

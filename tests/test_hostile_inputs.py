@@ -353,6 +353,10 @@ def test_a_stall_always_splits_or_strikes_a_partition():
     # The lone record's second stall (the driver carries its strikes to its new key): split.
     plan = plan_after_stall({"b2": 1, "d": 2}, {"w1": []}, {"w1": []}, {"b2": 1})
     assert (plan.split, plan.again) == (["b2", "d"], [])
+    # Partitions not yet counted are counted first: a lone record among them goes again too.
+    strikes = {}
+    plan = plan_after_stall({"e": None, "f": None}, {"w1": []}, {"w1": []}, strikes, count={"e": 1, "f": 5}.get)
+    assert (plan.split, plan.again, plan.counted, strikes) == (["f"], ["e"], {"e": 1, "f": 5}, {"e": 1})
 
     # Stalling forever on a lost 6-record partition ends, in a bounded number of stalls, with
     # every record rejected exactly once (the driver's bookkeeping, played here by hand).
