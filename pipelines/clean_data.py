@@ -238,6 +238,7 @@ def _running_tasks(dask_scheduler) -> tuple[dict, dict]:
 class StallPlan:
     split: list  # keys whose partitions are split (or, down to one record, rejected as stalled)
     again: list  # keys whose partitions are submitted again whole, under new keys
+    suspects: list  # keys taken as stuck (their workers are restarted)
     counted: dict = dataclasses.field(default_factory=dict)  # key -> records, counted here
 
 
@@ -245,26 +246,32 @@ def plan_after_stall(pending: dict, executing: dict, assigned: dict, strikes: di
     """What to do with the pending partitions (key -> record count, None when not yet
     counted) when none finished for clean.stall_seconds.
 
-    The partitions the workers report executing are the stuck ones, and are split. When Dask
-    no longer has any of ours running (it can lose a task with its worker, dask/distributed#4001)
-    the culprit is unknown, so every pending partition is split, and a single record is given
-    a second chance (`strikes`, updated here) before it is rejected; partitions not yet
-    counted are counted first (`count(key)`: splitting counts them anyway). Either way each
-    stall splits or strikes at least one partition, so a job cannot stall forever."""
-    for running in (executing, assigned):  # queued-but-assigned is the next best guess
-        stuck = [k for keys in running.values() for k in keys if k in pending]
-        if stuck:
-            return StallPlan(split=stuck, again=[k for k in pending if k not in stuck])
-    counted = {k: count(k) for k, n in pending.items() if n is None and count is not None}
+    The suspects are the partitions the workers report executing (else those assigned to
+    them); when Dask no longer has any of ours running (it can lose a task with its worker,
+    dask/distributed#4001) the culprit is unknown and every pending partition is a suspect.
+    Suspects are split; one down to a single record gets a second chance (`strikes`, updated
+    here) before it is rejected, so a good record on a slow, freshly restarted worker is not
+    taken for a stuck one. Suspects not yet counted are counted first (`count(key)`;
+    splitting counts them anyway); the others go again whole. Each stall splits or strikes
+    every suspect, so a job cannot stall forever."""
+    suspects = []
+    for running in (executing, assigned):
+        suspects = [k for keys in running.values() for k in keys if k in pending]
+        if suspects:
+            break
+    else:
+        suspects = list(pending)
+    counted = {k: count(k) for k in suspects if pending[k] is None and count is not None}
     split, again = [], []
-    for key, records in {**pending, **counted}.items():
-        if records == 1 and strikes.get(key, 0) == 0:
-            again.append(key)
-        else:
+    for key in pending:
+        records = counted.get(key, pending[key])
+        if key in suspects and not (records == 1 and strikes.get(key, 0) == 0):
             split.append(key)
-    for key in again:
-        strikes[key] = strikes.get(key, 0) + 1
-    return StallPlan(split=split, again=again, counted=counted)
+        else:
+            again.append(key)
+            if key in suspects:
+                strikes[key] = strikes.get(key, 0) + 1
+    return StallPlan(split=split, again=again, suspects=suspects, counted=counted)
 
 
 def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
@@ -315,11 +322,11 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
             for key, records in plan.counted.items():  # so that splitting does not count them again
                 fut, part = by_key[key]
                 by_key[key] = fut, dataclasses.replace(part, subset=(0, records))
-            # Workers running a partition to split, or still running one we no longer hold (a
+            # Workers running a suspect, or still running a partition we no longer hold (a
             # cancelled task whose thread is stuck): a thread stuck in native code can only be
             # freed with its process.
             busy = [w for w in executing
-                    if set(executing[w] + assigned.get(w, [])) & set(plan.split) or set(executing[w]) - set(pending)]
+                    if set(executing[w] + assigned.get(w, [])) & set(plan.suspects) or set(executing[w]) - set(pending)]
             if busy:
                 client.restart_workers(busy, timeout=120, raise_for_error=False)
             stalled = PartitionStalled(f"no partition finished in {cfg.stall_seconds:.0f} s")

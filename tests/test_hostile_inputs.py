@@ -268,7 +268,8 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
 def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch):
     """A decoder that never returns on one file (injected into the workers): when no partition
     finishes for clean.stall_seconds, the stuck partition's worker is restarted and the
-    partition split, until the record is alone and rejected as `resource/stalled`."""
+    partition split, until the record is alone and, at its second stall, rejected as
+    `resource/stalled`."""
     from pipelines import clean_data
     from stage1_hooks import DecoderHangsOn
 
@@ -337,8 +338,8 @@ def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
 
 def test_a_stall_always_splits_or_strikes_a_partition():
     """The watchdog's plan: the partitions a worker runs are split, the queued ones go again;
-    when Dask runs none of ours (a lost task), all are split, and a lone record goes again
-    once before it is split (rejected). Repeated stalls therefore always end."""
+    when Dask runs none of ours (a lost task), all are split; a lone record goes again once
+    before it is split (rejected). Repeated stalls therefore always end."""
     from pipelines.clean_data import plan_after_stall
 
     strikes: dict = {}
@@ -353,6 +354,10 @@ def test_a_stall_always_splits_or_strikes_a_partition():
     # The lone record's second stall (the driver carries its strikes to its new key): split.
     plan = plan_after_stall({"b2": 1, "d": 2}, {"w1": []}, {"w1": []}, {"b2": 1})
     assert (plan.split, plan.again) == (["b2", "d"], [])
+    # A lone record that a worker runs gets its second chance too (a slow restarted worker).
+    strikes = {}
+    plan = plan_after_stall({"s": 1, "t": 3}, {"w": ["s"]}, {"w": ["s"]}, strikes)
+    assert (plan.split, plan.again, plan.suspects, strikes) == ([], ["s", "t"], ["s"], {"s": 1})
     # Partitions not yet counted are counted first: a lone record among them goes again too.
     strikes = {}
     plan = plan_after_stall({"e": None, "f": None}, {"w1": []}, {"w1": []}, strikes, count={"e": 1, "f": 5}.get)
