@@ -213,6 +213,7 @@ def _finish_chunk(chunk: list[Face], chain: StepChain, cfg: PartitionSettings, t
                 tables.keep(face)
             except Exception as exc:  # encoding the kept face
                 dropped = ("write", internal_error(face, "writing the kept face", exc))
+                face.aligned = face.encoded = None  # the reject keeps the source bytes instead
         if dropped:
             tables.reject(face, *dropped)
         face.image = None  # free the decoded photo early

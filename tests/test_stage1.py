@@ -153,3 +153,28 @@ def test_bad_and_unusual_images(tmp_path):
     assert {k for k, v in got.items() if v == "near_duplicate"} == {
         "astronaut/deep.png", "astronaut/gray.png", "astronaut/rgba.png"}
     assert manifest["counts"]["read"] == 7 == len(kept) + len(got)
+
+
+def test_a_face_that_cannot_be_written_is_a_reject_with_its_source_bytes(monkeypatch):
+    """Encoding a kept face raises (injected): the face is rejected as write/internal_error,
+    its reject keeps the source bytes, and the tables stay whole."""
+    import numpy as np
+
+    from cleaning import stage1
+    from cleaning.readers import RawSample
+    from cleaning.steps import Face, StepChain
+
+    def broken(image, quality):
+        raise MemoryError("encoder out of memory")
+
+    monkeypatch.setattr(stage1, "_jpeg", broken)
+    tables = stage1._Tables(95)
+    face = Face(RawSample("a/1.jpg", "a", "/in/a/1.jpg", data=b"source bytes"))
+    face.aligned, face.landmarks = np.zeros((112, 112, 3), np.uint8), np.zeros((5, 2), np.float32)
+    stage1._finish_chunk([face], StepChain(), None, tables)
+    kept, rejects = tables.tables()
+    assert kept.num_rows == 0 and rejects.num_rows == 1
+    row = rejects.to_pylist()[0]
+    assert (row["stage"], row["reason"]) == ("write", "internal_error")
+    assert "MemoryError in writing the kept face: encoder out of memory" in row["detail"]
+    assert row["image"] == b"source bytes"
