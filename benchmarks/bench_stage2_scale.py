@@ -166,15 +166,7 @@ def _children_peak_rss_mib() -> float:
     Ray's workers and daemons); 0 when there are none."""
     import psutil
 
-    peak = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            with open(f"/proc/{child.pid}/status") as f:
-                hwm = next(line for line in f if line.startswith("VmHWM:"))
-            peak = max(peak, int(hwm.split()[1]) / 1024)
-        except (OSError, StopIteration):
-            continue
-    return peak
+    return max((peak_rss_mib(child.pid) for child in psutil.Process().children(recursive=True)), default=0)
 
 
 def main() -> None:

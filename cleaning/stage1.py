@@ -145,15 +145,18 @@ def staged_uris(out: RefinedDataset, index: int) -> dict[str, str]:
             "counts": out.staging(f"{name}.json")}
 
 
-def peak_rss_mib() -> int:
-    """This process's peak resident memory so far: VmHWM, not getrusage's ru_maxrss, which
-    Linux carries across exec, so a process started by a large parent (a Dask nanny in a big
-    driver, a benchmark that has just written its input) would report the parent's size."""
+def peak_rss_mib(pid: int | str = "self") -> int:
+    """A process's (this one's by default) peak resident memory so far: VmHWM, not getrusage's
+    ru_maxrss, which Linux carries across exec, so a process started by a large parent (a Dask
+    nanny in a big driver, a benchmark that has just written its input) would report the
+    parent's size. 0 for another process that is gone."""
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) // 1024
-    except (OSError, StopIteration):  # not Linux
-        import resource
+    except (OSError, StopIteration):
+        if pid != "self":
+            return 0
+        import resource  # not Linux
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
