@@ -9,6 +9,7 @@ written last, so a dataset with a manifest is complete.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -188,8 +189,13 @@ def _client(scheduler: str | None, cfg: CleanConfig):
                           "distributed.worker.memory.target": False,
                           "distributed.worker.memory.spill": False,
                           "distributed.worker.memory.pause": False}):
+        # The nanny keeps a shallow copy of the config, whose nested settings the end of this
+        # `with` puts back in place: a worker it restarted (after a death, or at a stall) would
+        # start with pausing on again, pause on its baseline memory and never run another task
+        # (a CI run rejected good records as stalled that way). A deep copy outlives the block.
         cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit)
+                               dashboard_address=None, host="127.0.0.1", memory_limit=cfg.memory_limit,
+                               config=copy.deepcopy(dask.config.config))
     return Client(cluster), cluster
 
 
@@ -227,11 +233,16 @@ def _bisect(part, out: RefinedDataset, settings, error: Exception, next_index: i
     return halves, next_index + 2
 
 
-def _running_tasks(dask_scheduler) -> tuple[dict, dict]:
+def _running_tasks(dask_scheduler) -> tuple[dict, dict, list]:
     """On the scheduler: per worker, the keys it reports executing (in its heartbeats, which a
-    thread stuck in a task does not stop) and the keys assigned to it (which may be queued)."""
-    return ({w.address: [str(t.key) for t in w.executing] for w in dask_scheduler.workers.values()},
-            {w.address: [str(t.key) for t in w.processing] for w in dask_scheduler.workers.values()})
+    thread stuck in a task does not stop) and the keys assigned to it (which may be queued);
+    and the workers paused for memory (they start no task)."""
+    from distributed.core import Status
+
+    workers = dask_scheduler.workers.values()
+    return ({w.address: [str(t.key) for t in w.executing] for w in workers},
+            {w.address: [str(t.key) for t in w.processing] for w in workers},
+            [w.address for w in workers if w.status == Status.paused])
 
 
 @dataclass
@@ -310,12 +321,18 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         def unstick() -> None:
             """Nothing finished for clean.stall_seconds: see plan_after_stall."""
             nonlocal next_index
-            executing, assigned = client.run_on_scheduler(_running_tasks)
-            log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s",
-                        cfg.stall_seconds, len(executing), executing, assigned)
+            executing, assigned, paused = client.run_on_scheduler(_running_tasks)
+            log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s, "
+                        "paused for memory: %s", cfg.stall_seconds, len(executing), executing, assigned, paused)
             if not executing:
                 raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
                                    f"in {cfg.stall_seconds:.0f} s)")
+            if paused and not any(executing.values()):
+                # Nothing runs because the workers are paused (a user's cluster with
+                # distributed.worker.memory.pause on; ours never pauses): the records are not to
+                # blame, and the job cannot go on until the cluster is given more memory.
+                raise RuntimeError(f"stage 1 stalled: Dask workers {paused} are paused for memory and run no task; "
+                                   "give them more memory or set distributed.worker.memory.pause to False")
             by_key = {fut.key: (fut, part) for fut, part in futures.items()}
             pending = {k: (part.subset[1] - part.subset[0] if part.subset else None) for k, (_, part) in by_key.items()}
             plan = plan_after_stall(pending, executing, assigned, strikes, count=lambda k: count_records(by_key[k][1]))

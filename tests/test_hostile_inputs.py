@@ -295,6 +295,43 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
     assert len(got) == 8 and set(got.values()) == {"no_face"}  # processed (no face in noise), not lost
 
 
+@pytest.mark.timeout(300)
+def test_workers_paused_for_memory_are_not_blamed_on_records(tmp_path):
+    """Our own cluster never pauses, not even a worker restarted after a death (the nanny's
+    copy of the settings once lost them: a restarted worker paused on its baseline memory and
+    good records were rejected as stalled). A user's cluster whose workers are paused fails
+    the job with one clear error and rejects no record."""
+    import copy
+
+    import dask
+    from dask.distributed import LocalCluster
+
+    from pipelines.clean_data import _client
+
+    client, cluster = _client(None, CleanConfig(workers=1, memory_limit="1GiB"))
+    try:
+        pause = lambda dask_worker: dask_worker.memory_manager.memory_pause_fraction  # noqa: E731
+        assert list(client.run(pause).values()) == [False]
+        client.restart_workers(list(client.scheduler_info()["workers"]))
+        assert list(client.run(pause).values()) == [False]
+    finally:
+        client.close()
+        cluster.close()
+
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 3})
+    with dask.config.set({"distributed.worker.memory.pause": 0.01}):  # paused from the start
+        cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                               host="127.0.0.1", memory_limit="4GiB", config=copy.deepcopy(dask.config.config))
+    try:
+        with pytest.raises(RuntimeError, match="are paused for memory"):
+            run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
+                           CleanConfig(stall_seconds=5), scheduler=cluster.scheduler_address)
+    finally:
+        cluster.close()
+    assert not (tmp_path / "out" / "rejects").exists() or reasons(tmp_path / "out") == {}
+
+
 def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
     """A step, or the detector, that raises on one record (injected into the workers): that
     record is rejected as internal_error with the error in its detail, and every other record
