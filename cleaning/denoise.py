@@ -149,20 +149,22 @@ def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_g
     look-alikes (demo, 50% label noise from 3 look-alikes per identity) clean faces lay 25.5
     deg (median) from the mean and mislabelled ones 48; from the densest quarter's centre,
     11.5 and 62. Holds while the identity's own person is the largest part and at least
-    `share` of its faces. Groups whose rows lie in one block are done from it; the others
-    from their rows, read at the end."""
+    `share` of its faces. Groups whose rows lie in one block are done from it; for those whose
+    rows straddle blocks, each block returns its part of their rows (a few identities: no
+    block is read twice, and the driver reads none)."""
     centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
     rows_of = _rows_by_group(groups, mask)
     ids = np.fromiter(rows_of, np.int64, len(rows_of))
     first, last = np.full(num_groups, -1, np.int64), np.full(num_groups, -1, np.int64)
     first[ids] = [m.min() for m in rows_of.values()]
     last[ids] = [m.max() for m in rows_of.values()]
-    done = np.zeros(num_groups, bool)
-    for _, (inside, block_centres) in emb.map_blocks(_block_densest_centres, groups, mask, first, last, share):
+    straddling: dict[int, list] = {}  # group -> its faces, block by block in row order
+    for _, (inside, block_centres, parts) in emb.map_blocks(_block_densest_centres, groups, mask, first, last, share):
         centres[torch.from_numpy(np.array(inside))] = block_centres
-        done[inside] = True
-    for g in ids[~done[ids]]:  # groups whose rows straddle blocks
-        centres[g] = _densest_centre(torch.from_numpy(emb.take(rows_of[int(g)])), share)
+        for g, faces in parts.items():
+            straddling.setdefault(g, []).append(faces)
+    for g, faces in straddling.items():
+        centres[g] = _densest_centre(torch.from_numpy(np.concatenate(faces)), share)
     return centres
 
 
@@ -175,16 +177,19 @@ def _densest_centre(faces: torch.Tensor, share: float) -> torch.Tensor:
 
 def _block_densest_centres(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, first: np.ndarray,
                            last: np.ndarray, share: float) -> tuple:
-    """The densest-part centres of the groups whose masked rows all lie in this block."""
+    """The densest-part centres of the groups whose masked rows all lie in this block, and
+    this block's masked faces of the groups that straddle it (group -> rows x D)."""
     end = start + len(block)
     rows = start + np.flatnonzero(mask[start:end])
     present = np.unique(groups[rows])
-    inside = present[(first[present] >= start) & (last[present] < end)]
+    whole = (first[present] >= start) & (last[present] < end)
+    inside = present[whole]
     out = torch.zeros(len(inside), block.shape[1], dtype=torch.float32)
     members = _rows_by_group(groups[rows], np.isin(groups[rows], inside))
     for i, g in enumerate(inside.tolist()):
         out[i] = _densest_centre(torch.from_numpy(block[rows[members[g]] - start]), share)
-    return inside.astype(np.int64), out
+    parts = {int(g): block[rows[groups[rows] == g] - start] for g in present[~whole]}
+    return inside.astype(np.int64), out, parts
 
 
 def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups) -> np.ndarray:
