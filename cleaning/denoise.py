@@ -35,8 +35,8 @@ import torch
 
 class Embeddings:
     """The faces' embeddings (N, D), L2-normalised, read a block of rows at a time: every
-    step makes passes over blocks, and takes whole rows only for a few identities, so what a
-    step holds is a block plus C x D centres however large N is. This one holds an array;
+    step makes passes over blocks (the few identities that straddle blocks come back from the
+    blocks' own pass), so what a step holds is a block plus C x D centres however large N is. This one holds an array;
     pipelines/embed.ShardEmbeddings reads a refined dataset's embedding shards from storage,
     one shard per block, so no process ever holds the whole N x D."""
 
@@ -55,9 +55,6 @@ class Embeddings:
         """(first row, rows x D) in row order."""
         for s in range(0, len(self.array), self.block_rows):
             yield s, self.array[s:s + self.block_rows]
-
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        return self.array[np.asarray(rows, np.int64)]
 
     def map_blocks(self, fn, *shared) -> Iterator[tuple[int, object]]:
         """(first row, fn(block, first row, *shared)) for each block, in row order: one pass.

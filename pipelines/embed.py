@@ -152,15 +152,6 @@ class ShardEmbeddings(Embeddings):
                 ahead = reader.submit(_embedding_block, self.uris[i + 1]) if i + 1 < len(self.uris) else None
                 yield int(self.starts[i]), emb
 
-    def take(self, rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(rows, np.int64)
-        out = np.empty((len(rows), self.dim), np.float32)
-        shard_of = np.searchsorted(self.starts, rows, side="right") - 1
-        for i in np.unique(shard_of):  # an identity's rows lie in one shard, or a few
-            mine = shard_of == i
-            out[mine] = _embedding_block(self.uris[i])[rows[mine] - self.starts[i]]
-        return out
-
 
 def open_embeddings(data: RefinedDataset, model_uri: str, parallel: int = 0) -> ShardEmbeddings:
     """`data`'s embeddings by `model_uri` (embed_dataset first), each shard's keys checked
