@@ -216,3 +216,47 @@ def open_set_identification(gallery: np.ndarray, gallery_subjects: np.ndarray, p
         threshold = np.nextafter(ordered[k], np.inf) if k < len(ordered) else -np.inf
         tpir[float(target)] = float((top1 & (mate_score >= threshold)).mean())
     return OpenSetResult(cmc, tpir, int(mated.sum()), int((~mated).sum()))
+
+
+# -- insightface's IJB read-out ----------------------------------------------------------------
+
+def sklearn_roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) as scikit-learn's `roc_curve(labels, scores)` returns them with its default
+    `drop_intermediate=True` (what insightface's `eval_ijbc.py` calls), without needing
+    scikit-learn: one point per distinct score (ties taken together, scores in decreasing
+    order), then every point that lies in the middle of a straight run of equal steps is
+    dropped (its second differences of false and true positive counts are both zero), and
+    (0, 0) is put first. The dropping matters to a nearest-point read-out: on a run of
+    equal (true, false) steps, which a tie between genuine and impostor scores repeated at
+    several thresholds makes, the points between the run's ends disappear."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    order = np.argsort(scores, kind="mergesort")[::-1]
+    s, y = scores[order], labels[order]
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tps = np.cumsum(y)[last]
+    fps = 1 + last - tps
+    if len(fps) > 2:
+        kept = np.nonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps = fps[kept], tps[kept]
+    fps, tps = np.r_[0, fps], np.r_[0, tps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def insightface_tar_at_far(scores: np.ndarray, issame: np.ndarray, fars=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+                           ) -> dict[float, float]:
+    """TAR as insightface's `eval_ijbc.py` reads it from the ROC: at the point whose FAR is
+    *nearest* each target (`min(zip(abs(fpr - target), range(len(fpr))))` over the curve
+    flipped so that, among points equally near, the one with the largest TAR wins). Unlike
+    `tar_at_far`, that point may lie above the target, so this figure can be higher than
+    ours; it is what published IJB tables (arcface_torch's model zoo) report. Every target
+    gets a figure, as in insightface (a target finer than 1 / impostors reads the FAR-0
+    point); callers that leave unmeasurable targets out do so themselves."""
+    fpr, tpr = sklearn_roc_curve(scores, issame)
+    fpr, tpr = fpr[::-1], tpr[::-1]
+    out = {}
+    for target in fars:
+        distance = np.abs(fpr - target)
+        # min over (distance, index) pairs: the nearest point, the first in the flipped order on ties
+        nearest = int(np.flatnonzero(distance == distance.min())[0])
+        out[float(target)] = float(tpr[nearest])
+    return out

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
+from arcface_core.metrics import identification_rank1, insightface_tar_at_far, kfold_accuracy, pair_scores, roc_curve, \
+    sklearn_roc_curve, tar_at_far
 
 
 def test_pair_scores_by_hand():
@@ -76,3 +77,85 @@ def test_identification_rank1_by_hand():
         identification_rank1(emb, ids, np.zeros((0, 2)))
     with pytest.raises(ValueError, match="two images"):
         identification_rank1(emb[[0, 2]], np.array(["A", "B"]), distractors)
+
+
+def _eval_ijbc_readout(scores, labels, x_labels):
+    """insightface's recognition/arcface_torch/eval_ijbc.py, its lines as written (with
+    scikit-learn's roc_curve replaced by `roc` when scikit-learn is not there)."""
+    try:
+        from sklearn.metrics import roc_curve as roc
+    except ImportError:  # pragma: no cover - scikit-learn is optional
+        roc = None
+    if roc is not None:
+        fpr, tpr, _ = roc(labels, scores)
+    else:
+        fpr, tpr = _literal_sklearn_roc(labels, scores)
+    fpr = np.flipud(fpr)
+    tpr = np.flipud(tpr)  # select largest tpr at same fpr
+    row = []
+    for fpr_iter in np.arange(len(x_labels)):
+        _, min_index = min(list(zip(abs(fpr - x_labels[fpr_iter]), range(len(fpr)))))
+        row.append(tpr[min_index])
+    return row
+
+
+def _literal_sklearn_roc(y_true, y_score):
+    """scikit-learn's _binary_clf_curve + roc_curve(drop_intermediate=True), as its source reads."""
+    y_true, y_score = np.asarray(y_true), np.asarray(y_score)
+    desc = np.argsort(y_score, kind="mergesort")[::-1]
+    y_score, y_true = y_score[desc], y_true[desc]
+    distinct = np.where(np.diff(y_score))[0]
+    threshold_idxs = np.r_[distinct, y_true.size - 1]
+    tps = np.cumsum(y_true)[threshold_idxs]
+    fps = 1 + threshold_idxs - tps
+    if len(fps) > 2:
+        optimal = np.where(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])[0]
+        fps, tps = fps[optimal], tps[optimal]
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    return fps / fps[-1], tps / tps[-1]
+
+
+def test_insightface_readout_by_hand():
+    # 4 genuine, 10 impostor pairs. Genuine and impostor tie at 0.9, 0.8 and 0.7: three equal
+    # (1 TP, 1 FP) steps, whose middle point (FAR 0.2, TAR 0.5) scikit-learn drops.
+    pos = [0.9, 0.8, 0.7, 0.2]
+    neg = [0.9, 0.8, 0.7] + [0.1] * 7
+    scores, issame = np.array(pos + neg), np.array([True] * 4 + [False] * 10)
+    fpr, tpr = sklearn_roc_curve(scores, issame)
+    assert fpr.tolist() == pytest.approx([0, 0.1, 0.3, 0.3, 1.0]) and tpr.tolist() == [0, 0.25, 0.75, 1.0, 1.0]
+    # FAR 0.21: ours is the best TAR with FAR <= 0.21, at FAR 0.2 (our ROC keeps that point): 0.5.
+    # insightface's nearest point is FAR 0.3 (0.09 away; 0.1 is 0.11 away), the largest TAR there: 1.0.
+    # FAR 0.12: both read FAR 0.1 (TAR 0.25); FAR 0.5: ours 1.0 at FAR 0.3, theirs at FAR 0.3 too.
+    assert tar_at_far(scores, issame, (0.21, 0.12, 0.5)) == {0.21: 0.5, 0.12: 0.25, 0.5: 1.0}
+    assert insightface_tar_at_far(scores, issame, (0.21, 0.12, 0.5)) == {0.21: 1.0, 0.12: 0.25, 0.5: 1.0}
+    # A target finer than 1 / impostors reads the FAR-0 point (here TAR 0), as insightface does.
+    assert insightface_tar_at_far(scores, issame, (1e-6,)) == {1e-6: 0.0}
+
+
+def test_insightface_readout_equals_eval_ijbc_lines():
+    rng = np.random.default_rng(5)
+    targets = [10 ** -6, 10 ** -5, 10 ** -4, 10 ** -3, 10 ** -2, 10 ** -1]
+    for trial in range(20):
+        n_pos, n_neg = int(rng.integers(5, 300)), int(rng.integers(50, 20000))
+        scores = np.r_[rng.normal(0.5, 0.2, n_pos), rng.normal(0.0, 0.2, n_neg)]
+        if trial % 2:  # coarse scores: many ties, within and across the classes
+            scores = np.round(scores, 2)
+        labels = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+        fpr, tpr = sklearn_roc_curve(scores, labels)
+        ref_fpr, ref_tpr = _literal_sklearn_roc(labels, scores)
+        np.testing.assert_array_equal(fpr, ref_fpr)
+        np.testing.assert_array_equal(tpr, ref_tpr)
+        ours = insightface_tar_at_far(scores, labels.astype(bool), targets)
+        assert list(ours.values()) == [float(v) for v in _eval_ijbc_readout(scores, labels, targets)]
+        assert list(ours) == [float(t) for t in targets]
+
+
+def test_sklearn_roc_curve_equals_scikit_learn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(6)
+    scores = np.round(np.r_[rng.normal(1, 1, 200), rng.normal(0, 1, 3000)], 1)
+    labels = np.r_[np.ones(200, int), np.zeros(3000, int)]
+    fpr, tpr, _ = sklearn_metrics.roc_curve(labels, scores)
+    ours_fpr, ours_tpr = sklearn_roc_curve(scores, labels)
+    np.testing.assert_array_equal(ours_fpr, fpr)
+    np.testing.assert_array_equal(ours_tpr, tpr)
