@@ -29,11 +29,12 @@ from typing import Iterator
 import numpy as np
 import pyarrow.fs as pafs
 
+from cleaning.formats import RAW_FORMATS
 from dataset import storage
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("vggface2", "msceleb-tsv", "image-folder", "insightface-rec")
+FORMATS = RAW_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _SAFE_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 

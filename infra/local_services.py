@@ -97,6 +97,9 @@ def _quiet_env() -> dict:
         # Ray only keeps every listener on 127.0.0.1 with this set (see STACK-NOTES).
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
     )
+    # Jobs on the local head run `arcface` (pipelines/submit.py), as on a cluster: this
+    # environment's scripts come first on the PATH they inherit.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # The local head asks clients for Ray's auth token (~/.ray/auth_token); clients started
     # with ray_client_env() present it. A user's explicit RAY_AUTH_MODE wins.
     env.setdefault("RAY_AUTH_MODE", "token")

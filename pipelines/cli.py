@@ -1,7 +1,11 @@
 """`arcface`: the one command-line interface. Make targets are thin calls of it.
 
 Every command takes `--config FILE` (TOML) and `--set section.key=value` overrides; with
-neither it runs on the embedded default (local services, local files, demo data).
+neither it runs on the embedded default (local services, local files, demo data). Long
+commands also run on a Ray cluster: `arcface submit COMMAND ...` (see `arcface submit -h`).
+
+`train.batch_size` is the GLOBAL batch: N workers each take batch_size / N and follow one
+process's trajectory (arcface_torch's recipes give a per-GPU batch: 8 GPUs x 128 = 1024).
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable
 
-from pipelines.config import ConfigError, load_config, to_toml
+from cleaning.formats import RAW_FORMATS
 from pipelines.logs import progress, report_result, setup_logging
 
 log = logging.getLogger("arcface")
@@ -34,6 +40,8 @@ def cmd_run(args, cfg) -> int:
 
 
 def cmd_config_show(args, cfg) -> int:
+    from pipelines.config import to_toml
+
     print(to_toml(cfg, origins=args.origins))
     return 0
 
@@ -155,120 +163,6 @@ def cmd_train(args, cfg) -> int:
     if mlflow_uri:
         print(f"MLflow: {mlflow_uri} (experiment {cfg.train.mlflow_experiment})")
     return 0
-
-
-def _secret(name: str) -> bool:  # by shape, not by a list that a new variable slips past
-    return any(word in name for word in ("SECRET", "TOKEN", "PASSWORD", "KEY_ID", "AUTH", "CREDENTIAL"))
-
-
-def job_environment(environ) -> dict:
-    """What of this shell's environment travels with a submitted job. Settings do; secrets
-    do not (a job's runtime env is shown in the Ray dashboard; credentials come from the
-    cluster: instance role, IRSA, the nodes' env). The one exception is the local S3
-    endpoint's fixed fake keys ("testing"), which are no secret; real keys are never sent,
-    not even to a local endpoint."""
-    from infra.local_services import LOCAL_S3_ENV
-
-    endpoint = environ.get("AWS_ENDPOINT_URL_S3") or environ.get("AWS_ENDPOINT_URL") or ""
-    local_s3 = endpoint.startswith(("http://127.0.0.1", "http://localhost"))
-    sent = {k: v for k, v in environ.items()
-            if (k.startswith(("MLFLOW_", "AWS_")) or k in ("ARCFACE_LOG_LEVEL", "ARCFACE_PROGRESS"))
-            and (not _secret(k) or (local_s3 and LOCAL_S3_ENV.get(k) == v))}
-    base = environ.get("ARCFACE_CONFIG", "")
-    if base:  # the base config this command read its settings with: the job must read the same
-        sent["ARCFACE_CONFIG"] = base if "://" in base else os.path.abspath(base)
-    return sent
-
-
-def cmd_submit_train(args, cfg) -> int:
-    """Ensure a Ray head, then `ray job submit` the training with this project as working dir."""
-    import shlex
-    import subprocess
-    from pathlib import Path
-
-    import copy
-
-    from dataset import RefinedDataset
-    from infra.local_services import LocalServices, check_ray, ray_client_env, tracking_uri, without_credentials
-    from pipelines.training.driver import check_input
-
-    # What would fail in the job on every attempt fails here, before anything is submitted.
-    planned = copy.deepcopy(cfg)
-    _train_overrides(args, planned)
-    check_input(RefinedDataset.open(args.data), planned.train, planned.margin)
-    services = LocalServices(cfg.services)
-    address = cfg.services.ray_address
-    check_ray(address)
-    if not address:
-        services.up(("ray",))
-        address = services.ray_dashboard
-    if not address.startswith("http"):
-        # A GCS address (host:6379 or ray://host:10001): jobs go to that host's dashboard.
-        host = address.split("://")[-1].split(":")[0]
-        address = f"http://{host}:{cfg.services.ray_dashboard_port}"
-    env_vars = job_environment(os.environ)
-    if any(_secret(k) and k not in env_vars for k in os.environ if k.startswith(("MLFLOW_", "AWS_"))):
-        log.info("credentials in this shell are not sent with the job; the cluster's nodes need their own")
-    from pipelines.training.driver import code_version
-
-    env_vars["ARCFACE_CODE_VERSION"] = code_version()
-    if cfg.services.mlflow_tracking_uri or not args.no_mlflow:
-        # The configured server (which must answer), else the local one, started if needed;
-        # user:password in the URI stays here (the dashboard shows a job's environment).
-        uri = tracking_uri(cfg.services)
-        if without_credentials(uri) != uri:
-            log.info("the tracking URI's credentials are not sent with the job (MLFLOW_TRACKING_USERNAME/PASSWORD "
-                     "on the cluster's nodes)")
-        env_vars["MLFLOW_TRACKING_URI"] = without_credentials(uri)
-    entry = [sys.executable, "-m", "pipelines.cli", "train", "--data", os.path.abspath(args.data)
-             if not args.data.startswith("s3://") else args.data]
-    if args.config:
-        entry += ["--config", os.path.abspath(args.config)]
-    for item in args.overrides:
-        entry += ["--set", item]
-    # The job runs in a copy of the project (Ray's working_dir): a relative storage path
-    # would land in Ray's temp folder, so resolve it here, where the user means it.
-    storage = args.storage or cfg.train.storage
-    if not storage.startswith("s3://"):
-        args.storage = os.path.abspath(storage)
-    if args.init_backbone and not args.init_backbone.startswith("s3://"):
-        args.init_backbone = os.path.abspath(args.init_backbone)
-    if args.resume and not args.resume.startswith("s3://"):
-        args.resume = os.path.abspath(args.resume)
-    for flag in ("workers", "storage", "name", "max_steps", "init_backbone"):
-        value = getattr(args, flag)
-        if value is not None:
-            entry += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.gpu:
-        entry.append("--gpu")
-    if args.resume:
-        entry += ["--resume", args.resume]
-    ray = str(Path(sys.executable).parent / "ray")
-    job_id = f"arcface-{planned.train.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cmd = [ray, "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
-           "--working-dir", str(Path(__file__).resolve().parents[1]),
-           "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", *entry]
-    log.info("submitting %s: %s", job_id, " ".join(shlex.quote(c) for c in cmd[:6]) + " ...")
-    # A head that has just started answers before its job agent does ("No available agent"):
-    # that one answer is worth waiting for; any other refusal is final.
-    deadline = time.monotonic() + 120
-    while True:
-        submitted = subprocess.run(cmd, env=ray_client_env(), capture_output=True, text=True)
-        said = submitted.stdout + submitted.stderr
-        if submitted.returncode == 0:
-            break
-        if "No available agent" not in said or time.monotonic() > deadline:
-            log.error("ray job submit failed: %s", said.strip().splitlines()[-1] if said.strip() else "no output")
-            return 1
-        time.sleep(3)
-    # Follow the job's logs here until it ends (Ctrl-C leaves it running: `ray job stop ID`).
-    subprocess.call([ray, "job", "logs", "--address", address, "--follow", job_id], env=ray_client_env())
-    status = subprocess.run([ray, "job", "status", "--address", address, job_id], env=ray_client_env(),
-                            capture_output=True, text=True)
-    # Ray prints "Job '<id>' succeeded" (a failed job's status carries its log tail, so no looser match)
-    succeeded = f"Job '{job_id}' succeeded" in status.stdout + status.stderr
-    print(f"job {job_id} {'succeeded' if succeeded else 'failed'}")
-    return 0 if succeeded else 1
 
 
 def _print_counts(manifest) -> None:
@@ -462,111 +356,132 @@ def cmd_lineage(args, cfg) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def cmd_submit(args, cfg) -> int:
+    """`arcface submit [OPTIONS] COMMAND ARGS...`: ARGS are checked here with COMMAND's own parser
+    and config, then the command runs as a Ray job (pipelines/submit.py)."""
+    from pipelines import submit
 
-    p = sub.add_parser("run", help="the main job: demo data -> refine -> train -> promote, with progress and a summary")
+    command = COMMANDS_BY_NAME[args.target]
+    inner = build_parser().parse_args([command.name, *args.argv])  # exits on a bad argument, here
+    cfg = load_settings(inner)
+    if command.check_before_submit:
+        command.check_before_submit(inner, cfg)
+    return submit.submit(command.name, args.argv, command.paths, cfg, submit.options_from(args))
+
+
+def _check_train_input(args, cfg) -> None:
+    """What would fail in the training job on every attempt fails here, before submission
+    (the data must be readable from here: s3://, or a local path for the local head)."""
+    from dataset import RefinedDataset, storage
+    from pipelines.training.driver import check_input
+
+    _train_overrides(args, cfg)
+    if storage.is_s3(args.data) or os.path.exists(args.data):
+        check_input(RefinedDataset.open(args.data), cfg.train, cfg.margin)
+
+
+# -- the command table: each command's options, its handler, and what `submit` needs to know --
+
+def _args_run(p) -> None:
     p.add_argument("--input", default="data/demo/raw", help="raw dataset (default: the demo, generated if missing)")
-    p.add_argument("--format", dest="input_format", default="vggface2",
-                   choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
+    p.add_argument("--format", dest="input_format", default="vggface2", choices=RAW_FORMATS)
     p.add_argument("--out", default="data/demo/refined", help="folder for stage1/, runs/, stage2/")
     p.add_argument("--model", default=None, help="registered model to promote (default: train.registered_model)")
     p.add_argument("--demo-raw", default="data/demo/raw", help=argparse.SUPPRESS)
-    _common(p)
-    p.set_defaults(func=cmd_run, config="configs/demo-train.toml")
+    p.set_defaults(config="configs/demo-train.toml")
 
-    p = sub.add_parser("config", help="show the effective config")
+
+def _args_config(p) -> None:
     p.add_argument("action", choices=["show"])
     p.add_argument("--origins", action="store_true",
                    help="say after each value where it came from: default, file, environment or --set")
-    _common(p)
-    p.set_defaults(func=cmd_config_show)
 
-    p = sub.add_parser("services", help="start, stop or inspect the local Ray head, MLflow server and S3 endpoint")
+
+def _args_services(p) -> None:
     p.add_argument("action", choices=["up", "down", "status", "env"],
                    help="up: start (idempotent); down: stop all; status: who answers; env: shell exports")
     p.add_argument("--s3", action="store_true", help="also start (or export) the local S3 endpoint (moto)")
     p.add_argument("--only", metavar="LIST", help="comma-separated subset of ray,mlflow,s3")
-    _common(p)
-    p.set_defaults(func=cmd_services)
 
-    p = sub.add_parser("demo-data", help="write the synthetic raw demo dataset with known defects")
+
+def _args_demo_data(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", action="append",
-                   choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec", "all"],
-                   default=None, help="raw layout; repeatable; 'all' writes each into a subfolder (default vggface2)")
+    p.add_argument("--format", action="append", choices=[*RAW_FORMATS, "all"], default=None,
+                   help="raw layout; repeatable; 'all' writes each into a subfolder (default vggface2)")
     p.add_argument("--identities", type=int, help="number of training identities (config demo.identities)")
     p.add_argument("--images-per-identity", type=int, help="images per identity (config demo.images_per_identity)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same bytes")
     p.add_argument("--workers", type=int, help="render processes (config demo.workers)")
-    _common(p)
-    p.set_defaults(func=cmd_demo_data)
 
-    p = sub.add_parser("fetch-weights", help="fetch the MTCNN weights into the cache (make setup does this)")
-    _common(p)
-    p.set_defaults(func=cmd_fetch_weights)
 
-    p = sub.add_parser("clean-data", help="stage 1 on Dask: raw dataset -> aligned, filtered Parquet shards")
+def _args_none(p) -> None:
+    pass
+
+
+def _args_clean_data(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
-    p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
+    p.add_argument("--format", required=True, choices=RAW_FORMATS)
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds other files or a dataset from another input")
-    _common(p)
-    p.set_defaults(func=cmd_clean_data)
 
-    for name, func, text in (("train", cmd_train, "train on Ray Train (the entry point `ray job submit` runs)"),
-                             ("submit-train", cmd_submit_train, "ensure a Ray head and `ray job submit` training")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")
-        p.add_argument("--workers", type=int, help="Ray Train workers (config train.workers)")
-        p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
-        p.add_argument("--storage", help="checkpoint storage: absolute path or s3:// (config train.storage)")
-        p.add_argument("--name", help="run name (config train.name)")
-        p.add_argument("--max-steps", type=int, help="stop after this many steps (config train.max_steps)")
-        p.add_argument("--resume", help="checkpoint directory to start from")
-        p.add_argument("--init-backbone", metavar="FILE.pth",
-                       help="fine-tune from this backbone state dict (insightface's released IResNet/MobileFaceNet "
-                            "files load as they are; config train.init_backbone)")
-        if name == "submit-train":
-            p.add_argument("--no-mlflow", action="store_true",
-                           help="do not start the local MLflow server when MLFLOW_TRACKING_URI is unset")
-        _common(p)
-        p.set_defaults(func=func)
 
-    p = sub.add_parser("denoise", help="stage 2 on Ray: de-noise a stage-1 dataset with a model's embeddings")
+def _args_train(p) -> None:
+    p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")
+    p.add_argument("--workers", type=int,
+                   help="Ray Train workers in all, over every node (config train.workers); train.batch_size is the "
+                        "global batch, split over them: 8 workers x 128 faces = batch_size 1024")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
+    p.add_argument("--storage", help="checkpoint storage: absolute path or s3:// (config train.storage)")
+    p.add_argument("--name", help="run name (config train.name)")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps (config train.max_steps)")
+    p.add_argument("--resume", metavar="DIR|latest",
+                   help="checkpoint folder to start from, or 'latest': the newest complete checkpoint of this "
+                        "run name in train.storage")
+    p.add_argument("--init-backbone", metavar="FILE.pth",
+                   help="fine-tune from this backbone state dict (insightface's released IResNet/MobileFaceNet "
+                        "files load as they are; config train.init_backbone)")
+
+
+def _args_submit_train(p) -> None:
+    _args_train(p)
+    from pipelines.submit import add_options
+
+    add_options(p)
+
+
+def _args_denoise(p) -> None:
     p.add_argument("--data", required=True, help="stage-1 dataset (folder with manifest.json) or s3:// URI")
     p.add_argument("--model", required=True, help="checkpoint folder, models:/NAME@ALIAS or runs:/ID/embedder")
     p.add_argument("--out", required=True, help="the refined dataset (folder or s3:// URI)")
+    _trust(p)
+
+
+def _trust(p) -> None:
     p.add_argument("--trust-model-code", action="store_true",
                    help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
-    _common(p)
-    p.set_defaults(func=cmd_denoise)
 
-    p = sub.add_parser("refine", help="the paper's loop: stage 1 -> bootstrap model -> stage 2 (-> retrain)")
+
+def _args_refine(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
-    p.add_argument("--format", required=True, choices=["vggface2", "msceleb-tsv", "image-folder", "insightface-rec"])
-    p.add_argument("--out", required=True, help="folder for stage1/, runs/, stage2/ (the refined dataset)")
+    p.add_argument("--format", required=True, choices=RAW_FORMATS)
+    p.add_argument("--out", required=True, help="folder (or s3:// URI) for stage1/, runs/, stage2/ (the refined dataset)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler for stage 1")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if its stage1/ holds other files or a dataset from another input")
     p.add_argument("--retrain", action="store_true", help="train on the refined data at the end (denoise.retrain)")
-    _common(p)
-    p.set_defaults(func=cmd_refine)
 
-    p = sub.add_parser("holdout", help="move identities out of a refined dataset into evaluation sets")
+
+def _args_holdout(p) -> None:
     p.add_argument("--data", required=True, help="refined dataset (folder with manifest.json) or s3:// URI")
     p.add_argument("--out", required=True, help="the training dataset without them, with eval/ sets")
     p.add_argument("--identities", type=int, required=True, help="how many identities to hold out")
     p.add_argument("--pairs", type=int, default=600, help="verification pairs to build (half same-person)")
     p.add_argument("--seed", type=int, default=0)
-    _common(p)
-    p.set_defaults(func=cmd_holdout)
 
-    p = sub.add_parser("evaluate", help="verification (10-fold, TAR@FAR, ROC) and 1:N identification of a model")
+
+def _args_evaluate(p) -> None:
     p.add_argument("--model", required=True,
                    help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/embedder, or a checkpoint folder")
     p.add_argument("--pairs", nargs="*", default=[], metavar="FILE",
@@ -578,54 +493,151 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ijb-norm", action="store_true", help="IJB: weight image features by their norm")
     p.add_argument("--ijb-detector-score", action="store_true", help="IJB: weight image features by detector score")
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
-    _common(p)
-    p.set_defaults(func=cmd_evaluate)
+    _trust(p)
 
-    p = sub.add_parser("export", help="a model as ONNX, or a refined dataset as insightface RecordIO")
+
+def _args_export(p) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="checkpoint folder or MLflow model URI (with --format onnx)")
     source.add_argument("--data", help="refined dataset (with --format rec)")
     p.add_argument("--format", dest="export_format", required=True, choices=["onnx", "rec"])
     p.add_argument("--out", required=True, help="ONNX file, or the folder for train.rec/train.idx/property")
     p.add_argument("--no-flip", action="store_true", help="ONNX: leave the flip test out of the graph")
-    p.add_argument("--trust-model-code", action="store_true",
-                   help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
-    _common(p)
-    p.set_defaults(func=cmd_export)
+    _trust(p)
 
-    p = sub.add_parser("promote", help="move the champion alias to a version only if it beats the champion")
+
+def _args_promote(p) -> None:
     p.add_argument("--name", help="registered model (config train.registered_model)")
     p.add_argument("--version", required=True, help="version number, or 'latest'")
     p.add_argument("--metric", default="accuracy", help="accuracy, tar_at_far_0.01, rank1, ... (higher is better)")
     p.add_argument("--min-delta", type=float, default=0.0, help="required improvement (0: strictly better)")
     p.add_argument("--pairs", nargs="*", default=[], metavar="FILE",
                    help="evaluate both versions on these sets now (default: compare the figures recorded on them)")
-    _common(p)
-    p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("rollback", help="move the champion alias back to the version it replaced")
-    p.add_argument("--name", help="registered model (config train.registered_model)")
-    _common(p)
-    p.set_defaults(func=cmd_rollback)
 
-    p = sub.add_parser("lineage", help="a registered version's run, config, dataset and evaluation")
+def _args_name(p) -> None:
     p.add_argument("--name", help="registered model (config train.registered_model)")
+
+
+def _args_lineage(p) -> None:
+    _args_name(p)
     p.add_argument("--version", default="champion", help="version number or alias")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[..., int]
+    # Options whose values are files or folders: `arcface submit` checks that the cluster can
+    # read them (s3://), and a command with any can be submitted as a Ray job.
+    paths: tuple[str, ...] = ()
+    submittable: bool = False
+    check_before_submit: Callable | None = None  # what would fail in the job on every attempt
+
+
+COMMANDS = (
+    Command("run", "the main job: demo data -> refine -> train -> promote, with progress and a summary",
+            _args_run, cmd_run),
+    Command("config", "show the effective config", _args_config, cmd_config_show),
+    Command("services", "start, stop or inspect the local Ray head, MLflow server and S3 endpoint", _args_services,
+            cmd_services),
+    Command("demo-data", "write the synthetic raw demo dataset with known defects", _args_demo_data, cmd_demo_data),
+    Command("fetch-weights", "fetch the MTCNN weights into the cache (make setup does this)", _args_none,
+            cmd_fetch_weights),
+    Command("clean-data", "stage 1 on Dask: raw dataset -> aligned, filtered Parquet shards", _args_clean_data,
+            cmd_clean_data, paths=("--input", "--out"), submittable=True),
+    Command("train", "train on Ray Train (what a submitted training job runs)", _args_train, cmd_train,
+            paths=("--data", "--storage", "--resume", "--init-backbone"), submittable=True,
+            check_before_submit=_check_train_input),
+    Command("denoise", "stage 2 on Ray: de-noise a stage-1 dataset with a model's embeddings", _args_denoise,
+            cmd_denoise, paths=("--data", "--model", "--out"), submittable=True),
+    Command("refine", "the paper's loop: stage 1 -> bootstrap model -> stage 2 (-> retrain)", _args_refine, cmd_refine,
+            paths=("--input", "--out"), submittable=True),
+    Command("holdout", "move identities out of a refined dataset into evaluation sets", _args_holdout, cmd_holdout),
+    Command("evaluate", "verification (10-fold, TAR@FAR, ROC) and 1:N identification of a model", _args_evaluate,
+            cmd_evaluate, paths=("--model", "--pairs", "--data", "--ijb", "--out"), submittable=True),
+    Command("export", "a model as ONNX, or a refined dataset as insightface RecordIO", _args_export, cmd_export),
+    Command("promote", "move the champion alias to a version only if it beats the champion", _args_promote,
+            cmd_promote),
+    Command("rollback", "move the champion alias back to the version it replaced", _args_name, cmd_rollback),
+    Command("lineage", "a registered version's run, config, dataset and evaluation", _args_lineage, cmd_lineage),
+)
+COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
+SUBMITTABLE = tuple(c.name for c in COMMANDS if c.submittable)
+# `submit-train ARGS` is `submit train ARGS`, with submit's own options taken from anywhere in ARGS.
+SUBMIT_OPTIONS = {"--working-dir": 1, "--cluster-path": 0, "--no-wait": 0, "--no-mlflow": 0}
+
+
+def _args_submit(p) -> None:
+    from pipelines.submit import add_options
+
+    add_options(p)
+    p.add_argument("target", metavar="COMMAND", choices=SUBMITTABLE, help=f"one of {', '.join(SUBMITTABLE)}")
+    p.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="COMMAND's own options, as for `arcface COMMAND` (--config and --set included)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="arcface", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        p = sub.add_parser(command.name, help=command.help)
+        command.arguments(p)
+        _common(p)
+        p.set_defaults(func=command.run)
+    p = sub.add_parser("submit", help=f"run a long command ({', '.join(SUBMITTABLE)}) as a Ray job on a cluster, "
+                                      "following its logs",
+                       description="Runs `arcface COMMAND ARGS` as a Ray job (Ray's Jobs SDK) on the cluster in "
+                                   "RAY_ADDRESS (a dashboard URL), else on the local head. The job runs the cluster's "
+                                   "installed arcface with this command's effective config, sent by content; local "
+                                   "paths are refused unless they are s3:// or --cluster-path says the cluster has "
+                                   "them. The exit code is the job's; Ctrl-C leaves the job running.")
+    _args_submit(p)
+    p.set_defaults(func=cmd_submit)
+    p = sub.add_parser("submit-train", help="alias of `submit train` (its options may come anywhere)")
+    _args_submit_train(p)
     _common(p)
-    p.set_defaults(func=cmd_lineage)
     return parser
 
 
+def _expand_alias(argv: list[str]) -> list[str]:
+    if not argv or argv[0] != "submit-train" or "-h" in argv or "--help" in argv:
+        return argv
+    own, rest, i = [], [], 1
+    while i < len(argv):
+        word = argv[i]
+        name = word.split("=", 1)[0]
+        if name in SUBMIT_OPTIONS:
+            takes = SUBMIT_OPTIONS[name] and "=" not in word
+            own += argv[i:i + 1 + takes]
+            i += 1 + takes
+            continue
+        rest.append(word)
+        i += 1
+    return ["submit", *own, "train", *rest]
+
+
+def load_settings(args):
+    """The config a command runs with: file, environment and --set (checked once)."""
+    from pipelines.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = _expand_alias(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
     if getattr(args, "format", "unset") is None:
         args.format = ["vggface2"]
-    setup_logging(args.log_level)
+    setup_logging(args.log_level if hasattr(args, "log_level") else None)
+    from pipelines.config import ConfigError
+
     try:
-        cfg = load_config(args.config, args.overrides)
+        # `submit` reads the config of the command it submits, from that command's options.
+        cfg = None if args.command == "submit" else load_settings(args)
     except (OSError, ConfigError) as exc:
         log.error("config: %s", exc)
         return 2
@@ -640,6 +652,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args, cfg) or 0)
+    except ConfigError as exc:
+        log.error("config: %s", exc)
+        return 2
     except (OSError, ValueError, ServiceError, pickle.UnpicklingError) as exc:  # the last: refused .bin files
         # Bad input (a missing dataset, a file that is not what it claims): one clear line;
         # the traceback only with --log-level DEBUG.

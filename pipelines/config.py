@@ -1,10 +1,13 @@
 """One typed config for every command, assembled from the sections that live with the code
 that reads them:
 
-    [services]   infra/local_services.py     ServicesConfig
-    [demo]       cleaning/synthetic/demo.py  DemoConfig
-    [clean]      pipelines/clean_data.py     CleanConfig  (stage 1)
-    [denoise]    pipelines/denoise.py        DenoiseConfig (stage 2, `arcface refine`)
+    [services]   infra/local_services.py            ServicesConfig
+    [demo]       cleaning/synthetic/demo_config.py  DemoConfig
+    [clean]      pipelines/clean_config.py          CleanConfig  (stage 1)
+    [denoise]    pipelines/denoise_config.py        DenoiseConfig (stage 2, `arcface refine`)
+
+Each section's module imports nothing heavy (no torch, Dask, Ray or OpenCV), so loading the
+config, and `arcface --help`, stays fast.
     [train]      pipelines/training/config.py TrainConfig
     [margin]     pipelines/training/config.py MarginConfig (+ [margin.arcface] ... per margin)
 
@@ -15,6 +18,8 @@ a TOML file (`--config FILE`), the environment, and `--set section.key=value` (n
     MLFLOW_TRACKING_URI -> services.mlflow_tracking_uri     RAY_ADDRESS -> services.ray_address
     ARCFACE_STATE_DIR   -> services.state_dir
     ARCFACE_CONFIG      -> a base config file (site settings: ports, servers), read before --config
+    ARCFACE_CONFIG_TOML -> a config's content, read after ARCFACE_CONFIG: what `arcface submit`
+                           sends with a job (the submitter's effective config, as TOML)
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import tomllib
 import typing
 from dataclasses import dataclass, field
 
-from cleaning.synthetic.demo import DemoConfig
+from cleaning.synthetic.demo_config import DemoConfig
 from infra.local_services import ServicesConfig
-from pipelines.clean_data import CleanConfig
-from pipelines.denoise import DenoiseConfig
+from pipelines.clean_config import CleanConfig
+from pipelines.denoise_config import DenoiseConfig
 from pipelines.training.config import MarginConfig, TrainConfig
 
 ENVIRONMENT = {
@@ -208,10 +213,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
 
 
-def _apply_file(cfg: Config, path, origins: dict) -> None:
+def _apply_file(cfg: Config, path, origins: dict, text: str | None = None) -> None:
+    """Apply a TOML file (or, with `text`, TOML content named `path` in messages)."""
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+        if text is not None:
+            data = tomllib.loads(text)
+        else:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     for section, values in data.items():
@@ -226,9 +235,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     cfg = Config()
     origins: dict[str, str] = {}  # dotted key -> where its value came from (absent: the default)
     env = os.environ if environ is None else environ
-    for file in (env.get("ARCFACE_CONFIG"), path):
-        if file:
-            _apply_file(cfg, file, origins)
+    if env.get("ARCFACE_CONFIG"):
+        _apply_file(cfg, env["ARCFACE_CONFIG"], origins)
+    if env.get("ARCFACE_CONFIG_TOML"):  # a submitted job's config, sent by content
+        _apply_file(cfg, "ARCFACE_CONFIG_TOML", origins, text=env["ARCFACE_CONFIG_TOML"])
+    if path:
+        _apply_file(cfg, path, origins)
     for variable, (section, key) in ENVIRONMENT.items():
         if env.get(variable):
             setattr(getattr(cfg, section), key, env[variable])

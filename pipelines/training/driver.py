@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
 
 from dataset import storage
 from dataset.refined import RefinedDataset, split_eval_sets
 from pipelines.training.config import MarginConfig, TrainConfig
+from pipelines.version import code_version
 
 
 class TrainingInputError(ValueError):
     """Input that no retry can fix (checked in the driver, before any worker starts)."""
-
-
-def code_version() -> str:
-    """The git commit of the code; `submit-train` passes it in (ARCFACE_CODE_VERSION),
-    since Ray's working-dir copy has no .git."""
-    if os.environ.get("ARCFACE_CODE_VERSION"):
-        return os.environ["ARCFACE_CODE_VERSION"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip()
-    except Exception:
-        return ""
 
 
 def eval_sets_for(data: RefinedDataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
