@@ -16,7 +16,9 @@ exactly its part of the single-process gradient (no factor of world size).
 
 Partial-FC (An et al.): with sample_rate r < 1 each rank keeps all positive centres of the
 global batch in its range plus random negatives, `ceil(r·C_r)` in all; only those
-centres take part (and get gradients). r = 1 is plain model parallelism.
+centres take part (and get gradients). r = 1 is plain model parallelism. Gradient
+accumulation draws the sample once for the whole step (`draw_sample`) and passes it to each
+micro-batch's forward, so N micro-batches use the centres the whole batch would have.
 
 World size 1 (or no process group) runs the same code with the collectives as no-ops.
 """
@@ -30,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from arcface_core.margins import MarginSoftmax, subcentre_max
+from arcface_core.margins import MarginSoftmax, interclass_filter_mask, subcentre_max
 
 
 def class_ranges(num_classes: int, world_size: int) -> list[tuple[int, int]]:
@@ -150,10 +152,24 @@ class ShardedMarginClassifier(nn.Module):
     def num_sampled(self) -> int:
         return self.num_local if self.sample_rate >= 1.0 else max(1, math.ceil(self.sample_rate * self.num_local))
 
-    def sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted local class indices to use, and labels remapped into them (-1: not here)."""
+    def local_targets(self, labels_global: torch.Tensor) -> torch.Tensor:
+        """Global labels -> this rank's class index (-1: the class lives on another rank)."""
+        in_range = (labels_global >= self.class_start) & (labels_global < self.class_end)
+        return torch.where(in_range, labels_global - self.class_start, torch.full_like(labels_global, -1))
+
+    def draw_sample(self, labels_global: torch.Tensor) -> torch.Tensor:
+        """The Partial-FC sample (sorted local class indices) for a step whose global batch
+        has these labels (every rank's rows, the same tensor on every rank): for gradient
+        accumulation, which passes it to every micro-batch's forward as `sampled`."""
+        return self.sample(self.local_targets(labels_global.long()))[0]
+
+    def sample(self, local_labels: torch.Tensor, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted local class indices to use, and labels remapped into them (-1: not here).
+        `index`: a sample drawn before (`draw_sample`) that holds every positive here."""
         if self.sample_rate >= 1.0:
             return torch.arange(self.num_local, device=local_labels.device), local_labels
+        if index is not None:
+            return index, self._remap(index, local_labels)
         if self._generator is None or self._generator.device != local_labels.device:
             self._generator = torch.Generator(device=local_labels.device).manual_seed(self._seed)
         # Random scores for every local class; positives get 2.0 so top-k always keeps them.
@@ -167,9 +183,12 @@ class ShardedMarginClassifier(nn.Module):
             # costs a host sync, which large-class training (k >= batch) never pays.
             k = max(k, int((score > 1.5).sum()))
         index = torch.topk(score, k=k, sorted=False).indices.sort().values
+        return index, self._remap(index, local_labels)
+
+    @staticmethod
+    def _remap(index: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
         remapped = torch.searchsorted(index, local_labels.clamp_min(0))
-        remapped = torch.where(local_labels >= 0, remapped, torch.full_like(local_labels, -1))
-        return index, remapped
+        return torch.where(local_labels >= 0, remapped, torch.full_like(local_labels, -1))
 
     # -- forward -----------------------------------------------------------------------
     def selected_centres(self, index: torch.Tensor) -> torch.Tensor:
@@ -192,7 +211,8 @@ class ShardedMarginClassifier(nn.Module):
         return subcentre_max(cos, self.k)[0] if self.k > 1 else cos
 
     def forward(self, local_embeddings: torch.Tensor, local_labels_global: torch.Tensor,
-                shares: list[int] | None = None, fused: bool = True) -> torch.Tensor:
+                shares: list[int] | None = None, fused: bool = True,
+                sampled: torch.Tensor | None = None) -> torch.Tensor:
         """Mean loss over the global batch (the same value on every rank).
 
         shares: every rank's number of rows when the caller knows them (equal splits):
@@ -201,14 +221,14 @@ class ShardedMarginClassifier(nn.Module):
             (`margin_softmax_loss`); False composes the same math from autograd ops
             (several B x n buffers; the reference the fused node is tested against).
             Sub-centres (K > 1) always take the composed path.
+        sampled: a Partial-FC sample from `draw_sample` (gradient accumulation: one sample
+            for all micro-batches of a step); None draws one for this batch.
         """
         if _distributed() and shares is None:
             shares = gathered_sizes(local_embeddings)  # once for both gathers
         embeddings = all_gather_rows(local_embeddings, shares)
         labels = all_gather_rows(local_labels_global.long(), shares)
-        in_range = (labels >= self.class_start) & (labels < self.class_end)
-        local_labels = torch.where(in_range, labels - self.class_start, torch.full_like(labels, -1))
-        index, target = self.sample(local_labels)
+        index, target = self.sample(self.local_targets(labels), sampled)
         self.last_sampled = index
         if fused and self.k == 1:
             with torch.autocast(device_type=embeddings.device.type, enabled=False):
@@ -253,6 +273,11 @@ class _MarginSoftmaxLoss(torch.autograd.Function):
         dL/dw_j = H_j - (H_j . w_j) w_j / |w_j|^2,   H = (g / |w|)^T e
     The target column's dL/dcos is chained through the margin's d target_cos / d cos,
     taken by autograd on the B target cosines only (1 with the straight-through option).
+
+    Inter-class filtering (margin.interclass_filtering_threshold > 0): filtered negatives'
+    cosines become 0 before the margin (their exp(0 - max) stays in the normaliser) and their
+    probabilities are zeroed after it, so backward's p - onehot gives them no gradient. The
+    mask is a transient B x n bool, freed before backward.
     """
 
     @staticmethod
@@ -261,6 +286,9 @@ class _MarginSoftmaxLoss(torch.autograd.Function):
         buf = torch.mm(e, w.t()).div_(norms)  # the one B x n buffer: cosines
         valid = target >= 0
         column = target.clamp_min(0).unsqueeze(1)
+        dirty = interclass_filter_mask(buf, target, margin.interclass_filtering_threshold)
+        if dirty is not None:
+            buf.masked_fill_(dirty, 0.0)
         cos_t = buf.gather(1, column).squeeze(1)
         with torch.enable_grad():
             leaf = cos_t.detach().requires_grad_(True)
@@ -279,6 +307,9 @@ class _MarginSoftmaxLoss(torch.autograd.Function):
             dist.all_reduce(both, op=dist.ReduceOp.SUM)
             sum_exp, target_logit = both[0], both[1]
         buf.div_(sum_exp.unsqueeze(1))  # probabilities
+        if dirty is not None:
+            buf.masked_fill_(dirty, 0.0)  # filtered negatives take no gradient
+            del dirty
         ctx.save_for_backward(buf, e, w, norms, column, valid, slope)
         ctx.s = s
         return (sum_exp.log() - target_logit).mean()

@@ -16,6 +16,12 @@ monotonically decreasing (see `CombinedMargin`).
 
 All margin arithmetic runs in float32 even when the inputs come from bf16/fp16 autocast,
 and never takes acos or sqrt at ±1 without clamping, so cos = ±1 gives finite gradients.
+
+Inter-class filtering (arcface_torch's `interclass_filtering_threshold`, Partial FC paper
+§3.3): a negative class whose cosine exceeds the threshold is most likely the sample's own
+identity under another label (label noise). As arcface_torch does, its cosine is replaced by
+0 before the margin: the logit becomes 0 (it still counts exp(0) in the softmax normaliser)
+and it sends no gradient. The target column is never filtered; 0 turns filtering off.
 """
 
 from __future__ import annotations
@@ -37,16 +43,35 @@ def _safe_acos(cos: torch.Tensor) -> torch.Tensor:
     return torch.acos(cos.clamp(-1.0 + _EPS, 1.0 - _EPS))
 
 
+def interclass_filter_mask(cos: torch.Tensor, target_index: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """Where a negative's cosine is above `threshold` (True = filtered), or None when
+    filtering is off. `target_index` as in `MarginSoftmax.forward` (-1: target elsewhere,
+    so every column of that row is a negative). No gradient flows through the mask."""
+    if threshold <= 0:
+        return None
+    with torch.no_grad():
+        dirty = cos > threshold
+        column = target_index.clamp_min(0).unsqueeze(1)
+        elsewhere = (target_index < 0).unsqueeze(1)
+        # the target column keeps its value; rows whose target lives on another shard have none
+        dirty.scatter_(1, column, dirty.gather(1, column) & elsewhere)
+    return dirty
+
+
 class MarginSoftmax(nn.Module):
     """Base: applies `target_cos` to the target column only, then scales by s."""
 
-    def __init__(self, s: float = 64.0, straight_through: bool = False):
+    def __init__(self, s: float = 64.0, straight_through: bool = False, interclass_filtering_threshold: float = 0.0):
         super().__init__()
         self.s = float(s)
         # The authors' arcface_torch computes the margin under no_grad, so its gradient is
         # d logit / d cos = s at the target (straight-through). Published models were trained
         # that way; the default here is the exact derivative of the formula.
         self.straight_through = straight_through
+        if not 0.0 <= interclass_filtering_threshold < 1.0:
+            raise ValueError(f"interclass_filtering_threshold must be in [0, 1) (0: off), "
+                             f"got {interclass_filtering_threshold}")
+        self.interclass_filtering_threshold = float(interclass_filtering_threshold)
 
     def target_cos(self, cos: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -58,6 +83,9 @@ class MarginSoftmax(nn.Module):
     def forward(self, cos: torch.Tensor, target_index: torch.Tensor) -> torch.Tensor:
         if cos.dtype != torch.float64:  # reduced precision in, float32 math (float64 kept for checks)
             cos = cos.float()
+        dirty = interclass_filter_mask(cos, target_index, self.interclass_filtering_threshold)
+        if dirty is not None:
+            cos = cos.masked_fill(dirty, 0.0)  # filtered negatives: cos 0, no gradient
         valid = target_index >= 0
         index = target_index.clamp_min(0).unsqueeze(1)
         cos_t = cos.gather(1, index).squeeze(1)
@@ -73,8 +101,8 @@ class CombinedMargin(MarginSoftmax):
     """`s·(cos(m1·θ + m2) − m3)` at the target; ArcFace, CosFace and mixes of them."""
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
-                 straight_through: bool = False):
-        super().__init__(s, straight_through)
+                 straight_through: bool = False, interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, straight_through, interclass_filtering_threshold)
         if m1 < 1.0 or m2 < 0 or m3 < 0:
             raise ValueError("margins must make the target harder: m1 >= 1, m2 >= 0, m3 >= 0")
         self.m1, self.m2, self.m3 = float(m1), float(m2), float(m3)
@@ -102,13 +130,14 @@ class CombinedMargin(MarginSoftmax):
 
 
 class ArcFace(CombinedMargin):
-    def __init__(self, s: float = 64.0, m: float = 0.5, straight_through: bool = False):
-        super().__init__(s, 1.0, m, 0.0, straight_through)
+    def __init__(self, s: float = 64.0, m: float = 0.5, straight_through: bool = False,
+                 interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, 1.0, m, 0.0, straight_through, interclass_filtering_threshold)
 
 
 class CosFace(CombinedMargin):
-    def __init__(self, s: float = 64.0, m: float = 0.35):
-        super().__init__(s, 1.0, 0.0, m)
+    def __init__(self, s: float = 64.0, m: float = 0.35, interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, 1.0, 0.0, m, interclass_filtering_threshold=interclass_filtering_threshold)
 
 
 class SphereFace(MarginSoftmax):
@@ -120,8 +149,8 @@ class SphereFace(MarginSoftmax):
     """
 
     def __init__(self, s: float = 64.0, m: int = 4, lambda_base: float = 1000.0, lambda_min: float = 5.0,
-                 gamma: float = 0.12, power: float = 1.0):
-        super().__init__(s)
+                 gamma: float = 0.12, power: float = 1.0, interclass_filtering_threshold: float = 0.0):
+        super().__init__(s, interclass_filtering_threshold=interclass_filtering_threshold)
         self.m = int(m)
         self.lambda_base, self.lambda_min, self.gamma, self.power = lambda_base, lambda_min, gamma, power
         self.lam = lambda_base

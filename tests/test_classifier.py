@@ -42,7 +42,10 @@ def reference(weight, emb, labels, margin, k=1, classes=None):
 
 def _margin(name):
     return {"arcface": ArcFace(s=16.0, m=0.5), "cosface": CosFace(s=16.0),
-            "combined": CombinedMargin(16.0, 1.2, 0.3, 0.1)}[name]
+            "combined": CombinedMargin(16.0, 1.2, 0.3, 0.1),
+            # thresholds that filter some of the random problem's negatives (D = 8)
+            "arcface-filter": ArcFace(s=16.0, m=0.5, interclass_filtering_threshold=0.3),
+            "cosface-filter": CosFace(s=16.0, interclass_filtering_threshold=0.2)}[name]
 
 
 def sharded_worker(rank, world, margin_name, k, sample_rate, fused=True):
@@ -85,8 +88,8 @@ def test_uneven_class_ranges():
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_partial_fc_matches_loss_on_sampled_classes(tmp_path, world):
-    rate = 0.5
-    results = run_distributed(sharded_worker, world, ("arcface", 1, rate), str(tmp_path))
+    margin_name, rate = "arcface", 0.5
+    results = run_distributed(sharded_worker, world, (margin_name, 1, rate), str(tmp_path))
     weight, emb, labels = make_problem(world)
     sampled = torch.cat([r["sampled"] for r in results]).sort().values
     for rank, res in enumerate(results):
@@ -100,7 +103,7 @@ def test_partial_fc_matches_loss_on_sampled_classes(tmp_path, world):
         unsampled = sorted(set(range(start, end)) - set(mine.tolist()))
         if unsampled:
             assert res["weight_grad"][torch.tensor(unsampled) - start].abs().max() == 0
-    loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin("arcface"), classes=sampled)
+    loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin(margin_name), classes=sampled)
     sizes = BATCH_SIZES[world]
     for rank, res in enumerate(results):
         lo = sum(sizes[:rank])
@@ -153,8 +156,11 @@ def test_nearest_subcentre():
 
 
 @pytest.mark.parametrize("margin", [ArcFace(s=16.0, m=0.5), ArcFace(s=64.0, m=0.5, straight_through=True),
-                                    CosFace(s=30.0), CombinedMargin(16.0, 1.2, 0.3, 0.1), SphereFace(16.0, m=4)],
-                         ids=["arcface", "arcface-straight-through", "cosface", "combined", "sphereface"])
+                                    CosFace(s=30.0), CombinedMargin(16.0, 1.2, 0.3, 0.1), SphereFace(16.0, m=4),
+                                    ArcFace(s=16.0, m=0.5, interclass_filtering_threshold=0.2),
+                                    CosFace(s=30.0, interclass_filtering_threshold=0.1)],
+                         ids=["arcface", "arcface-straight-through", "cosface", "combined", "sphereface",
+                              "arcface-filter", "cosface-filter"])
 def test_fused_loss_equals_the_composed_one_in_float64(margin):
     """The one-buffer autograd node against the same math composed from autograd ops:
     values and both gradients, with rows whose class is elsewhere (target -1) and
@@ -195,3 +201,66 @@ def test_fused_loss_keeps_one_batch_by_classes_buffer():
 
     assert run(True) == 1
     assert run(False) >= 5  # what the fused node saves
+
+
+# (margin, K, fused, Partial-FC rate): inter-class filtering on every path of the layer
+FILTER_CASES = [("arcface-filter", 1, True, 1.0), ("cosface-filter", 1, True, 1.0), ("arcface-filter", 1, False, 1.0),
+                ("cosface-filter", 3, True, 1.0), ("arcface-filter", 1, True, 0.5)]
+
+
+def filtering_worker(rank, world):
+    """Every FILTER_CASES case in one set of processes (a process group costs seconds)."""
+    out = {}
+    for i, (name, k, fused, rate) in enumerate(FILTER_CASES):
+        out.update({f"{i}.{key}": value for key, value in sharded_worker(rank, world, name, k, rate, fused).items()})
+    return out
+
+
+def test_interclass_filtering_sharded_equals_single_process(tmp_path):
+    """Filtered negatives on 3 ranks (uneven classes and batch shares) equal the single-process
+    filtered loss: values, embedding and centre gradients; fused and composed paths,
+    sub-centres, Partial-FC (compared on the classes the ranks sampled)."""
+    world, sizes = 3, BATCH_SIZES[3]
+    results = run_distributed(filtering_worker, world, (), str(tmp_path))
+    for i, (name, k, _, rate) in enumerate(FILTER_CASES):
+        weight, emb, labels = make_problem(world, k)
+        sampled = torch.cat([r[f"{i}.sampled"] for r in results]).sort().values if rate < 1 else None
+        loss, emb_grad, weight_grad = reference(weight, emb, labels, _margin(name), k, classes=sampled)
+        for rank, res in enumerate(results):
+            start, end = class_ranges(C, world)[rank]
+            lo = sum(sizes[:rank])
+            torch.testing.assert_close(res[f"{i}.loss"], loss.float(), atol=1e-5, rtol=0, msg=f"case {i}")
+            torch.testing.assert_close(res[f"{i}.emb_grad"], emb_grad[lo:lo + sizes[rank]], atol=1e-5, rtol=0)
+            if rate == 1.0:
+                torch.testing.assert_close(res[f"{i}.weight_grad"], weight_grad[start * k:end * k], atol=1e-5, rtol=0)
+
+
+def test_the_filtering_problem_filters_some_negatives():
+    """The sharded filtering tests above mean something only if the threshold bites: some
+    negatives of the shared random problem are above it, and filtering changes the loss."""
+    from arcface_core.margins import interclass_filter_mask
+
+    weight, emb, labels = make_problem(3)
+    cos = F.linear(F.normalize(emb, dim=1), F.normalize(weight, dim=1))
+    for name in ("arcface-filter", "cosface-filter"):
+        margin = _margin(name)
+        assert interclass_filter_mask(cos, labels, margin.interclass_filtering_threshold).sum() >= 3
+        plain = ArcFace(s=16.0, m=0.5) if name.startswith("arcface") else CosFace(s=16.0)
+        assert not torch.isclose(reference(weight, emb, labels, margin)[0], reference(weight, emb, labels, plain)[0])
+
+
+def test_draw_sample_then_micro_batches_use_the_whole_batch_sample():
+    """Gradient accumulation's Partial-FC: one sample for the step's global labels, passed to
+    each micro-batch, gives the loss on the same classes as the whole batch in one forward
+    (mean of the micro-batch losses = whole-batch loss), and both draw the same sample."""
+    weight, emb, labels = make_problem(1)
+    whole, split = (ShardedMarginClassifier(C, D, ArcFace(s=16.0), sample_rate=0.4, generator_seed=3)
+                    for _ in range(2))
+    for layer in (whole, split):
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+    loss = whole(emb, labels)
+    index = split.draw_sample(labels)
+    assert torch.equal(index, whole.last_sampled)
+    halves = [split(emb[part], labels[part], sampled=index) for part in (slice(0, 4), slice(4, 9))]
+    torch.testing.assert_close((4 * halves[0] + 5 * halves[1]) / 9, loss, atol=1e-6, rtol=0)

@@ -129,3 +129,78 @@ def test_subcentre_max_and_nearest():
     values, nearest = subcentre_max(cos, 3)
     assert values.tolist() == [[pytest.approx(0.9), pytest.approx(0.3)]]
     assert nearest.tolist() == [[1, 0]]
+
+
+def arcface_torch_combined_margin_loss(logits, labels, s, m1, m2, m3, threshold):
+    """insightface arcface_torch's `CombinedMarginLoss.forward` (losses.py), transcribed line
+    by line (labels as its PartialFC passes them: (B, 1), -1 = class elsewhere), then torch's
+    cross entropy. Its ArcFace path runs under no_grad; its m3 path has exact gradients."""
+    index_positive = torch.where(labels != -1)[0]
+    if threshold > 0:
+        with torch.no_grad():
+            dirty = (logits > threshold).to(logits.dtype)
+            mask = torch.ones([index_positive.size(0), logits.size(1)], dtype=logits.dtype)
+            mask.scatter_(1, labels[index_positive], 0)
+            dirty[index_positive] *= mask
+            tensor_mul = 1 - dirty
+        logits = tensor_mul * logits
+    target_logit = logits[index_positive, labels[index_positive].view(-1)]
+    if m1 == 1.0 and m3 == 0.0:
+        with torch.no_grad():
+            target_logit.arccos_()
+            logits.arccos_()
+            final_target_logit = target_logit + m2
+            logits[index_positive, labels[index_positive].view(-1)] = final_target_logit
+            logits.cos_()
+        logits = logits * s
+    else:
+        final_target_logit = target_logit - m3
+        logits[index_positive, labels[index_positive].view(-1)] = final_target_logit
+        logits = logits * s
+    return torch.nn.functional.cross_entropy(logits, labels.view(-1))
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (ArcFace(64.0, 0.5, straight_through=True, interclass_filtering_threshold=0.4), (1.0, 0.5, 0.0)),
+    (CosFace(64.0, 0.4, interclass_filtering_threshold=0.4), (1.0, 0.0, 0.4)),
+    (CosFace(30.0, 0.35, interclass_filtering_threshold=0.2), (1.0, 0.0, 0.35)),
+], ids=["arcface-0.4", "cosface-0.4", "cosface-0.2"])
+def test_interclass_filtering_equals_arcface_torch(ours, theirs):
+    """Loss and gradient against arcface_torch's formula, with negatives above the threshold
+    (some filtered, the target above it too: never filtered) in float64."""
+    g = torch.Generator().manual_seed(5)
+    cos = torch.rand(16, 40, generator=g, dtype=torch.float64) * 1.6 - 0.8  # theta + m < pi
+    labels = torch.randint(0, 40, (16,), generator=g)
+    cos[0, labels[0]] = 0.9  # a target above the threshold
+    threshold = ours.interclass_filtering_threshold
+    negatives = torch.ones_like(cos, dtype=torch.bool).scatter_(1, labels.unsqueeze(1), False)
+    assert (cos[negatives] > threshold).sum() > 20  # filtering has work to do
+
+    ours_in = cos.clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(ours(ours_in, labels), labels)
+    loss.backward()
+    theirs_in = cos.clone().requires_grad_(True)
+    ref = arcface_torch_combined_margin_loss(theirs_in * 1.0, labels.unsqueeze(1), ours.s, *theirs,
+                                             threshold)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, atol=1e-12, rtol=1e-10)
+    # filtered negatives take no gradient; unfiltered ones do
+    filtered = negatives & (cos > threshold)
+    assert ours_in.grad[filtered].abs().max() == 0
+    assert (ours_in.grad[negatives & ~filtered] != 0).all()
+    # and it changes the loss: without filtering it is larger (those negatives counted at their cosine)
+    plain = type(ours)(ours.s, ours.m2 if isinstance(ours, ArcFace) else ours.m3)
+    assert torch.nn.functional.cross_entropy(plain(cos, labels), labels) > loss
+
+
+def test_interclass_filtering_rows_whose_target_is_elsewhere_filter_every_column():
+    cos = torch.tensor([[0.5, 0.1, 0.45], [0.5, 0.1, 0.45]], dtype=torch.float64)
+    out = CosFace(10.0, 0.4, interclass_filtering_threshold=0.4)(cos, torch.tensor([-1, 0]))
+    torch.testing.assert_close(out, torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0])
+def test_interclass_filtering_threshold_range(threshold):
+    with pytest.raises(ValueError, match=r"interclass_filtering_threshold must be in \[0, 1\)"):
+        ArcFace(interclass_filtering_threshold=threshold)
