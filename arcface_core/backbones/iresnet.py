@@ -9,9 +9,11 @@ after the BN-Dropout-FC-BN head (not yet L2-normalised).
 from __future__ import annotations
 
 from torch import nn
+from torch.utils.checkpoint import checkpoint_sequential
 
+# Blocks per stage, as arcface_torch's iresnet.py and iresnet2060.py define them.
 LAYERS = {"iresnet18": (2, 2, 2, 2), "iresnet34": (3, 4, 6, 3), "iresnet50": (3, 4, 14, 3),
-          "iresnet100": (3, 13, 30, 3)}
+          "iresnet100": (3, 13, 30, 3), "iresnet200": (6, 26, 60, 6), "iresnet2060": (3, 128, 896, 3)}
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -39,8 +41,13 @@ class IBasicBlock(nn.Module):
 
 class IResNet(nn.Module):
     def __init__(self, layers=(3, 4, 14, 3), num_features: int = 512, dropout: float = 0.0,
-                 widths=(64, 128, 256, 512), input_size: int = 112, stem_stride: int = 1):
+                 widths=(64, 128, 256, 512), input_size: int = 112, stem_stride: int = 1,
+                 checkpoint_segments=(0, 0, 0, 0)):
         super().__init__()
+        # Per stage, 0 or the number of segments whose activations are recomputed in the
+        # backward pass when training (memory for time; arcface_torch's r2060 uses 20 and 100
+        # for its 128- and 896-block stages).
+        self.checkpoint_segments = tuple(checkpoint_segments)
         self.inplanes = widths[0]
         # stem_stride 1 is insightface's design; 2 (as MobileFaceNet's stem) quarters the cost of
         # the full-resolution maps, which dominate a narrow network's time on CPUs.
@@ -80,7 +87,11 @@ class IResNet(nn.Module):
 
     def forward(self, x):
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for stage, segments in zip((self.layer1, self.layer2, self.layer3, self.layer4), self.checkpoint_segments):
+            if segments and self.training:
+                x = checkpoint_sequential(stage, segments, x, use_reentrant=False)
+            else:
+                x = stage(x)
         x = self.bn2(x).flatten(1)
         x = self.fc(self.dropout(x))
         return self.features(x)

@@ -1,0 +1,1 @@
+"""Reference implementations that tests compare against (not part of the project)."""
