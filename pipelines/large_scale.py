@@ -336,3 +336,417 @@ def search(probes: FeatureSet, gallery: FeatureSet, k: int, runner=None, tile_el
         return core.SearchPartial.empty(0, k)
     return core.SearchPartial(torch.cat([m.top_scores for m in merged]), torch.cat([m.top_index for m in merged]),
                               torch.cat([m.mate for m in merged]))
+
+
+# -- embedding release images into feature shards --------------------------------------------
+
+def local_image_embedder(embedder, flip: bool = True, batch: int = 256):
+    """`embed_images(uris) -> features` for an in-process embedder: aligned face images
+    (112x112; others are resized as pipelines/evaluate.py does) read, decoded, embedded."""
+    from pipelines.evaluate import decode_aligned
+
+    def embed_images(uris: list[str]) -> np.ndarray:
+        out = []
+        for start in range(0, len(uris), batch):
+            chunk = uris[start:start + batch]
+            try:
+                faces = decode_aligned([storage.read_bytes(u) for u in chunk])
+            except ValueError as err:  # name the file, not its index in the batch
+                index = int(str(err).split()[1]) if str(err).startswith("image ") else 0
+                raise ValueError(f"{chunk[index]}: not a decodable image") from None
+            out.append(np.asarray(embedder(faces, flip), np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+    return embed_images
+
+
+def embed_role(uris: list[str], labels: np.ndarray, embed_images, out: str, shard_rows: int = DEFAULT_BLOCK,
+               block_size: int = DEFAULT_BLOCK) -> FeatureSet:
+    """Embed `uris` shard by shard into Parquet feature shards under `out` (the driver holds
+    one shard of features at a time); a complete earlier run (same paths) is reused."""
+    labels = np.asarray(labels, np.int64)
+    marker = storage.join(out, "_SUCCESS")
+    digest = hashlib.sha256("\n".join(uris).encode()).hexdigest()
+    if storage.exists(marker) and json.loads(storage.read_bytes(marker)).get("paths") == digest:
+        return open_features(out, block_size)
+    for n, start in enumerate(range(0, len(uris), shard_rows)):
+        chunk = uris[start:start + shard_rows]
+        features = np.asarray(embed_images(chunk), np.float32)
+        if len(features) != len(chunk):
+            raise ValueError(f"the embedder returned {len(features)} features for {len(chunk)} images")
+        write_features(out, features, labels[start:start + shard_rows], chunk, shard_rows, "parquet", first_shard=n)
+    storage.write_bytes(marker, json.dumps({"paths": digest, "images": len(uris)}).encode())
+    return open_features(out, block_size)
+
+
+def precomputed_role(uri: str, uris: list[str], block_size: int) -> FeatureSet:
+    """Feature shards given with --features: their `path` column must list the role's images
+    in order (labels come from the release, not from the shards)."""
+    import pyarrow.parquet as pq
+
+    fs = open_features(uri, block_size)
+    if len(fs) != len(uris):
+        raise ValueError(f"{uri}: {len(fs)} features for {len(uris)} images of the release")
+    paths = []
+    for shard in dict.fromkeys(b.uri for b in fs.blocks if b.uri and b.uri.endswith(".parquet")):
+        with storage.open_input(shard) as fh:
+            paths += pq.read_table(fh, columns=["path"]).column("path").to_pylist()
+    if paths and paths != list(uris):
+        raise ValueError(f"{uri}: the shards' paths are not the release's images in order")
+    return fs
+
+
+def read_all(fs: FeatureSet) -> np.ndarray:
+    """Every row of a (small) feature set, e.g. MegaFace's probes."""
+    return np.concatenate([read_block(b) for b in fs.blocks]) if fs.blocks else np.zeros((0, fs.dim), np.float32)
+
+
+# -- release layouts ------------------------------------------------------------------------
+
+def _list(uri: str, required: bool = True) -> list[str]:
+    if not storage.exists(uri):
+        if required:
+            raise FileNotFoundError(f"{uri}: missing (see the layout in pipelines/large_scale.py)")
+        return []
+    lines = storage.read_bytes(uri).decode().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _digest(*uris: str) -> str:
+    h = hashlib.sha256()
+    for uri in uris:
+        h.update(storage.read_bytes(uri) if storage.exists(uri) else b"-")
+    return h.hexdigest()[:8]
+
+
+def _listed(names: list[str], listed: set[str]) -> np.ndarray:
+    """Whether each relative path is named by a list (by its path or its file name)."""
+    return np.array([n in listed or n.rsplit("/", 1)[-1] in listed for n in names], bool)
+
+
+@dataclass
+class Role:
+    """One group of a release's images: their URIs and labels (negative: a distractor)."""
+    name: str
+    uris: list[str]
+    labels: np.ndarray
+
+
+@dataclass
+class Release:
+    protocol: str
+    root: str
+    name: str  # <benchmark>-<first 8 hex of the protocol files' SHA-256>: results compare on the same lists
+    roles: list[Role]
+    info: dict = field(default_factory=dict)
+    pairs: list[tuple[str, str, bool, int]] = field(default_factory=list)  # YTF: first, second, same, split
+
+
+def load_megaface(root: str) -> Release:
+    """MegaFace Challenge 1 (insightface's aligned pack: facescrub_lst, megaface_lst, image
+    folders; the noise and duplicates lists honoured when present: listed probes and
+    distractors are left out, and how many is reported)."""
+    lists = {k: storage.join(root, k) for k in ("facescrub_lst", "megaface_lst", "facescrub_noises.txt",
+                                                 "megaface_noises.txt", "megaface_duplicates.txt")}
+    probes, distractors = _list(lists["facescrub_lst"]), _list(lists["megaface_lst"])
+    noisy_probes = _listed(probes, set(_list(lists["facescrub_noises.txt"], False)))
+    noisy = _listed(distractors, set(_list(lists["megaface_noises.txt"], False)) |
+                    set(_list(lists["megaface_duplicates.txt"], False)))
+    kept_probes = [p for p, bad in zip(probes, noisy_probes) if not bad]
+    identity = [p.split("/")[0] for p in kept_probes]
+    names = {n: i for i, n in enumerate(sorted(set(identity)))}
+    kept = [d for d, bad in zip(distractors, noisy) if not bad]
+    return Release("megaface", root, f"MegaFace-{_digest(*lists.values())}", [
+        Role("probes", [storage.join(root, "facescrub_images", p) for p in kept_probes],
+             np.array([names[i] for i in identity], np.int64)),
+        Role("distractors", [storage.join(root, "megaface_images", d) for d in kept], -np.ones(len(kept), np.int64))],
+        {"noisy_probes_removed": int(noisy_probes.sum()), "noisy_distractors_removed": int(noisy.sum())})
+
+
+def load_trillion_pairs(root: str) -> Release:
+    elfw_list, distractor_list = storage.join(root, "elfw_list.txt"), storage.join(root, "distractor_list.txt")
+    rows = [line.split() for line in _list(elfw_list)]
+    bad = [r for r in rows if len(r) != 2]
+    if bad:
+        raise ValueError(f"{elfw_list}: lines must be '<relative path> <identity>', got {' '.join(bad[0])!r}")
+    names = {n: i for i, n in enumerate(sorted({r[1] for r in rows}))}
+    distractors = _list(distractor_list)
+    return Release("trillion-pairs", root, f"TrillionPairs-{_digest(elfw_list, distractor_list)}", [
+        Role("elfw", [storage.join(root, r[0]) for r in rows], np.array([names[r[1]] for r in rows], np.int64)),
+        Role("distractors", [storage.join(root, d) for d in distractors], -np.ones(len(distractors), np.int64))])
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+def load_mfr(root: str) -> Release:
+    """Identity folders of aligned faces (images/<identity>/*), all-to-all 1:1."""
+    folder = storage.join(root, "images")
+    files = sorted(f for f in storage.list_files(folder) if f.lower().endswith(IMAGE_SUFFIXES))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no images (the layout is images/<identity>/<image>)")
+    identity = [f[len(folder):].strip("/").split("/")[0] for f in files]
+    names = {n: i for i, n in enumerate(sorted(set(identity)))}
+    digest = hashlib.sha256("\n".join(f[len(folder):] for f in files).encode()).hexdigest()[:8]
+    return Release("mfr-all", root, f"MFR-ALL-{digest}", [Role("images", files, np.array([names[i] for i in identity]))])
+
+
+def load_ytf(root: str) -> Release:
+    """YouTube Faces: splits.txt (a header, then 'split, first video, second video, ...,
+    same' per pair; a video is <person>/<number> under aligned_images_DB/)."""
+    splits = storage.join(root, "splits.txt")
+    pairs = []
+    for n, line in enumerate(_list(splits)):
+        cols = [c.strip() for c in line.split(",")]
+        if not cols[0].isdigit():
+            if n == 0:
+                continue  # the header
+            raise ValueError(f"{splits}: line {n + 1} does not start with a split number: {line!r}")
+        if len(cols) < 4 or cols[-1] not in ("0", "1"):
+            raise ValueError(f"{splits}: line {n + 1} is not 'split, first, second, ..., same': {line!r}")
+        pairs.append((cols[1], cols[2], cols[-1] == "1", int(cols[0])))
+    videos = sorted({v for a, b, _, _ in pairs for v in (a, b)})
+    frames, labels = [], []
+    for index, video in enumerate(videos):
+        found = sorted(f for f in storage.list_files(storage.join(root, "aligned_images_DB", video))
+                       if f.lower().endswith(IMAGE_SUFFIXES))
+        if not found:
+            raise FileNotFoundError(f"{root}/aligned_images_DB/{video}: no frames for a video the splits name")
+        frames += found
+        labels += [index] * len(found)
+    return Release("ytf", root, f"YTF-{_digest(splits)}", [Role("frames", frames, np.array(labels, np.int64))],
+                   {"videos": len(videos)}, pairs)
+
+
+LOADERS = {"megaface": load_megaface, "trillion-pairs": load_trillion_pairs, "mfr-all": load_mfr, "ytf": load_ytf}
+
+
+# -- the protocols --------------------------------------------------------------------------
+
+FARS = {"megaface": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        "trillion-pairs": (1e-9, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        "mfr-all": (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)}
+RANKS = (1, 5, 10)
+FPIRS = (1e-3, 1e-2, 1e-1)
+
+
+def _tar_figures(result: core.VerificationResult) -> dict:
+    out = {f"tar_at_far_{far:g}": v for far, v in sorted(result.tar.items())}
+    out.update({"genuine_pairs": result.genuine, "impostor_pairs": result.impostors, "roc": result.roc})
+    return out
+
+
+def enrolled_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Trillion-Pairs identification: identities at even positions (by label) are enrolled
+    with their first image; every other image of theirs is a mated probe, every image of
+    the remaining identities a non-mated probe (the open-set protocol of IJB-C's 1:N)."""
+    labels = np.asarray(labels)
+    enrolled_ids = np.unique(labels)[::2]
+    first = np.zeros(len(labels), bool)
+    _, first_index = np.unique(labels, return_index=True)
+    first[first_index] = True
+    gallery = first & np.isin(labels, enrolled_ids)
+    return gallery, ~gallery
+
+
+def evaluate_release(release: Release, features: dict[str, FeatureSet], fars=None, ranks=RANKS, fpirs=FPIRS,
+                     runner=None, tile_elements: int = 1 << 24, topk_limit: int = TOPK_LIMIT,
+                     stats: EngineStats | None = None) -> dict:
+    """The protocol's figures from its roles' features (names as the registry gates on them)."""
+    runner = runner or default_runner()
+    stats = stats if stats is not None else EngineStats()
+    fars = tuple(fars or FARS.get(release.protocol, ()))
+    k = max(ranks)
+    out: dict = {}
+    if release.protocol == "megaface":
+        probes, distractors = features["probes"], features["distractors"]
+        top = search(probes, distractors, k, runner, tile_elements, stats)
+        ranked = core.megaface_ranks(core.normalize(read_all(probes)), probes.labels, top.top_scores, ranks)
+        out.update({f"rank{r}": v for r, v in ranked.cmc.items()})
+        ver = verify([PairSpace(probes, impostors=False), PairSpace(probes, distractors)], fars, runner, topk_limit,
+                     tile_elements, stats)
+        out.update(_tar_figures(ver))
+        out.update({"trials": ranked.trials, "probes": len(probes), "distractors": len(distractors)})
+    elif release.protocol == "trillion-pairs":
+        elfw, distractors = features["elfw"], features["distractors"]
+        ver = verify([PairSpace(elfw.concat(distractors))], fars, runner, topk_limit, tile_elements, stats)
+        out.update(_tar_figures(ver))
+        faces = read_all(elfw)  # ELFW's identities are thousands of images; the million distractors stay in shards
+        in_gallery, is_probe = enrolled_split(elfw.labels)
+        gallery = FeatureSet.from_array(faces[in_gallery], elfw.labels[in_gallery]).concat(distractors)
+        probe_set = FeatureSet.from_array(faces[is_probe], elfw.labels[is_probe])
+        found = search(probe_set, gallery, k, runner, tile_elements, stats)
+        mated = np.isin(probe_set.labels, elfw.labels[in_gallery])
+        ident = core.open_set_from_search(found, mated, ranks, fpirs)
+        out.update({f"rank{r}": v for r, v in ident.cmc.items()})
+        out.update({f"tpir_at_fpir_{f:g}": v for f, v in ident.tpir.items()})
+        out.update({"mated_probes": ident.mated, "non_mated_probes": ident.non_mated, "gallery": len(gallery)})
+    elif release.protocol == "mfr-all":
+        out.update(_tar_figures(verify([PairSpace(features["images"])], fars, runner, topk_limit, tile_elements,
+                                       stats)))
+        out["images"] = len(features["images"])
+    elif release.protocol == "ytf":
+        out.update(ytf_accuracy(release, features["frames"]))
+    else:
+        raise ValueError(f"unknown protocol {release.protocol!r}")
+    out.update(release.info)
+    if release.protocol != "ytf":
+        out.update({"pairs_scored": stats.pairs, "tasks": stats.tasks, "engine_seconds": round(stats.seconds, 3)})
+    return out
+
+
+def ytf_accuracy(release: Release, frames: FeatureSet) -> dict:
+    """Each video's feature is the mean of its frames' normalised features; pairs scored as
+    LFW's (squared L2 of normalised features), 10-fold accuracy with the splits as folds."""
+    from arcface_core.metrics import pair_scores, roc_curve
+
+    videos = int(frames.labels.max()) + 1 if len(frames) else 0
+    sums, counts = np.zeros((videos, frames.dim)), np.zeros(videos)
+    for block, labels in zip(frames.blocks, frames.block_labels()):  # streamed: a block at a time
+        np.add.at(sums, labels, l2_normalize(read_block(block)))
+        np.add.at(counts, labels, 1)
+    names = sorted({v for a, b, _, _ in release.pairs for v in (a, b)})
+    index = {v: i for i, v in enumerate(names)}
+    means = sums / np.maximum(counts, 1)[:, None]
+    order = sorted(range(len(release.pairs)), key=lambda i: release.pairs[i][3])  # split by split: folds = splits
+    pairs = [release.pairs[i] for i in order]
+    per_split = np.unique([p[3] for p in pairs], return_counts=True)[1]
+    if len(set(per_split.tolist())) != 1:
+        raise ValueError(f"{release.root}/splits.txt: the splits differ in size ({sorted(set(per_split.tolist()))}); "
+                         "10-fold accuracy needs equal folds")
+    first = means[[index[a] for a, _, _, _ in pairs]]
+    second = means[[index[b] for _, b, _, _ in pairs]]
+    same = np.array([s for _, _, s, _ in pairs])
+    scores = pair_scores(first, second, "euclidean")
+    folds = kfold_accuracy(scores, same, nfolds=len(per_split))
+    far, tar, _ = roc_curve(scores, same)
+    return {"accuracy": folds.accuracy, "accuracy_std": folds.std, "threshold": folds.threshold,
+            "pairs": len(pairs), "folds": len(per_split), "roc": (far, tar)}
+
+
+def table(name: str, results: dict) -> str:
+    rows = [f"| {k} | {v:.4f} |" for k, v in results.items()
+            if k.startswith(("tar_at_far_", "rank", "tpir_at_fpir_", "accuracy"))]
+    counts = ", ".join(f"{k} {v}" for k, v in results.items() if isinstance(v, int))
+    return "\n".join([f"{name}: {counts}", "", "| metric | value |", "|---|---:|", *rows])
+
+
+def curves_png(results: dict[str, dict], title: str = "") -> bytes | None:
+    """ROC (log FAR down to the finest measured) and, where ranks were measured, CMC."""
+    roc = {n: m["roc"] for n, m in results.items() if "roc" in m}
+    cmc = {n: sorted((int(k[4:]), v) for k, v in m.items() if k.startswith("rank") and k[4:].isdigit())
+           for n, m in results.items()}
+    cmc = {n: v for n, v in cmc.items() if v}
+    if not roc and not cmc:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from cleaning.report import figure_png
+
+    fig, axes = plt.subplots(1, 2 if roc and cmc else 1, figsize=(10 if roc and cmc else 5, 4), squeeze=False)
+    axes = list(axes[0])
+    if roc:
+        ax = axes.pop(0)
+        finest = 1e-1
+        for name, (far, tar) in roc.items():
+            far, tar = np.asarray(far, float), np.asarray(tar, float)
+            shown = far > 0
+            if shown.any():
+                finest = min(finest, float(far[shown].min()))
+                ax.plot(far[shown], tar[shown], marker="o", ms=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlim(finest / 2, 1)
+        ax.set_xlabel("false accept rate")
+        ax.set_ylabel("true accept rate")
+        ax.set_title(f"ROC {title}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if cmc:
+        ax = axes.pop(0)
+        for name, points in cmc.items():
+            ax.plot([r for r, _ in points], [v for _, v in points], marker="o", label=name)
+        ax.set_xlabel("rank")
+        ax.set_ylabel("identification rate")
+        ax.set_title(f"CMC {title}".strip())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    png = figure_png(fig)
+    plt.close(fig)
+    return png
+
+
+# -- entry points ---------------------------------------------------------------------------
+
+def run_release(protocol: str, release_dir: str, embed_images=None, features_dir: str | None = None,
+                work: str | None = None, block_size: int = DEFAULT_BLOCK, fars=None, gpu: bool = False,
+                runner=None, out: str | None = None, tile_elements: int = 1 << 24) -> dict[str, dict]:
+    """Load a release, get its features (precomputed under features_dir/<role>/, or embedded
+    with `embed_images(uris) -> features` into work/<role>/), evaluate, and write the curves
+    to out/<protocol>.png. {release name: figures}."""
+    if protocol not in LOADERS:
+        raise ValueError(f"--protocol must be one of {', '.join(LOADERS)}, got {protocol!r}")
+    release = LOADERS[protocol](release_dir)
+    if features_dir is None and embed_images is None:
+        raise ValueError("give precomputed features (--features DIR) or an embedder")
+    if work is None:
+        import tempfile
+
+        work = tempfile.mkdtemp(prefix=f"arcface-{protocol}-")
+    features = {}
+    for role in release.roles:
+        if features_dir:
+            fs = precomputed_role(storage.join(features_dir, role.name), role.uris, block_size)
+            fs.labels = role.labels
+        else:
+            fs = embed_role(role.uris, role.labels, embed_images, storage.join(work, release.name, role.name),
+                            block_size, block_size)
+        features[role.name] = fs
+        log.info("%s %s: %d images", release.name, role.name, len(fs))
+    results = {release.name: evaluate_release(release, features, fars, runner=runner or default_runner(gpu),
+                                              tile_elements=tile_elements)}
+    if out:
+        png = curves_png(results, release.name)
+        if png:
+            storage.write_bytes(storage.join(out, f"{protocol}.png"), png)
+    return results
+
+
+def add_arguments(parser) -> None:
+    """`arcface evaluate` options of the large-scale protocols."""
+    parser.add_argument("--protocol", choices=list(LOADERS),
+                        help="a large-scale benchmark release given with --release: MegaFace Challenge 1, "
+                             "Trillion-Pairs, MFR-ALL-style all-to-all, YouTube Faces")
+    parser.add_argument("--release", metavar="DIR", help="the release folder (local or s3://) of --protocol")
+    parser.add_argument("--features", metavar="DIR",
+                        help="precomputed feature shards, one folder per role (probes/, distractors/, elfw/, "
+                             "images/, frames/), rows in the release lists' order")
+    parser.add_argument("--work", metavar="DIR", help="where embedded feature shards go (default: a temp folder)")
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
+                        help="rows per block: a task scores two blocks (memory per task ~ 2 blocks + a tile)")
+    parser.add_argument("--far", type=float, action="append", metavar="FAR",
+                        help="a FAR target (repeat for several; default: the protocol's, down to 1e-9 for "
+                             "Trillion-Pairs)")
+    parser.add_argument("--large-gpu", action="store_true",
+                        help="large-scale blocks as Ray tasks with one GPU each")
+
+
+def run_protocol(args, cfg, embedder) -> dict[str, dict]:
+    """What `arcface evaluate --protocol P --release DIR` runs with the loaded embedder."""
+    if not args.release:
+        raise ValueError("--protocol needs --release DIR")
+    embed = None if args.features else local_image_embedder(embedder, flip=not getattr(args, "no_flip", False))
+    results = run_release(args.protocol, args.release, embed, args.features, args.work, args.block_size, args.far,
+                          args.large_gpu, out=getattr(args, "out", None))
+    for name, figures in results.items():
+        print(table(name, figures))
+    return results
+
+
+def write_demo_releases(out: str, seed: int = 0) -> dict[str, dict]:
+    """`arcface demo-data`: a small synthetic release of each protocol under out/<protocol>/."""
+    from cleaning.synthetic.large_scale import write_releases
+
+    return write_releases(out, seed=seed)

@@ -254,3 +254,131 @@ def test_engine_on_ray_equals_brute_force(ray_local, tmp_path):
     local = ls.search(pf, gf, 4, runner=ls.LocalRunner())
     remote = ls.search(pf, gf, 4, runner=runner)
     assert torch.equal(local.top_scores, remote.top_scores) and torch.equal(local.mate, remote.mate)
+
+
+# -- protocol adapters on their synthetic releases ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory):
+    from cleaning.synthetic.large_scale import write_releases
+
+    root = tmp_path_factory.mktemp("large_scale_releases")
+    return root, write_releases(root, seed=3)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from arcface_core.backbones import build_backbone
+    from pipelines.evaluate import TorchEmbedder
+
+    torch.manual_seed(0)
+    return TorchEmbedder(build_backbone("tiny", 32))
+
+
+def _embedded(release, embedder):
+    embed = ls.local_image_embedder(embedder)
+    return {r.name: (embed(r.uris), r.labels) for r in release.roles}
+
+
+def test_megaface_release_end_to_end(releases, embedder, tmp_path):
+    root, info = releases
+    release = ls.load_megaface(str(root / "megaface"))
+    probes, distractors = release.roles
+    assert len(probes.uris) == info["megaface"]["probes"] - 1 == 23  # the noisy FaceScrub image is left out
+    assert len(distractors.uris) == info["megaface"]["distractors"] - 2  # noise list and duplicates list
+    assert release.info == {"noisy_probes_removed": 1, "noisy_distractors_removed": 2}
+    results = ls.run_release("megaface", str(root / "megaface"), ls.local_image_embedder(embedder), work=str(tmp_path),
+                             block_size=16, runner=ls.LocalRunner(), out=str(tmp_path / "out"))
+    (name, figures), = results.items()
+    assert name == release.name and name.startswith("MegaFace-")
+    feats = _embedded(release, embedder)
+    expected = identification_rank1(feats["probes"][0], feats["probes"][1], feats["distractors"][0])
+    assert figures["rank1"] == expected.rank1 and figures["trials"] == expected.probes
+    assert figures["rank1"] <= figures["rank5"] <= figures["rank10"]
+    assert figures["impostor_pairs"] == 23 * 58 and "tar_at_far_0.001" in figures and "tar_at_far_0.0001" not in figures
+    assert (tmp_path / "out" / "megaface.png").stat().st_size > 1000
+    # the embedded shards are reused by a second run (same paths): the embedder is not called again
+    def refuse(uris):
+        raise AssertionError("embedded again")
+    again = ls.run_release("megaface", str(root / "megaface"), refuse, work=str(tmp_path), block_size=16,
+                           runner=ls.LocalRunner())
+    assert {k: v for k, v in again[name].items() if k not in ("roc", "engine_seconds")} == \
+        {k: v for k, v in figures.items() if k not in ("roc", "engine_seconds")}
+
+
+def test_trillion_pairs_release_end_to_end(releases, embedder, tmp_path):
+    root, info = releases
+    release = ls.load_trillion_pairs(str(root / "trillion-pairs"))
+    results = ls.run_release("trillion-pairs", str(root / "trillion-pairs"), ls.local_image_embedder(embedder),
+                             work=str(tmp_path), block_size=32, runner=ls.LocalRunner())
+    figures = results[release.name]
+    feats = _embedded(release, embedder)
+    everything = np.concatenate([feats["elfw"][0], feats["distractors"][0]])
+    labels = np.r_[feats["elfw"][1], feats["distractors"][1]]
+    expected = brute_all_to_all(everything, labels, ls.FARS["trillion-pairs"])
+    assert {k: figures[f"tar_at_far_{k:g}"] for k in expected} == expected
+    assert not any(k.startswith("tar_at_far_1e-0") and k not in {f"tar_at_far_{f:g}" for f in expected} for k in figures)
+    # identification: the open-set protocol with the distractors in the gallery
+    gallery_mask, probe_mask = ls.enrolled_split(feats["elfw"][1])
+    g = np.concatenate([feats["elfw"][0][gallery_mask], feats["distractors"][0]])
+    gl = np.r_[feats["elfw"][1][gallery_mask].astype(str), [f"d{i}" for i in range(len(feats["distractors"][0]))]]
+    brute = open_set_identification(g, gl, feats["elfw"][0][probe_mask], feats["elfw"][1][probe_mask].astype(str),
+                                    ls.RANKS, ls.FPIRS)
+    # float64 brute force vs float32 engine: equal wherever no two scores fall within float32 rounding
+    assert figures["rank1"] == pytest.approx(brute.cmc[1], abs=1 / brute.mated)
+    assert figures["mated_probes"] == brute.mated and figures["non_mated_probes"] == brute.non_mated
+    assert set(k for k in figures if k.startswith("tpir")) == {f"tpir_at_fpir_{f:g}" for f in brute.tpir}
+
+
+def test_mfr_release_end_to_end(releases, embedder):
+    root, info = releases
+    release = ls.load_mfr(str(root / "mfr-all"))
+    figures = ls.run_release("mfr-all", str(root / "mfr-all"), ls.local_image_embedder(embedder),
+                             block_size=20, runner=ls.LocalRunner())[release.name]
+    (feats, labels), = _embedded(release, embedder).values()
+    expected = brute_all_to_all(feats, labels, ls.FARS["mfr-all"])
+    assert {k: figures[f"tar_at_far_{k:g}"] for k in expected} == expected
+    assert figures["images"] == info["mfr-all"]["images"] == 48 and figures["genuine_pairs"] == 12 * 6
+
+
+def test_ytf_release_end_to_end(releases, embedder):
+    from arcface_core.metrics import kfold_accuracy, pair_scores
+
+    root, info = releases
+    release = ls.load_ytf(str(root / "ytf"))
+    figures = ls.run_release("ytf", str(root / "ytf"), ls.local_image_embedder(embedder), block_size=10,
+                             runner=ls.LocalRunner())[release.name]
+    assert figures["pairs"] == 100 and figures["folds"] == 10
+    (frames, video), = _embedded(release, embedder).values()
+    from arcface_core.metrics import l2_normalize
+    means = np.stack([l2_normalize(frames)[video == v].mean(0) for v in range(video.max() + 1)])
+    names = sorted({v for a, b, _, _ in release.pairs for v in (a, b)})
+    a = means[[names.index(p[0]) for p in release.pairs]]
+    b = means[[names.index(p[1]) for p in release.pairs]]
+    expected = kfold_accuracy(pair_scores(a, b), np.array([p[2] for p in release.pairs]))
+    assert figures["accuracy"] == pytest.approx(expected.accuracy)
+
+
+def test_run_protocol_from_parsed_arguments(releases, embedder, tmp_path, capsys):
+    import argparse
+
+    root, _ = releases
+    parser = argparse.ArgumentParser()
+    ls.add_arguments(parser)
+    parser.add_argument("--out")
+    args = parser.parse_args(["--protocol", "mfr-all", "--release", str(root / "mfr-all"), "--block-size", "13",
+                              "--far", "0.01", "--far", "0.1", "--out", str(tmp_path)])
+    results = ls.run_protocol(args, None, embedder)
+    (figures,) = results.values()
+    assert {k for k in figures if k.startswith("tar_at_far")} == {"tar_at_far_0.01", "tar_at_far_0.1"}
+    assert "| tar_at_far_0.01 |" in capsys.readouterr().out and (tmp_path / "mfr-all.png").exists()
+    with pytest.raises(ValueError, match="needs --release"):
+        ls.run_protocol(parser.parse_args(["--protocol", "ytf"]), None, embedder)
+
+
+def test_release_layout_errors_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="facescrub_lst: missing"):
+        ls.load_megaface(str(tmp_path))
+    (tmp_path / "splits.txt").write_text("header\n1, a/0, b/0\n")
+    with pytest.raises(ValueError, match="line 2 is not"):
+        ls.load_ytf(str(tmp_path))
