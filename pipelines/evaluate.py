@@ -28,20 +28,26 @@ from arcface_core.embedder import AlignedFaceEmbedder, embed_faces
 from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
 from cleaning.formats.insightface_bin import loads_pairs
 from dataset import shards, storage
+from pipelines.eval_workers import CHUNK, as_runner
 
 log = logging.getLogger(__name__)
+
+
+def decode_face(blob, index: int = 0) -> np.ndarray:
+    """One encoded aligned face -> (112, 112, 3) uint8 RGB."""
+    img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
+    if img is None:
+        raise ValueError(f"image {index} does not decode")
+    if img.shape[:2] != (112, 112):
+        img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_AREA)
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def decode_aligned(blobs: list[bytes]) -> np.ndarray:
     """Encoded aligned faces -> (N, 112, 112, 3) uint8 RGB."""
     out = np.empty((len(blobs), 112, 112, 3), np.uint8)
     for i, blob in enumerate(blobs):
-        img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
-        if img is None:
-            raise ValueError(f"image {i} does not decode")
-        if img.shape[:2] != (112, 112):
-            img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_AREA)
-        out[i] = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        out[i] = decode_face(blob, i)
     return out
 
 
@@ -110,12 +116,16 @@ class TorchEmbedder:
 
 def verify(embedder, pairs: PairSet, flip: bool = True) -> dict:
     """10-fold accuracy (insightface protocol), TAR@FAR where the pair count allows, ROC."""
-    emb = embedder(pairs.faces, flip)
+    return verification_metrics(embedder(pairs.faces, flip), pairs.issame)
+
+
+def verification_metrics(emb: np.ndarray, issame: np.ndarray) -> dict:
+    """`verify`'s figures from the embeddings of the pairs' faces (pair p: rows 2p, 2p+1)."""
     scores = pair_scores(emb[0::2], emb[1::2], "euclidean")
-    folds = kfold_accuracy(scores, pairs.issame, nfolds=10)
-    far, tar, _ = roc_curve(scores, pairs.issame)
+    folds = kfold_accuracy(scores, issame, nfolds=10)
+    far, tar, _ = roc_curve(scores, issame)
     out = {"accuracy": folds.accuracy, "accuracy_std": folds.std, "threshold": folds.threshold}
-    for target, value in tar_at_far(scores, pairs.issame).items():
+    for target, value in tar_at_far(scores, issame).items():
         out[f"tar_at_far_{target:g}"] = value
     out["roc"] = (far, tar)
     return out
@@ -129,26 +139,184 @@ def probe_identities(identities: np.ndarray) -> set:
 
 
 def identify(embedder, faces: FaceSet, flip: bool = True) -> dict:
-    emb = embedder(faces.faces, flip)
-    probes = np.isin(faces.identities, list(probe_identities(faces.identities)))
-    result = identification_rank1(emb[probes], faces.identities[probes], emb[~probes])
+    return identification_metrics(embedder(faces.faces, flip), faces.identities)
+
+
+def identification_metrics(emb: np.ndarray, identities: np.ndarray) -> dict:
+    """`identify`'s figures from the embeddings of the set's faces."""
+    probes = np.isin(identities, list(probe_identities(identities)))
+    result = identification_rank1(emb[probes], identities[probes], emb[~probes])
     return {"rank1": result.rank1, "trials": result.probes, "distractors": result.distractors}
 
 
-def evaluate(embedder, pair_uris: list[str] = (), face_uris: list[str] = (), flip: bool = True) -> dict[str, dict]:
-    """{set name: metrics} over every given set."""
+# -- sets as their workers read them (pipelines/eval_workers.py) -----------------------------
+# The driver knows a set by its name and labels; the faces stay where they are, and each job
+# of at most `chunk` faces is read by the worker that embeds it.
+
+@dataclass
+class PairLabels:
+    name: str
+    uri: str
+    issame: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return 2 * len(self.issame)
+
+
+@dataclass
+class FaceLabels:
+    name: str
+    uri: str
+    identities: np.ndarray
+
+    @property
+    def count(self) -> int:
+        return len(self.identities)
+
+
+def read_pair_labels(uri: str) -> PairLabels:
+    """A `.bin` pair set's name and same/different labels (run on a worker: it reads the file)."""
+    data = storage.read_bytes(uri)
+    _, issame = loads_pairs(data, name=uri)
+    return PairLabels(set_name(uri, data), uri, np.asarray(issame, bool))
+
+
+def read_face_labels(uri: str) -> FaceLabels:
+    """An identification set's name and identities, its images left unread."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = storage.read_bytes(uri)
+    identities = pq.read_table(pa.BufferReader(data), columns=["identity"]).column("identity").to_pylist()
+    return FaceLabels(set_name(uri, data), uri, np.asarray(identities))
+
+
+@dataclass
+class BinImages:
+    """Faces [start, stop) of a `.bin` pair set. The file is one pickle, so a worker unpacks it
+    once (its cache keeps the last file) and decodes only this job's faces."""
+    uri: str
+    start: int
+    stop: int
+    flip: bool = True
+    raw = False
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def open(self, cache: dict):
+        images = cache.get(("bin", self.uri))
+        if images is None:
+            cache.clear()  # one file at a time: the jobs of a set come one after another
+            images, _ = loads_pairs(storage.read_bytes(self.uri), name=self.uri)
+            cache[("bin", self.uri)] = images
+        return lambda i: decode_face(images[self.start + i], self.start + i)
+
+
+@dataclass
+class ParquetImages:
+    """Rows [start, stop) of an identification set's `image` column: only the row groups
+    that hold them are read."""
+    uri: str
+    start: int
+    stop: int
+    flip: bool = True
+    raw = False
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+    def open(self, cache: dict):
+        import pyarrow.parquet as pq
+
+        with storage.open_input(self.uri) as fh:
+            reader = pq.ParquetFile(fh)
+            sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
+            firsts = np.r_[0, np.cumsum(sizes)]
+            groups = [g for g in range(len(sizes)) if firsts[g] < self.stop and firsts[g + 1] > self.start]
+            table = reader.read_row_groups(groups, columns=["image"])
+        offset = self.start - int(firsts[groups[0]]) if groups else 0
+        images = table.column("image").slice(offset, self.count).to_pylist()
+        return lambda i: decode_face(images[i], self.start + i)
+
+
+def chunks(count: int, chunk: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+
+
+def evaluate(embedder, pair_uris: list[str] = (), face_uris: list[str] = (), flip: bool = True,
+             chunk: int = CHUNK) -> dict[str, dict]:
+    """{set name: metrics} over every given set. `embedder` is a runner of
+    pipelines/eval_workers.py (Ray workers or this process: `embedding_workers`) or a plain
+    embedder, which then runs here. The faces of all sets are embedded in one stream of jobs;
+    the metrics are computed from the gathered embeddings, set by set."""
+    runner = as_runner(embedder)
+    try:
+        pair_sets = [runner.run(read_pair_labels, uri) for uri in pair_uris]
+        face_sets = [runner.run(read_face_labels, uri) for uri in face_uris]
+        jobs = [BinImages(s.uri, a, b, flip) for s in pair_sets for a, b in chunks(s.count, chunk)]
+        jobs += [ParquetImages(s.uri, a, b, flip) for s in face_sets for a, b in chunks(s.count, chunk)]
+        emb = runner.embed_jobs(jobs, "evaluation faces")
+    finally:
+        if runner is not embedder:  # made here for a plain embedder
+            runner.close()
     results: dict[str, dict] = {}
-    for uri in pair_uris:
-        pairs = load_pairs(uri)
-        results[pairs.name] = verify(embedder, pairs, flip)
-        log.info("%s: accuracy %.4f ± %.4f", pairs.name, results[pairs.name]["accuracy"],
-                 results[pairs.name]["accuracy_std"])
-    for uri in face_uris:
-        faces = load_faces(uri)
-        results[faces.name] = identify(embedder, faces, flip)
-        log.info("%s: rank-1 %.4f (%d trials, %d distractors)", faces.name, results[faces.name]["rank1"],
-                 results[faces.name]["trials"], results[faces.name]["distractors"])
+    at = 0
+    for labels in pair_sets + face_sets:
+        own = emb[at:at + labels.count]
+        at += labels.count
+        if isinstance(labels, PairLabels):
+            results[labels.name] = verification_metrics(own, labels.issame)
+            log.info("%s: accuracy %.4f ± %.4f", labels.name, results[labels.name]["accuracy"],
+                     results[labels.name]["accuracy_std"])
+        else:
+            results[labels.name] = identification_metrics(own, labels.identities)
+            log.info("%s: rank-1 %.4f (%d trials, %d distractors)", labels.name, results[labels.name]["rank1"],
+                     results[labels.name]["trials"], results[labels.name]["distractors"])
     return results
+
+
+@dataclass
+class Evaluation:
+    results: dict[str, dict]  # set name -> metrics (with "roc")
+    ijb_name: str = ""  # the IJB set's entry in results, if one was evaluated
+    recorded_on: str = ""  # "NAME vVERSION" when the figures were recorded on a registered version
+
+
+def evaluate_model(model_uri: str, pair_uris: list[str] = (), face_uris: list[str] = (), flip: bool = True,
+                   ijb_root: str = "", ijb_target: str = "IJBC", ijb_norm: bool = False,
+                   ijb_detector_score: bool = False, workers: int = 0, gpu: bool = False, ray_address: str = "",
+                   record: bool = True, chunk: int = CHUNK) -> Evaluation:
+    """`arcface evaluate`: a model (checkpoint, MLflow model URI) on pair sets, identification
+    sets and an IJB release, its faces embedded in this process (`workers=0`) or by `workers`
+    Ray actors (one GPU each with `gpu`) that read the images themselves. With `record`, a
+    `models:/` model gets every set's figures as `eval.<set>.<metric>` tags of its version
+    and metrics of its run (`record_evaluation`), the `.bin` sets' as well as IJB's."""
+    from pipelines.eval_workers import embedding_workers
+    from pipelines.registry import pin_model_uri
+
+    ijb_set = None
+    if ijb_root:  # its protocol files are read (and checked) before any worker starts
+        from pipelines import ijb
+
+        ijb_set = ijb.load_ijb(ijb_root, ijb_target)
+    model_uri = pin_model_uri(model_uri)
+    with embedding_workers(model_uri, workers=workers, gpu=gpu, ray_address=ray_address) as runner:
+        results = evaluate(runner, pair_uris, face_uris, flip, chunk) if (pair_uris or face_uris) else {}
+        ijb_name = ""
+        if ijb_set is not None:
+            ijb_name = f"{ijb_set.target}-{ijb_set.digest}"
+            results[ijb_name] = ijb.evaluate_ijb(ijb_set, ijb.embed_images(ijb_set, runner, chunk), norm=ijb_norm,
+                                                 detector_score=ijb_detector_score)
+    recorded_on = ""
+    if record and results and model_uri.startswith("models:/"):
+        from pipelines.registry import record_evaluation
+
+        recorded_on = record_evaluation(model_uri, results)
+    return Evaluation(results, ijb_name, recorded_on)
 
 
 def load_sets(pair_uris: list[str], face_uris: list[str]) -> list:

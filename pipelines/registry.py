@@ -128,16 +128,39 @@ def require_trusted(uri: str, trust_code: bool) -> None:
                              "Pass --trust-model-code if you trust its origin, or register it and use models:/NAME/VERSION")
 
 
+def _is_mlflow_model(uri: str) -> bool:
+    from dataset import storage
+
+    return uri.startswith(("models:/", "runs:/", "m-")) or storage.exists(storage.join(uri, "MLmodel"))
+
+
+def check_model_uri(uri: str) -> None:
+    """The one-line error `load_embedder` would give, without loading anything (so evaluation
+    workers are not started for a model that cannot load)."""
+    from pipelines.training import checkpoint
+
+    if not (checkpoint.is_checkpoint(uri) or _is_mlflow_model(uri)):
+        raise ValueError(f"{uri}: neither an MLflow model URI nor a training checkpoint folder")
+
+
+def pin_model_uri(uri: str) -> str:
+    """`models:/NAME@ALIAS` as `models:/NAME/VERSION` of the version the alias names now
+    (workers that load it one after another must not see the alias move); any other URI as is."""
+    if uri.startswith("models:/") and "@" in uri:
+        version = resolve_version(uri)
+        return f"models:/{version.name}/{version.version}"
+    return uri
+
+
 def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
     folder (with an MLmodel file), or a training checkpoint folder (state.json + backbone.pt;
     local or s3://). `device` applies to checkpoints; MLflow models run on the CPU."""
-    from dataset import storage
     from pipelines.training import checkpoint
 
     if checkpoint.is_checkpoint(uri):
         return LoadedModel(uri, _checkpoint_embedder(uri, device), "checkpoint")
-    if uri.startswith(("models:/", "runs:/", "m-")) or storage.exists(storage.join(uri, "MLmodel")):
+    if _is_mlflow_model(uri):
         import mlflow
 
         return LoadedModel(uri, _PyfuncEmbedder(mlflow.pyfunc.load_model(uri)), "mlflow")
@@ -180,12 +203,15 @@ def _common_figure(candidate: dict[str, float], champion: dict[str, float], metr
             float(np.mean([champion[f"{s}.{metric}"] for s in sets])), sets)
 
 
-def evaluate_version(client, name: str, version: str, pair_uris: list[str], face_uris: list[str]) -> dict[str, float]:
-    """Evaluate a registered version now and record the figures on it as tags."""
+def evaluate_version(client, name: str, version: str, pair_uris: list[str], face_uris: list[str],
+                     workers: int = 0, gpu: bool = False, ray_address: str = "") -> dict[str, float]:
+    """Evaluate a registered version now and record the figures on it as tags; its faces
+    embedded in this process (`workers=0`) or by `workers` Ray actors (one GPU each with `gpu`)."""
+    from pipelines.eval_workers import embedding_workers
     from pipelines.evaluate import evaluate, scalar_metrics
 
-    loaded = load_embedder(f"models:/{name}/{version}")
-    figures = scalar_metrics(evaluate(loaded.embedder, pair_uris, face_uris))
+    with embedding_workers(f"models:/{name}/{version}", workers=workers, gpu=gpu, ray_address=ray_address) as runner:
+        figures = scalar_metrics(evaluate(runner, pair_uris, face_uris))
     for key, value in figures.items():
         client.set_model_version_tag(name, version, f"eval.{key}", f"{value:.6g}")
     return {k: float(f"{v:.6g}") for k, v in figures.items()}
@@ -240,11 +266,13 @@ class Decision:
 
 
 def promote(name: str, version: str, metric: str = "accuracy", min_delta: float = 0.0,
-            pair_uris: list[str] = (), face_uris: list[str] = (), client=None) -> Decision:
+            pair_uris: list[str] = (), face_uris: list[str] = (), client=None, workers: int = 0, gpu: bool = False,
+            ray_address: str = "") -> Decision:
     """Move `champion` to `version` only if it beats the current champion by at least
     `min_delta` on `metric` (mean over the evaluation sets both were measured on; with
     `min_delta` 0 it must be strictly better). The first version becomes champion. The
-    decision and both figures are recorded as tags on the candidate."""
+    decision and both figures are recorded as tags on the candidate. With sets given, both
+    versions are evaluated on them first (`workers`, `gpu`, `ray_address`: as `evaluate_version`)."""
     import mlflow
 
     client = client or mlflow.MlflowClient()
@@ -259,9 +287,10 @@ def promote(name: str, version: str, metric: str = "accuracy", min_delta: float 
     except mlflow.exceptions.MlflowException:
         current = None
     if pair_uris or face_uris:
-        evaluate_version(client, name, candidate.version, list(pair_uris), list(face_uris))
+        on = {"workers": workers, "gpu": gpu, "ray_address": ray_address}
+        evaluate_version(client, name, candidate.version, list(pair_uris), list(face_uris), **on)
         if current is not None and current.version != candidate.version:
-            evaluate_version(client, name, current.version, list(pair_uris), list(face_uris))
+            evaluate_version(client, name, current.version, list(pair_uris), list(face_uris), **on)
         candidate = client.get_model_version(name, candidate.version)
         current = client.get_model_version(name, current.version) if current else None
     cand_eval = recorded_evaluation(candidate)
