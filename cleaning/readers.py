@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import hashlib
 import csv
 import io
@@ -461,13 +462,18 @@ def _parse_idx_line(raw: bytes) -> tuple[int, int]:
     return index, offset
 
 
-def _idx_lines(idx_uri: str) -> Iterator[tuple[int, int, bytes, tuple[int, int] | None]]:
+def _idx_lines(idx_uri: str, start: int = 0, end: int | None = None,
+               first_line: int = 1) -> Iterator[tuple[int, int, bytes, tuple[int, int] | None]]:
     """(byte offset, line number, line, (index, offset) or None when malformed) for each line
-    of a .idx, streamed: the driver never holds the index."""
+    of a .idx from byte `start` (a line start, numbered `first_line`) to `end`, streamed: the
+    driver never holds the index."""
     fs, path = storage.resolve(idx_uri)
-    with fs.open_input_stream(path) as fh:
-        pos = 0
-        for line_no, raw in enumerate(io.BufferedReader(fh, buffer_size=1 << 20), start=1):
+    with fs.open_input_file(path) as fh:
+        fh.seek(start)
+        pos = start
+        for line_no, raw in enumerate(io.BufferedReader(fh, buffer_size=1 << 20), start=first_line):
+            if end is not None and pos >= end:
+                return
             try:
                 parsed = _parse_idx_line(raw)
             except ValueError:
@@ -487,7 +493,70 @@ def _bad_idx_line(line_no: int, raw: bytes) -> str:
 
 
 class _Unsorted(Exception):
-    """The .idx does not list records in increasing index order."""
+    """The .idx cannot be planned from its runs (the message says why): planned in memory."""
+
+
+# A run is a stretch of train.idx that lists records in increasing index order. An index as
+# insightface's tools write it has one (in index order) or two (face2rec2: images 1..N, then
+# record 0 and the identity records); gaps from filtered records do not break a run. Past this
+# many the index is scrambled and planned in memory (a run costs the driver ~200 bytes).
+_MAX_RUNS = 4096
+
+
+@dataclass
+class _Run:
+    byte_start: int
+    first_line: int
+    first_key: int = -1
+    last_key: int = -1
+    byte_end: int = 0
+
+
+@dataclass
+class _IndexScan:
+    runs: list[_Run]  # in file order
+    header_run: int | None  # the run record 0 starts (it has the smallest index)
+    identity_records: tuple[int, int] | None  # [first, end) from insightface's header record
+    identity_offsets: dict[int, int]  # offsets of the identity records listed after record 0
+
+
+def _header_range(fh, offset: int) -> tuple[int, int] | None:
+    """Record 0's [first, end) identity-record range, or None when it is an image (im2rec)."""
+    flag, labels, _, _ = unpack_record(read_record(fh, offset))
+    return (int(labels[0]), int(labels[1])) if flag >= 2 else None
+
+
+def _scan_index(idx_uri: str, fh) -> _IndexScan:
+    """The first pass over train.idx: its runs, and the identity records' offsets once record 0
+    (read on sight) has said which records those are."""
+    runs: list[_Run] = []
+    current = _Run(0, 1)
+    scan = _IndexScan(runs, None, None, {})
+    end = 0
+    for pos, line_no, raw, parsed in _idx_lines(idx_uri):
+        end = pos + len(raw)
+        if parsed is None:
+            continue  # a malformed line stays in its run's bytes: the worker reading them rejects it
+        key, offset = parsed
+        if current.first_key < 0:
+            current.first_key = key
+        elif key <= current.last_key:
+            current.byte_end = pos
+            runs.append(current)
+            if len(runs) >= _MAX_RUNS:
+                raise _Unsorted(f"records are listed in over {_MAX_RUNS} stretches of increasing index")
+            current = _Run(pos, line_no, key)
+        current.last_key = key
+        if key == 0:
+            scan.header_run = len(runs)
+            scan.identity_records = _header_range(fh, offset)
+        elif scan.identity_records and scan.identity_records[0] <= key < scan.identity_records[1]:
+            scan.identity_offsets[key] = offset
+    current.byte_end = end
+    runs.append(current)
+    if scan.header_run is None:
+        raise _Unsorted("no entry for record 0")  # the in-memory planner says so, as an error
+    return scan
 
 
 def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partition]:
@@ -497,73 +566,110 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
 
     With insightface's header record (record 0, label [first identity record, end]) the
     identity records give each identity's image range; without one, the records' own labels
-    are read (header bytes only) and the cut falls where the label changes. An index not in
-    increasing record order (not as insightface or im2rec write it) is planned in memory."""
+    are read (header bytes only) and the cut falls where the label changes. The index may list
+    its records in a few runs of increasing index: in order (our writer, im2rec) or as
+    face2rec2 writes it (images 1..N, then record 0 and the identity records), each run a
+    byte range found by one streaming pass. A record listed twice, runs that interleave, an
+    identity split between runs or a scrambled index is planned in memory (~380 bytes a record
+    in the driver), where a record listed twice is rejected with its line."""
     idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
     with storage.open_input(rec_uri) as fh:
         try:
             return _plan_rec_streamed(root, idx_uri, fh, records_per_partition)
-        except _Unsorted:
-            log.warning("%s: records are not listed in index order; planning with the whole index in memory",
-                        idx_uri)
+        except _Unsorted as why:
+            log.warning("%s: %s; planning with the whole index in memory", idx_uri, why)
             return _plan_rec_in_memory(root, idx_uri, fh, records_per_partition)
 
 
 def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
-    lines = _idx_lines(idx_uri)
-    first = next(((pos, no, p) for pos, no, _, p in lines if p is not None), None)
-    if first is None or first[2][0] != 0:
-        raise _Unsorted  # record 0 is missing or not first: the in-memory planner says which
-    flag, labels, _, _ = unpack_record(read_record(fh, first[2][1]))
+    scan = _scan_index(idx_uri, fh)
+    by_key = sorted(scan.runs, key=lambda r: r.first_key)
+    for a, b in zip(by_key, by_key[1:]):
+        if a.last_key >= b.first_key:
+            raise _Unsorted(f"records {b.first_key}..{a.last_key} are listed in two places "
+                            "(a record listed twice, or stretches interleaved)")
+    if scan.identity_records is None:
+        if len(scan.runs) > 1 or scan.runs[0].first_key != 0:
+            raise _Unsorted("with no header record, records must be listed from 0 in increasing order")
+        return _plan_rec_by_label(root, idx_uri, fh, per_partition)
+    first_identity, end_identity = scan.identity_records
+    lasts = [r.last_key for r in by_key]
+    # Identity records listed before record 0 (in neither insightface order) are read now.
+    for run in scan.runs[:scan.header_run]:
+        if run.first_key < end_identity and run.last_key >= first_identity:
+            for _, _, _, parsed in _idx_lines(idx_uri, run.byte_start, run.byte_end, run.first_line):
+                if parsed is not None and first_identity <= parsed[0] < end_identity:
+                    scan.identity_offsets[parsed[0]] = parsed[1]
+    ranges, missing = _rec_identity_ranges(fh, scan.identity_offsets, first_identity, end_identity)
+    if missing:  # their images are still read; only the grouping is lost
+        log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
+    # Partitions start at the first image of an identity, once the one before holds enough;
+    # every run starts one too (a partition is one byte range), so an identity must lie in one run.
+    firsts = [r.first_key for r in by_key]
+    starts, size = [], 0
+    for start, end in sorted(ranges):
+        if end > start and bisect.bisect_right(firsts, end - 1) - bisect.bisect_left(lasts, start) > 1:
+            raise _Unsorted(f"the images of identity [{start}, {end}) are listed in two stretches of the index")
+        if size >= per_partition:
+            starts.append(start)
+            size = 0
+        size += max(end - start, 0)
+    return _cut_runs(root, idx_uri, scan, starts, {"identity_records": [first_identity, end_identity]})
+
+
+def _cut_runs(root: str, idx_uri: str, scan: _IndexScan, starts: list[int], extra: dict) -> list[Partition]:
+    """The second pass: partitions as byte ranges of train.idx, cut where each run starts and
+    at the first line of each run at or past a wanted image index. A stretch that holds no
+    image and no malformed line (the header and identity records, which face2rec2 lists
+    last) is no partition."""
+    first_identity, end_identity = extra["identity_records"]
+    segments: list[list] = []  # [byte offset, line number, holds something to read]
+    runs = iter(scan.runs)
+    next_run = next(runs, None)
+    wants: list[int] = []
+    w = 0
+    for pos, no, _, parsed in _idx_lines(idx_uri):
+        if next_run is not None and pos >= next_run.byte_start:
+            wants = starts[bisect.bisect_left(starts, next_run.first_key):
+                           bisect.bisect_right(starts, next_run.last_key)]
+            w = 0
+            segments.append([pos, no, False])
+            next_run = next(runs, None)
+        if parsed is None:
+            segments[-1][2] = True
+            continue
+        key = parsed[0]
+        if w < len(wants) and key >= wants[w]:
+            if segments[-1][0] != pos:
+                segments.append([pos, no, False])
+            while w < len(wants) and wants[w] <= key:
+                w += 1
+        if key != 0 and not first_identity <= key < end_identity:
+            segments[-1][2] = True
+    ends = [s[0] for s in segments[1:]] + [storage.size(idx_uri)]
+    kept = [(s, e) for s, e in zip(segments, ends) if s[2]] or [(segments[0], ends[0])]
+    return [Partition("insightface-rec", root, k, byte_range=(s[0], e), first_line=s[1], extra=dict(extra))
+            for k, (s, e) in enumerate(kept)]
+
+
+def _plan_rec_by_label(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
+    """No header (im2rec): every record is an image; the records' own labels are read (header
+    bytes only) and a partition ends where the label changes once it holds enough."""
     cuts: list[tuple[int, int]] = [(0, 1)]  # (byte offset, line number) where each partition starts
-    last_index = 0
-    if flag >= 2:  # header: images are records 1 .. labels[0]-1, identities labels[0] .. labels[1]-1
-        first_identity, end_identity = int(labels[0]), int(labels[1])
-        identity_offsets = {}
-        for _, _, _, parsed in lines:
-            if parsed is not None:
-                if parsed[0] <= last_index:
-                    raise _Unsorted
-                last_index = parsed[0]
-                if first_identity <= parsed[0] < end_identity:
-                    identity_offsets[parsed[0]] = parsed[1]
-        ranges, missing = _rec_identity_ranges(fh, identity_offsets, first_identity, end_identity)
-        if missing:  # their images are still read; only the grouping is lost
-            log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
-        # Partitions start at the first image of an identity, once the one before holds enough.
-        starts, size = [], 0
-        for start, end in sorted(ranges):
-            if size >= per_partition:
-                starts.append(start)
-                size = 0
-            size += max(end - start, 0)
-        at = iter(starts)
-        want = next(at, None)
-        for pos, no, _, parsed in _idx_lines(idx_uri):
-            if want is not None and parsed is not None and parsed[0] >= want:
-                cuts.append((pos, no))
-                while want is not None and want <= parsed[0]:
-                    want = next(at, None)
-        extra = {"identity_records": [first_identity, end_identity]}
-    else:  # no header (im2rec): every record is an image; cut where the label changes
-        size, previous = 1, _rec_label(fh, first[2][1])
-        for pos, no, _, parsed in lines:
-            if parsed is None:
-                size += 1
-                continue
-            if parsed[0] <= last_index:
-                raise _Unsorted
-            last_index = parsed[0]
-            label = _rec_label(fh, parsed[1])
-            if size >= per_partition and label != previous:
-                cuts.append((pos, no))
-                size = 0
+    size, previous = 0, None
+    for pos, no, _, parsed in _idx_lines(idx_uri):
+        if parsed is None:
             size += 1
-            previous = label
-        extra = {}
-    end_of_index = storage.size(idx_uri)
-    return [Partition("insightface-rec", root, k, byte_range=(pos, nxt), first_line=no, extra=dict(extra))
-            for k, ((pos, no), nxt) in enumerate(zip(cuts, [c[0] for c in cuts[1:]] + [end_of_index]))]
+            continue
+        label = _rec_label(fh, parsed[1])
+        if size and size >= per_partition and label != previous:
+            cuts.append((pos, no))
+            size = 0
+        size += 1
+        previous = label
+    ends = [c[0] for c in cuts[1:]] + [storage.size(idx_uri)]
+    return [Partition("insightface-rec", root, k, byte_range=(pos, end), first_line=no)
+            for k, ((pos, no), end) in enumerate(zip(cuts, ends))]
 
 
 def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:

@@ -15,8 +15,12 @@ The insightface layout (`src/data/face2rec2.py`; read by `recognition/arcface_to
 * `train.idx`: one `index<TAB>offset` line per record (`MXIndexedRecordIO.write_idx`);
 * `property`: `C,112,112` (insightface's `face_image.load_property`).
 
-Records are written in index order: the header first, then images, then identities (face2rec2
-writes the header after the images; readers go by train.idx, so only the order differs).
+Records are written in index order by default: the header first, then images, then identities.
+`order="face2rec2"` writes them as insightface's `face2rec2.py` does (`MXIndexedRecordIO` writes
+records and .idx lines in the order they come): images 1 .. N first, then record 0, then the
+identity records, so train.idx lists 1 .. N, 0, N + 1 .. N + C; its image labels are
+`[class, aligned]` pairs (flag 2), as face2rec2 packs them. Readers go by train.idx, so the
+same images come back either way.
 
 A record is framed as dmlc-core's `RecordIOWriter` writes it: magic, length word (continuation
 flag in the top 3 bits), payload, zero padding to 4 bytes; a magic word occurring 4-byte aligned
@@ -87,7 +91,11 @@ def _class_of(label, n: int) -> int:
     return int(value)
 
 
-def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int, int] = (112, 112)) -> int:
+ORDERS = ("index", "face2rec2")
+
+
+def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int, int] = (112, 112),
+              order: str = "index") -> int:
     """Write `items` (label, encoded image bytes) as RecordIO; returns the number of images.
 
     `dest` is a folder (an existing directory, or a path ending in '/', created) for
@@ -99,11 +107,17 @@ def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int,
       ValueError (nothing is left behind: files are written under temporary names and renamed).
     * False: image records only, indices 0 .. N-1 (as `im2rec` writes them: record 0 is an image,
       flag 0, which arcface_torch and our reader take as "every record is an image"); any labels.
+
+    `order` ("index" or "face2rec2", header layout only): the record order described above.
     """
+    if order not in ORDERS:
+        raise ValueError(f"unknown record order {order!r}; choose from {', '.join(ORDERS)}")
     dest = os.fspath(dest)
     folder = dest.endswith(("/", os.sep)) or os.path.isdir(dest)
     if header is None:
         header = folder
+    if order != "index" and not header:
+        raise ValueError(f"order {order!r} is a layout with the header record (header=True)")
     if folder:
         os.makedirs(dest, exist_ok=True)
         rec_path, idx_path = os.path.join(dest, "train.rec"), os.path.join(dest, "train.idx")
@@ -114,14 +128,14 @@ def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int,
     try:
         with open(tmp[rec_path], "wb") as rec:
             if header:
-                offsets, num_classes = _write_insightface(rec, items)
+                listed, num_classes = (_write_face2rec2 if order == "face2rec2" else _write_insightface)(rec, items)
             else:
-                offsets = [write_record(rec, pack_record(label, _payload(jpeg), n))
-                           for n, (label, jpeg) in enumerate(items)]
+                listed = [(n, write_record(rec, pack_record(label, _payload(jpeg), n)))
+                          for n, (label, jpeg) in enumerate(items)]
                 num_classes = None
-        count = len(offsets) - (1 + num_classes if header else 0)
+        count = len(listed) - (1 + num_classes if header else 0)
         with open(tmp[idx_path], "w") as idx:
-            idx.writelines(f"{n}\t{off}\n" for n, off in enumerate(offsets))
+            idx.writelines(f"{n}\t{off}\n" for n, off in listed)
         if folder and header:
             with open(tmp[os.path.join(dest, PROPERTY_FILE)], "w") as fh:
                 fh.write(f"{num_classes},{int(image_size[0])},{int(image_size[1])}\n")
@@ -134,12 +148,10 @@ def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int,
     return count
 
 
-def _write_insightface(rec, items) -> tuple[list[int], int]:
-    """Header placeholder, images, identity records, then the header rewritten in place (its size
-    does not change: two float32 labels of positive integers never contain the magic word)."""
-    placeholder = _range_record(0, 0, 0)
-    offsets = [write_record(rec, placeholder)]
-    starts: list[int] = []  # first image index of each class
+def _write_images(rec, items, label_of) -> tuple[list[int], list[int]]:
+    """Image records 1 .. N: (their offsets, the first image index of each class)."""
+    offsets: list[int] = []
+    starts: list[int] = []
     current = None
     for n, (label, jpeg) in enumerate(items):
         cls = _class_of(label, n)
@@ -149,19 +161,42 @@ def _write_insightface(rec, items) -> tuple[list[int], int]:
                 raise ValueError(f"item {n}: label {cls} after {seen}: labels must be 0 .. C-1 with each "
                                  "class's images together, classes in order (sort or group the items)")
             current = cls
-            starts.append(len(offsets))
-        if len(offsets) + len(starts) + 1 >= _MAX_EXACT:
+            starts.append(len(offsets) + 1)
+        if len(offsets) + len(starts) + 2 >= _MAX_EXACT:
             raise ValueError(f"item {n}: over 2^24 records: the float32 labels of the header and identity "
                              "records would no longer hold exact indices")
-        offsets.append(write_record(rec, pack_record(label, _payload(jpeg), len(offsets))))
-    first_identity = len(offsets)  # N + 1
+        offsets.append(write_record(rec, pack_record(label_of(label, cls), _payload(jpeg), len(offsets) + 1)))
+    return offsets, starts
+
+
+def _write_identities(rec, starts: list[int], first_identity: int) -> list[tuple[int, int]]:
     ends = starts[1:] + [first_identity]
-    for start, end in zip(starts, ends):
-        offsets.append(write_record(rec, _range_record(start, end, len(offsets))))
+    return [(first_identity + c, write_record(rec, _range_record(start, end, first_identity + c)))
+            for c, (start, end) in enumerate(zip(starts, ends))]
+
+
+def _write_insightface(rec, items) -> tuple[list[tuple[int, int]], int]:
+    """Header placeholder, images, identity records, then the header rewritten in place (its size
+    does not change: two float32 labels of positive integers never contain the magic word).
+    Returns (index, offset) of every record as listed, and the class count."""
+    placeholder = _range_record(0, 0, 0)
+    header_at = write_record(rec, placeholder)
+    offsets, starts = _write_images(rec, items, lambda label, _: label)
+    first_identity = len(offsets) + 1  # N + 1
+    identities = _write_identities(rec, starts, first_identity)
     end_pos = rec.tell()
-    rec.seek(offsets[0])
-    record = _range_record(first_identity, len(offsets), 0)
+    rec.seek(header_at)
+    record = _range_record(first_identity, first_identity + len(starts), 0)
     assert len(record) == len(placeholder) and _MAGIC not in record[IR_HEADER.size:]
     write_record(rec, record)
     rec.seek(end_pos)
-    return offsets, len(starts)
+    return [(0, header_at)] + [(n, off) for n, off in enumerate(offsets, start=1)] + identities, len(starts)
+
+
+def _write_face2rec2(rec, items) -> tuple[list[tuple[int, int]], int]:
+    """face2rec2's order: images, record 0, identity records; image labels [class, aligned = 1]."""
+    offsets, starts = _write_images(rec, items, lambda _, cls: [float(cls), 1.0])
+    first_identity = len(offsets) + 1
+    header_at = write_record(rec, _range_record(first_identity, first_identity + len(starts), 0))
+    identities = _write_identities(rec, starts, first_identity)
+    return [(n, off) for n, off in enumerate(offsets, start=1)] + [(0, header_at)] + identities, len(starts)
