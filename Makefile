@@ -44,9 +44,9 @@ $(CLEAN_OUT)/manifest.json:
 	$(MAKE) clean-data
 
 # Starts a local Ray head (and MLflow server) unless RAY_ADDRESS (MLFLOW_TRACKING_URI) is
-# set, submits `arcface train` with `ray job submit`, and follows its logs.
+# set, submits `arcface train` as a Ray job, and follows its logs.
 train: setup $(CLEAN_OUT)/manifest.json
-	$(ARCFACE) submit-train --data $(CLEAN_OUT) --config $(TRAIN_CONFIG)
+	$(ARCFACE) submit train --data $(CLEAN_OUT) --config $(TRAIN_CONFIG)
 
 # Verification + identification of a model on the sets that come with the data.
 evaluate: setup
@@ -73,10 +73,10 @@ services-down: setup
 services-status: setup
 	$(ARCFACE) services status
 
-# The cluster runbook (infra/README.md) on one machine: Dask scheduler + 2 workers, Ray head +
-# a second node, MLflow; stage 1, a 2-node training job, promotion.
+# The cluster runbook (infra/README.md) on one machine, against a cluster that cannot see this
+# checkout (Ray head + 2nd node, Dask, MLflow from the project's wheel; S3 shared). Root.
 rehearsal: setup
-	infra/rehearsal/multinode.sh
+	infra/rehearsal/shared_nothing.sh
 
 test: setup
 	$(VENV)/bin/pytest

@@ -115,6 +115,14 @@ def cmd_clean_data(args, cfg) -> int:
     return _report_status(out)
 
 
+def cmd_copy(args, cfg) -> int:
+    from dataset import storage
+
+    count = storage.copy_tree(args.source, args.destination)
+    print(f"copied {count} files: {args.source} -> {args.destination}")
+    return 0
+
+
 def _report_status(*datasets) -> int:
     """0 when every dataset's report was written; else one error line each, and 1."""
     from dataset import storage
@@ -418,6 +426,11 @@ def _args_none(p) -> None:
     pass
 
 
+def _args_copy(p) -> None:
+    p.add_argument("source", help="local file or folder, or s3:// URI")
+    p.add_argument("destination", help="s3:// URI, or local folder")
+
+
 def _args_clean_data(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
     p.add_argument("--format", required=True, choices=RAW_FORMATS)
@@ -546,6 +559,8 @@ COMMANDS = (
     Command("demo-data", "write the synthetic raw demo dataset with known defects", _args_demo_data, cmd_demo_data),
     Command("fetch-weights", "fetch the MTCNN weights into the cache (make setup does this)", _args_none,
             cmd_fetch_weights),
+    Command("copy", "copy a folder (raw data, evaluation sets) to S3 or back: what a cluster reads",
+            _args_copy, cmd_copy),
     Command("clean-data", "stage 1 on Dask: raw dataset -> aligned, filtered Parquet shards", _args_clean_data,
             cmd_clean_data, paths=("--input", "--out"), submittable=True),
     Command("train", "train on Ray Train (what a submitted training job runs)", _args_train, cmd_train,

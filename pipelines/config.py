@@ -10,6 +10,8 @@ Each section's module imports nothing heavy (no torch, Dask, Ray or OpenCV), so 
 config, and `arcface --help`, stays fast.
     [train]      pipelines/training/config.py TrainConfig
     [margin]     pipelines/training/config.py MarginConfig (+ [margin.arcface] ... per margin)
+    [reference]  free-form, informational: the published figures a recipe (configs/*.toml)
+                 should reach and their source; printed by `config show`, read by no job
 
 Values come from, in increasing precedence: the dataclass defaults (the embedded default),
 a TOML file (`--config FILE`), the environment, and `--set section.key=value` (nested:
@@ -52,6 +54,7 @@ class Config:
     denoise: DenoiseConfig = field(default_factory=DenoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     margin: MarginConfig = field(default_factory=MarginConfig)
+    reference: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -81,7 +84,9 @@ def _set(section, path: list[str], value, origin: str, where: str, origins: dict
     here = f"{where}.{key}" if where else key
     if key not in hints:
         known = ", ".join(sorted(hints))
-        raise ConfigError(f"{origin}: unknown key {here!r} (known in [{where}]: {known})")
+        skew = (" - the submitting arcface is newer than the cluster's: install the same version on both"
+                if origin == "ARCFACE_CONFIG_TOML" else "")
+        raise ConfigError(f"{origin}: unknown key {here!r} (known in [{where}]: {known}){skew}")
     kind = hints[key]
     if dataclasses.is_dataclass(kind):
         child = getattr(section, key)
@@ -151,6 +156,21 @@ RANGES = {
 }
 
 
+def _declared_ranges(section, prefix: str = "") -> dict[str, str]:
+    """Ranges that fields declare beside themselves (`metadata={"range": ...}`)."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_declared_ranges(value, f"{prefix}{f.name}."))
+        elif "range" in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata["range"]
+    return out
+
+
+RANGES.update(_declared_ranges(Config()))
+
+
 def _in_range(value: float, interval: str) -> bool:
     lo_text, hi_text = interval[1:-1].split(",")
     lo, hi = float(lo_text), float(hi_text)
@@ -208,6 +228,7 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(message)
     try:
+        cfg.train.validate()
         cfg.margin.validate()
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
@@ -259,6 +280,18 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
+def _field_docs(section, prefix: str = "") -> dict[str, str]:
+    """Dotted name -> the `doc` a field declares in its metadata."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_field_docs(value, f"{prefix}{f.name}."))
+        elif "doc" in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata["doc"]
+    return out
+
+
 def to_toml(cfg: Config, origins: bool = False) -> str:
     """The effective config as TOML that `--config` reads back; with `origins`, each value
     carries a comment saying where it came from (default, file, environment, --set)."""
@@ -271,13 +304,17 @@ def to_toml(cfg: Config, origins: bool = False) -> str:
         return repr(v)
 
     lines: list[str] = []
+    docs = _field_docs(cfg)
 
     def section(name: str, values: dict) -> None:
         lines.append(f"[{name}]")
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
         for k, v in values.items():
             if not isinstance(v, dict):
-                note = f"  # {where.get(f'{name}.{k}', 'default')}" if origins else ""
+                if f"{name}.{k}" in docs:  # what a value means, where the field declares it
+                    lines.append(f"# {docs[f'{name}.{k}']}")
+                # [reference] is one free-form value: its keys carry the table's origin
+                note = f"  # {where.get(f'{name}.{k}') or where.get(name.split('.')[0], 'default')}" if origins else ""
                 lines.append(f"{k} = {value(v)}{note}")
         lines.append("")
         for k, v in nested.items():

@@ -79,3 +79,33 @@ def test_read_from_s3(tmp_path, s3_bucket, s3_endpoint):
     assert json.loads(json.dumps(checkpoint.read_state(uri)))["world"] == 3
     w, _, _ = checkpoint.read_centres(uri, 0, 6, 1)
     torch.testing.assert_close(w, weight)
+
+
+def test_resume_latest_takes_the_newest_complete_checkpoint(tmp_path):
+    """`--resume latest`: by the step each state records; a checkpoint missing a centre file
+    (a crash while writing) or its backbone is passed over; no checkpoint at all is one line."""
+    import json
+
+    import pytest as _pytest
+
+    from pipelines.training.checkpoint import BACKBONE, centres_name, latest_checkpoint
+
+    run = tmp_path / "runs" / "r"
+
+    def write(name, step, centres=((0, 5), (5, 10)), backbone=True):
+        folder = run / name
+        folder.mkdir(parents=True)
+        (folder / "state.json").write_text(json.dumps({"step": step, "num_classes": 10}))
+        if backbone:
+            (folder / BACKBONE).write_bytes(b"x")
+        for start, end in centres:
+            (folder / centres_name(start, end)).write_bytes(b"x")
+        return str(folder)
+
+    with _pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        latest_checkpoint(str(run))
+    write("checkpoint_2026-01-01_00-00-09", 90)
+    newest = write("checkpoint_2026-01-01_00-00-01", 100)  # older name, later step
+    write("checkpoint_2026-01-01_00-00-11", 110, centres=((0, 5),))  # half its centres
+    write("checkpoint_2026-01-01_00-00-12", 120, backbone=False)
+    assert latest_checkpoint(str(run)) == newest

@@ -60,10 +60,57 @@ def write_centres(directory: str, start: int, end: int, weight: torch.Tensor, op
                os.path.join(directory, centres_name(start, end)))
 
 
+def ray_storage(uri: str):
+    """(path, filesystem) as Ray Train takes them: S3 goes through our configured pyarrow
+    filesystem (custom endpoints included), local paths are made absolute."""
+    if storage.is_s3(uri):
+        return uri[len("s3://"):], storage.s3_filesystem()
+    return storage.absolute(uri), None
+
+
+def checkpoint_at(path: str | None):
+    """A checkpoint folder (local or s3://) as a Ray Train checkpoint."""
+    if not path:
+        return None
+    from ray.train import Checkpoint
+
+    location, filesystem = ray_storage(path)
+    return Checkpoint(location, filesystem=filesystem)
+
+
 # -- reading (local or s3://) ----------------------------------------------------------------
 
 def is_checkpoint(uri: str) -> bool:
     return storage.exists(storage.join(uri, STATE))
+
+
+def is_complete(uri: str) -> bool:
+    """Every file the state names is there: the backbone, and centre files covering every class."""
+    if not is_checkpoint(uri) or not storage.exists(storage.join(uri, BACKBONE)):
+        return False
+    try:
+        classes = int(read_state(uri).get("num_classes", 0))
+    except (ValueError, OSError):
+        return False
+    covered, end = sorted((f.start, f.end) for f in centre_files(uri)), 0
+    for start, stop in covered:
+        if start > end:
+            return False
+        end = max(end, stop)
+    return bool(covered) and end >= classes
+
+
+def latest_checkpoint(run_folder: str) -> str:
+    """The newest complete checkpoint of a run (`<train.storage>/<train.name>`), for
+    `--resume latest`: by the step its state records, not by folder name or time."""
+    candidates = sorted({f.rsplit("/", 1)[0] for f in storage.list_files(run_folder, suffix=STATE)})
+    steps = []
+    for uri in candidates:
+        if storage.name(uri).startswith("checkpoint_") and is_complete(uri):
+            steps.append((int(read_state(uri).get("step", 0)), uri))
+    if not steps:
+        raise FileNotFoundError(f"--resume latest: no complete checkpoint in {run_folder}")
+    return max(steps)[1]
 
 
 def read_state(uri: str) -> dict:

@@ -82,7 +82,9 @@ class TrainConfig:
     freeze_stages: int = 0
     sample_rate: float = 1.0  # Partial-FC
     subcentres: int = 1
-    batch_size: int = 128  # global batch, split evenly over workers
+    batch_size: int = field(default=128, metadata={"doc": (
+        "the GLOBAL batch, split evenly over the workers: arcface_torch's recipes give a per-GPU "
+        "batch, so 8 GPUs x 128 there is batch_size = 1024 here")})
     epochs: int = 20
     max_steps: int = 0  # > 0: stop there (before the epochs end)
     optimizer: str = "sgd"  # sgd | adamw
@@ -99,7 +101,7 @@ class TrainConfig:
     # on CPU crashed (double free) with torch 2.13+cpu here, so it is refused on CPU.
     compile_backend: str = "inductor"
     sync_bn: bool = True  # normalise over the global batch (exact data parallelism)
-    workers: int = 2
+    workers: int = field(default=2, metadata={"doc": "Ray Train workers in all, over every node (one GPU each with gpu)"})
     gpu: bool = False
     seed: int = 0
     shuffle_rowgroups: int = 4

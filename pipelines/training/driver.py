@@ -8,12 +8,16 @@ from the last one (`train.max_failures`), `--resume` starts from a given one.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 from dataset import storage
 from dataset.refined import RefinedDataset, split_eval_sets
+from pipelines.training.checkpoint import latest_checkpoint, ray_storage
 from pipelines.training.config import MarginConfig, TrainConfig
 from pipelines.version import code_version
+
+log = logging.getLogger(__name__)
 
 
 class TrainingInputError(ValueError):
@@ -25,24 +29,6 @@ def eval_sets_for(data: RefinedDataset, cfg: TrainConfig) -> tuple[list[str], li
     if cfg.eval_sets:
         return split_eval_sets([u.strip() for u in cfg.eval_sets.split(",") if u.strip()])
     return data.eval_sets()
-
-
-def ray_storage(uri: str):
-    """(path, filesystem) as Ray Train takes them: S3 goes through our configured pyarrow
-    filesystem (custom endpoints included), local paths are made absolute."""
-    if storage.is_s3(uri):
-        return uri[len("s3://"):], storage.s3_filesystem()
-    return storage.absolute(uri), None
-
-
-def checkpoint_at(path: str | None):
-    """A checkpoint folder (local or s3://) as a Ray Train checkpoint."""
-    if not path:
-        return None
-    from ray.train import Checkpoint
-
-    location, filesystem = ray_storage(path)
-    return Checkpoint(location, filesystem=filesystem)
 
 
 def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> str:
@@ -80,6 +66,12 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
     init_digest = check_input(data, cfg, margin)
     cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage),
                               init_backbone=storage.absolute(cfg.init_backbone) if cfg.init_backbone else "")
+    # arcface_torch's recipes give a per-GPU batch; ours is global, so say how it splits.
+    log.info("run %s: global batch %d = %d workers x %d%s", cfg.name, cfg.batch_size, cfg.workers,
+             cfg.batch_size // cfg.workers, " (GPUs)" if cfg.gpu else "")
+    if resume == "latest":
+        resume = latest_checkpoint(storage.join(cfg.storage, cfg.name))
+        log.info("resuming from the newest complete checkpoint of %s: %s", cfg.name, resume)
     if not storage.is_s3(cfg.storage):
         os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
     connect(ray_address, num_cpus=max(2, cfg.workers))

@@ -103,7 +103,7 @@ def train_loop(config: dict) -> None:
 
     from pipelines.evaluate import evaluate_backbone, load_sets
     from pipelines.training.data import BatchStream, ShardDataset
-    from pipelines.training.driver import checkpoint_at
+    from pipelines.training.checkpoint import checkpoint_at
     from pipelines.training.tracking import Tracker
 
     from pipelines.logs import Progress
