@@ -496,26 +496,32 @@ class _Unsorted(Exception):
     """The .idx cannot be planned from its runs (the message says why): planned in memory."""
 
 
-# A run is a stretch of train.idx that lists records in increasing index order. An index as
-# insightface's tools write it has one (in index order) or two (face2rec2: images 1..N, then
-# record 0 and the identity records); gaps from filtered records do not break a run. Past this
-# many the index is scrambled and planned in memory (a run costs the driver ~200 bytes).
-_MAX_RUNS = 4096
+# The first pass over train.idx keeps runs: lines listing consecutive record indices a, a+1,
+# .., b. Runs listed one after another with increasing indices form a stretch, which the
+# partitions cut (a partition is one byte range of the index). As insightface's tools write
+# it, an index is one stretch (in index order: our writer, im2rec) or two (face2rec2: images
+# 1..N, then record 0 and the identity records); a record left out (face2rec2 skips an image
+# it cannot read) starts a new run of the same stretch. Past this many runs the index is
+# scrambled and planned in memory: a run costs the driver ~100 bytes, so this bounds the
+# driver whatever the record count.
+_MAX_RUNS = 65536
 
 
-@dataclass
+@dataclass(slots=True)
 class _Run:
+    first_key: int
+    last_key: int
     byte_start: int
     first_line: int
-    first_key: int = -1
-    last_key: int = -1
+    stretch: int
     byte_end: int = 0
 
 
 @dataclass
 class _IndexScan:
     runs: list[_Run]  # in file order
-    header_run: int | None  # the run record 0 starts (it has the smallest index)
+    stretch_starts: list[tuple[int, int]]  # (byte offset, line number) where each stretch starts
+    header_run: int | None  # the run record 0 starts (it is the smallest index)
     identity_records: tuple[int, int] | None  # [first, end) from insightface's header record
     identity_offsets: dict[int, int]  # offsets of the identity records listed after record 0
 
@@ -527,51 +533,55 @@ def _header_range(fh, offset: int) -> tuple[int, int] | None:
 
 
 def _scan_index(idx_uri: str, fh) -> _IndexScan:
-    """The first pass over train.idx: its runs, and the identity records' offsets once record 0
-    (read on sight) has said which records those are."""
-    runs: list[_Run] = []
-    current = _Run(0, 1)
-    scan = _IndexScan(runs, None, None, {})
-    end = 0
+    """The first pass over train.idx: its runs and stretches, and the identity records'
+    offsets once record 0 (read on sight) has said which records those are. A malformed line
+    stays inside its run's bytes, where the worker reading them rejects it."""
+    scan = _IndexScan([], [(0, 1)], None, None, {})
+    runs, current, end = scan.runs, None, 0
     for pos, line_no, raw, parsed in _idx_lines(idx_uri):
         end = pos + len(raw)
         if parsed is None:
-            continue  # a malformed line stays in its run's bytes: the worker reading them rejects it
+            continue
         key, offset = parsed
-        if current.first_key < 0:
-            current.first_key = key
-        elif key <= current.last_key:
-            current.byte_end = pos
+        if current is not None and key == current.last_key + 1:
+            current.last_key = key
+        else:
+            if current is None:
+                current = _Run(key, key, 0, 1, 0)
+            else:
+                if len(runs) >= _MAX_RUNS:
+                    raise _Unsorted(f"records are listed in over {_MAX_RUNS} runs of consecutive indices")
+                current.byte_end = pos
+                stretch = current.stretch
+                if key <= current.last_key:
+                    stretch += 1
+                    scan.stretch_starts.append((pos, line_no))
+                current = _Run(key, key, pos, line_no, stretch)
             runs.append(current)
-            if len(runs) >= _MAX_RUNS:
-                raise _Unsorted(f"records are listed in over {_MAX_RUNS} stretches of increasing index")
-            current = _Run(pos, line_no, key)
-        current.last_key = key
         if key == 0:
-            scan.header_run = len(runs)
+            scan.header_run = len(runs) - 1
             scan.identity_records = _header_range(fh, offset)
         elif scan.identity_records and scan.identity_records[0] <= key < scan.identity_records[1]:
             scan.identity_offsets[key] = offset
-    current.byte_end = end
-    runs.append(current)
-    if scan.header_run is None:
+    if current is None or scan.header_run is None:
         raise _Unsorted("no entry for record 0")  # the in-memory planner says so, as an error
+    current.byte_end = end
     return scan
 
 
 def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partition]:
     """Partitions of whole identities, each a byte range of train.idx (the worker reads its
-    own lines): the driver streams the index and holds one entry per identity, never one per
-    record (10M records of raw MS-Celeb would otherwise cost gigabytes here).
+    own lines): the driver streams the index and holds one entry per identity and per run of
+    consecutive indices, never one per record (10M records of raw MS-Celeb would otherwise
+    cost gigabytes here).
 
     With insightface's header record (record 0, label [first identity record, end]) the
     identity records give each identity's image range; without one, the records' own labels
-    are read (header bytes only) and the cut falls where the label changes. The index may list
-    its records in a few runs of increasing index: in order (our writer, im2rec) or as
-    face2rec2 writes it (images 1..N, then record 0 and the identity records), each run a
-    byte range found by one streaming pass. A record listed twice, runs that interleave, an
-    identity split between runs or a scrambled index is planned in memory (~380 bytes a record
-    in the driver), where a record listed twice is rejected with its line."""
+    are read (header bytes only) and the cut falls where the label changes. The index may be
+    in index order (our writer, im2rec) or in face2rec2's (images 1..N, then record 0 and the
+    identity records). A record listed twice, an identity whose images are listed in two
+    places, or a scrambled index is planned in memory (~380 bytes a record in the driver),
+    where a record listed twice is rejected with its line."""
     idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
     with storage.open_input(rec_uri) as fh:
         try:
@@ -585,15 +595,13 @@ def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[
     scan = _scan_index(idx_uri, fh)
     by_key = sorted(scan.runs, key=lambda r: r.first_key)
     for a, b in zip(by_key, by_key[1:]):
-        if a.last_key >= b.first_key:
-            raise _Unsorted(f"records {b.first_key}..{a.last_key} are listed in two places "
-                            "(a record listed twice, or stretches interleaved)")
+        if a.last_key >= b.first_key:  # runs hold every index in their range: a true repeat
+            raise _Unsorted(f"record {b.first_key} is listed twice")
     if scan.identity_records is None:
-        if len(scan.runs) > 1 or scan.runs[0].first_key != 0:
+        if len(scan.stretch_starts) > 1 or scan.runs[0].first_key != 0:
             raise _Unsorted("with no header record, records must be listed from 0 in increasing order")
         return _plan_rec_by_label(root, idx_uri, fh, per_partition)
     first_identity, end_identity = scan.identity_records
-    lasts = [r.last_key for r in by_key]
     # Identity records listed before record 0 (in neither insightface order) are read now.
     for run in scan.runs[:scan.header_run]:
         if run.first_key < end_identity and run.last_key >= first_identity:
@@ -603,46 +611,50 @@ def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[
     ranges, missing = _rec_identity_ranges(fh, scan.identity_offsets, first_identity, end_identity)
     if missing:  # their images are still read; only the grouping is lost
         log.warning("%s: %d identity records are not indexed (e.g. %d)", idx_uri, len(missing), missing[0])
-    # Partitions start at the first image of an identity, once the one before holds enough;
-    # every run starts one too (a partition is one byte range), so an identity must lie in one run.
-    firsts = [r.first_key for r in by_key]
-    starts, size = [], 0
+    firsts, lasts = [r.first_key for r in by_key], [r.last_key for r in by_key]
+    # changes[i]: how often the stretch changes among by_key[0..i]; a slice of runs lies in
+    # one stretch when the count does not move across it.
+    changes = list(itertools.accumulate((int(a.stretch != b.stretch) for a, b in zip(by_key, by_key[1:])),
+                                        initial=0))
+    # Partitions start at the first image of an identity once the one before holds enough,
+    # and where each stretch starts; so an identity's images must lie in one stretch.
+    wants: list[tuple[int, int]] = []  # (stretch, first image index)
+    size = 0
     for start, end in sorted(ranges):
-        if end > start and bisect.bisect_right(firsts, end - 1) - bisect.bisect_left(lasts, start) > 1:
-            raise _Unsorted(f"the images of identity [{start}, {end}) are listed in two stretches of the index")
-        if size >= per_partition:
-            starts.append(start)
+        lo, hi = bisect.bisect_left(lasts, start), bisect.bisect_right(firsts, end - 1)
+        if lo < hi and changes[hi - 1] != changes[lo]:
+            raise _Unsorted(f"the images of identity [{start}, {end}) are listed in two places")
+        if size >= per_partition and lo < hi:  # (an identity with no image listed cuts nothing)
+            wants.append((by_key[lo].stretch, start))
             size = 0
         size += max(end - start, 0)
-    return _cut_runs(root, idx_uri, scan, starts, {"identity_records": [first_identity, end_identity]})
+    return _cut_stretches(root, idx_uri, scan, sorted(wants), {"identity_records": [first_identity, end_identity]})
 
 
-def _cut_runs(root: str, idx_uri: str, scan: _IndexScan, starts: list[int], extra: dict) -> list[Partition]:
-    """The second pass: partitions as byte ranges of train.idx, cut where each run starts and
-    at the first line of each run at or past a wanted image index. A stretch that holds no
-    image and no malformed line (the header and identity records, which face2rec2 lists
-    last) is no partition."""
+def _cut_stretches(root: str, idx_uri: str, scan: _IndexScan, wants: list[tuple[int, int]],
+                   extra: dict) -> list[Partition]:
+    """The second pass: partitions as byte ranges of train.idx, cut where each stretch starts
+    and, within a stretch, at the first line at or past each wanted image index. A range that
+    holds no image and no malformed line (the header and identity records, which face2rec2
+    lists last) is no partition."""
     first_identity, end_identity = extra["identity_records"]
     segments: list[list] = []  # [byte offset, line number, holds something to read]
-    runs = iter(scan.runs)
-    next_run = next(runs, None)
-    wants: list[int] = []
-    w = 0
+    stretch, keys, w = -1, [], 0
     for pos, no, _, parsed in _idx_lines(idx_uri):
-        if next_run is not None and pos >= next_run.byte_start:
-            wants = starts[bisect.bisect_left(starts, next_run.first_key):
-                           bisect.bisect_right(starts, next_run.last_key)]
+        if stretch + 1 < len(scan.stretch_starts) and pos >= scan.stretch_starts[stretch + 1][0]:
+            stretch += 1
+            keys = [k for _, k in wants[bisect.bisect_left(wants, (stretch, -1)):
+                                        bisect.bisect_left(wants, (stretch + 1, -1))]]
             w = 0
             segments.append([pos, no, False])
-            next_run = next(runs, None)
         if parsed is None:
             segments[-1][2] = True
             continue
         key = parsed[0]
-        if w < len(wants) and key >= wants[w]:
+        if w < len(keys) and key >= keys[w]:
             if segments[-1][0] != pos:
                 segments.append([pos, no, False])
-            while w < len(wants) and wants[w] <= key:
+            while w < len(keys) and keys[w] <= key:
                 w += 1
         if key != 0 and not first_identity <= key < end_identity:
             segments[-1][2] = True

@@ -13,6 +13,7 @@ import pytest
 
 from cleaning.align import ARCFACE_TEMPLATE
 from cleaning.formats.recordio import pack_record, write_record, write_rec
+from cleaning import readers
 from cleaning.readers import IR_HEADER, REC_MAGIC, plan, read_partition
 from dataset import RefinedDataset
 from pipelines.clean_data import CleanConfig, run_clean_data
@@ -68,6 +69,99 @@ def test_plan_cuts_only_at_identity_boundaries(rec_set):
                 assert not seen[a] & seen[b], (per_partition, seen)
         assert sum(len(s) for s in seen) == 4 and sum(1 for p in parts for _ in read_partition(p)) == 12
         assert all(not p.records and p.byte_range for p in parts)  # the driver holds no per-record list
+
+
+def _idx_keys(root) -> list[int]:
+    return [int(line.split("\t")[0]) for line in (Path(root) / "train.idx").read_text().splitlines()]
+
+
+def _partition_contents(root, per_partition) -> list[list[tuple[str, str, bytes]]]:
+    """(key, identity or reject reason, payload) of each partition's records, in reading order."""
+    return [[(s.key, s.reject[0] if s.reject else s.identity, s.data) for s in read_partition(p)]
+            for p in plan("insightface-rec", str(root), per_partition)]
+
+
+def _in_memory_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "planning with the whole index in memory" in r.getMessage()]
+
+
+@pytest.fixture
+def face2rec2_set(tmp_path, rec_set):
+    """rec_set written as insightface's face2rec2.py writes it: images 1..12, then record 0
+    and the identity records 13..16, in train.rec and in train.idx."""
+    _, items = rec_set
+    root = tmp_path / "face2rec2"
+    root.mkdir()
+    assert write_rec(root, items, order="face2rec2") == 12
+    return root
+
+
+def test_face2rec2_order_takes_the_streamed_planner(rec_set, face2rec2_set, caplog):
+    """A train.idx listing images first and the header and identity records after them is
+    planned from byte ranges of the index (no record list in the driver), and each partition
+    reads exactly what the same partition of the in-order file reads."""
+    in_order, _ = rec_set
+    assert _idx_keys(face2rec2_set) == list(range(1, 13)) + [0] + list(range(13, 17))
+    offsets = dict((k, int(line.split("\t")[1])) for k, line in
+                   zip(_idx_keys(face2rec2_set), (face2rec2_set / "train.idx").read_text().splitlines()))
+    assert offsets[0] > offsets[12]  # the header record really comes after the images in train.rec
+    for per_partition in (1, 2, 4, 5, 100):
+        parts = plan("insightface-rec", str(face2rec2_set), per_partition)
+        assert all(p.byte_range and not p.records for p in parts)
+        assert _partition_contents(face2rec2_set, per_partition) == _partition_contents(in_order, per_partition)
+    assert not _in_memory_warnings(caplog)
+
+
+def _rewrite_idx(root, keys: list[int], extra_lines: list[str] = ()) -> None:
+    lines = dict(zip(_idx_keys(root), (Path(root) / "train.idx").read_text().splitlines()))
+    (Path(root) / "train.idx").write_text("\n".join([lines[k] for k in keys] + list(extra_lines)) + "\n")
+
+
+def test_index_runs_that_cannot_be_streamed_are_planned_in_memory(rec_set, face2rec2_set, caplog, monkeypatch):
+    """What the run planner refuses goes to the in-memory planner with the reason, and loses
+    nothing: an identity split between two runs, a record listed twice (its second line is
+    rejected), too many runs. Identity records listed before record 0 are still found."""
+    in_order, _ = rec_set
+    expected = _partition_contents(in_order, 100)[0]
+
+    def outcomes(per_partition=2):
+        return sorted(x for part in _partition_contents(face2rec2_set, per_partition) for x in part)
+
+    # Runs 7..16 and 0..6: identity 2 starts record 7, so no identity is split; streamed.
+    _rewrite_idx(face2rec2_set, list(range(7, 17)) + list(range(0, 7)))
+    assert outcomes() == sorted(expected) and not _in_memory_warnings(caplog)
+    assert all(p.byte_range and not p.records for p in plan("insightface-rec", str(face2rec2_set), 2))
+    # Runs 5..16 and 0..4: identity 1 (records 4..6) lies in both.
+    _rewrite_idx(face2rec2_set, list(range(5, 17)) + list(range(0, 5)))
+    assert outcomes() == sorted(expected)
+    assert "identity [4, 7) are listed in two places" in _in_memory_warnings(caplog)[-1]
+    # face2rec2 order with image record 3 listed again at the end.
+    _rewrite_idx(face2rec2_set, list(range(1, 13)) + [0] + list(range(13, 17)) + [3])
+    got = outcomes()
+    repeat = ("idx-line:18", "corrupt_index", None)
+    assert repeat in got and sorted(set(got) - {repeat}) == sorted(expected)
+    assert "record 3 is listed twice" in _in_memory_warnings(caplog)[-1]
+    details = [s.reject[1] for p in plan("insightface-rec", str(face2rec2_set), 2) for s in read_partition(p) if s.reject]
+    assert details == ["train.idx:18: record 3 is listed twice"]
+    # Scrambled: identities in pieces, and more runs than the streamed planner keeps.
+    _rewrite_idx(face2rec2_set, [0, 16, 2, 15, 4, 14, 6, 13, 8, 1, 10, 3, 12, 5, 7, 9, 11])
+    assert outcomes() == sorted(expected)
+    assert "identity [1, 4) are listed in two places" in _in_memory_warnings(caplog)[-1]
+    monkeypatch.setattr(readers, "_MAX_RUNS", 8)
+    assert outcomes() == sorted(expected)
+    assert "over 8 runs of consecutive indices" in _in_memory_warnings(caplog)[-1]
+
+
+def test_face2rec2_plan_and_read_on_s3(face2rec2_set, s3_bucket, caplog):
+    """The streamed plan of a face2rec2-order index and its workers' reads on S3 (local endpoint)."""
+    from dataset import storage
+
+    remote = f"s3://{s3_bucket}/faces_emore"
+    for name in ("train.rec", "train.idx", "property"):
+        storage.write_bytes(storage.join(remote, name), (face2rec2_set / name).read_bytes())
+    assert _partition_contents(remote, 4) == _partition_contents(face2rec2_set, 4)
+    assert all(p.byte_range and not p.records for p in plan("insightface-rec", remote, 4))
+    assert not _in_memory_warnings(caplog)
 
 
 def test_headerless_file_is_cut_where_the_label_changes(tmp_path):
