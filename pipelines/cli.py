@@ -232,8 +232,8 @@ def cmd_holdout(args, cfg) -> int:
 def cmd_evaluate(args, cfg) -> int:
     from dataset import RefinedDataset
     from dataset.refined import split_eval_sets
-    from pipelines.evaluate import dumps, evaluate, roc_png
-    from pipelines.registry import load_embedder, require_trusted
+    from pipelines.evaluate import dumps, evaluate_model, roc_png
+    from pipelines.registry import require_trusted
 
     pairs, faces = split_eval_sets(args.pairs)
     if args.data:
@@ -242,24 +242,19 @@ def cmd_evaluate(args, cfg) -> int:
     if not pairs and not faces and not args.ijb:
         log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet), --data DATASET or --ijb DIR")
         return 2
-    tracked = args.model.startswith(("models:/", "runs:/"))
-    if tracked:
+    if args.model.startswith(("models:/", "runs:/")):
         _use_tracking_server(cfg)
     require_trusted(args.model, args.trust_model_code)
-    loaded = load_embedder(args.model)
-    results = evaluate(loaded.embedder, pairs, faces, flip=not args.no_flip)
-    if args.ijb:
+    done = evaluate_model(args.model, pairs, faces, flip=not args.no_flip, ijb_root=args.ijb or "",
+                          ijb_target=args.target, ijb_norm=args.ijb_norm, ijb_detector_score=args.ijb_detector_score,
+                          workers=args.workers, gpu=args.gpu, ray_address=cfg.services.ray_address)
+    results = done.results
+    if done.ijb_name:
         from pipelines import ijb
 
-        ijb_set = ijb.load_ijb(args.ijb, args.target)
-        name = f"{ijb_set.target}-{ijb_set.digest}"
-        results[name] = ijb.evaluate_ijb(ijb_set, ijb.embed_images(ijb_set, loaded.embedder), norm=args.ijb_norm,
-                                         detector_score=args.ijb_detector_score)
-        print(ijb.table(name, results[name]))
-        if tracked and args.model.startswith("models:/"):
-            from pipelines.registry import record_evaluation
-
-            print(f"recorded on {record_evaluation(args.model, {name: results[name]})}")
+        print(ijb.table(done.ijb_name, results[done.ijb_name]))
+    if done.recorded_on:
+        print(f"recorded on {done.recorded_on}")
     text = dumps(results)
     print(text)
     if args.out:
@@ -332,7 +327,8 @@ def cmd_promote(args, cfg) -> int:
     _use_tracking_server(cfg)
     try:
         decision = promote(name, args.version, metric=args.metric, min_delta=args.min_delta,
-                           pair_uris=pairs, face_uris=faces)
+                           pair_uris=pairs, face_uris=faces, workers=args.workers, gpu=args.gpu,
+                           ray_address=cfg.services.ray_address)
     except PromotionRefused as exc:
         log.error("refused: %s", exc)
         return 1
@@ -506,7 +502,15 @@ def _args_evaluate(p) -> None:
     p.add_argument("--ijb-norm", action="store_true", help="IJB: weight image features by their norm")
     p.add_argument("--ijb-detector-score", action="store_true", help="IJB: weight image features by detector score")
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
+    _embedding_workers(p)
     _trust(p)
+
+
+def _embedding_workers(p) -> None:
+    p.add_argument("--workers", type=int, default=0,
+                   help="embed the images in this many Ray actors (on the cluster in RAY_ADDRESS, else a local "
+                        "Ray), each reading its images itself; 0: in this process")
+    p.add_argument("--gpu", action="store_true", help="with --workers: one GPU per actor")
 
 
 def _args_export(p) -> None:
@@ -526,6 +530,7 @@ def _args_promote(p) -> None:
     p.add_argument("--min-delta", type=float, default=0.0, help="required improvement (0: strictly better)")
     p.add_argument("--pairs", nargs="*", default=[], metavar="FILE",
                    help="evaluate both versions on these sets now (default: compare the figures recorded on them)")
+    _embedding_workers(p)
 
 
 def _args_name(p) -> None:

@@ -121,7 +121,7 @@ def main_job(args, cfg) -> int:
               ["refine", "--input", str(input_root(raw, args.format)) if demo else raw, "--format", args.format,
                "--out", refined, *common]),
         Phase("train", "train on the refined data (ray job submit)",
-              ["submit-train", "--data", storage.join(refined, "stage2"), *common]),
+              ["submit", "train", "--data", storage.join(refined, "stage2"), *common]),
         Phase("promote", "evaluate and promote (registry gate)",
               ["promote", *(["--name", args.model] if args.model else []), "--version", "latest", *common]),
     ]

@@ -138,7 +138,7 @@ arcface submit refine --input "s3://$BUCKET/raw" --format vggface2 --out "s3://$
 arcface submit train --data "s3://$BUCKET/refined/stage2" --config train.toml --workers 2 --max-steps 12 \
     --storage "s3://$BUCKET/runs" --set train.checkpoint_every=12 --set train.eval_every=12
 arcface submit evaluate --model models:/rehearsal-arcface/1 --data "s3://$BUCKET/refined/stage2" \
-    --ijb "s3://$BUCKET/raw/ijb/IJBC" --out "s3://$BUCKET/evaluation"
+    --ijb "s3://$BUCKET/raw/ijb/IJBC" --out "s3://$BUCKET/evaluation" --workers 2
 arcface promote --name rehearsal-arcface --version latest
 arcface lineage --name rehearsal-arcface --version champion > "$WORK/lineage.json"
 # Evidence for tests/test_infra.py, read back from S3 before the endpoint goes.
