@@ -55,6 +55,113 @@ def test_onnx_export_matches_pytorch(tmp_path):
     assert np.abs(mirrored - got).max() <= 1e-4
 
 
+def _bgr_face(seed: int) -> np.ndarray:
+    """A 112x112 BGR uint8 image, as insightface's tools read one with cv2.imread."""
+    return np.random.default_rng(seed).integers(0, 256, (112, 112, 3), dtype=np.uint8)
+
+
+def test_insightface_onnx_layout_passes_the_mfr_checker(tmp_path):
+    """`--layout insightface` as arcface_torch's tools read it: insightface's own checker
+    (onnx_helper.ArcFaceORT.check, the MFR challenge's) accepts the file, picks the
+    (x - 127.5) / 127.5 normalisation, and the embedding it computes is our backbone's."""
+    pytest.importorskip("onnxruntime")
+    from pipelines.export import export_onnx, load_backbone
+    from reference.arcface_torch.onnx_helper import ArcFaceORT
+
+    ckpt = _checkpoint(tmp_path / "ckpt", backbone="tiny-s2", dim=64)
+    folder = tmp_path / "submission"
+    result = export_onnx(str(ckpt), str(folder / "model.onnx"), layout="insightface")
+    assert result.layout == "insightface" and not result.flip and result.max_abs_diff <= 1e-4
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    (inp,), (out,) = session.get_inputs(), session.get_outputs()
+    assert inp.name == "data" and inp.type == "tensor(float)" and isinstance(inp.shape[0], str)
+    assert inp.shape[1:] == [3, 112, 112]
+
+    checker = ArcFaceORT(str(folder), cpu=True)
+    face = _bgr_face(8)
+    assert checker.check("cfat", test_img=face) is None
+    assert (checker.input_mean, checker.input_std, checker.feat_dim) == (127.5, 127.5, 64)
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"]  # no batch-axis rewrite was needed
+
+    # The checker's own preprocessing (cv2.dnn.blobFromImage, BGR -> RGB) and session give
+    # the raw embedding of our backbone on the normalised RGB face.
+    got = checker.forward(face)
+    backbone, _ = load_backbone(str(ckpt))
+    rgb = torch.from_numpy(face[:, :, ::-1].copy()).permute(2, 0, 1)[None].float()
+    with torch.no_grad():
+        expected = backbone((rgb - 127.5) / 127.5).numpy()
+    assert got.shape == (1, 64) and np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    # onnx_ijbc.py's use: a face and its mirror in one batch, the pair's features side by side.
+    pair = np.stack([face[:, :, ::-1], face[:, ::-1, ::-1]]).astype(np.float32).transpose(0, 3, 1, 2)
+    feats = session.run(None, {"data": (pair - checker.input_mean) / checker.input_std})[0].reshape(-1, 128)
+    assert np.abs(feats[:, :64] - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+    assert not np.allclose(feats[:, 64:], feats[:, :64], atol=1e-3)  # no flip inside this layout
+
+
+def test_mxnet_like_first_nodes_are_refused(tmp_path):
+    """A graph that starts by normalising its own input (Sub, Mul named first, as MXNet's
+    exports) would be fed raw pixels by insightface's tools: the layout check names it."""
+    pytest.importorskip("onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipelines.export import insightface_problems
+
+    nodes = [helper.make_node("Sub", ["data", "m"], ["a"], name="Sub_0"),
+             helper.make_node("Mul", ["a", "s"], ["b"], name="Mul_1")]
+    nodes += [helper.make_node("Relu", [f"r{i}" if i else "b"], [f"r{i + 1}"], name=f"Relu_{i}") for i in range(7)]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, ["N", 3, 112, 112])],
+        [helper.make_tensor_value_info("r7", TensorProto.FLOAT, None)],
+        [helper.make_tensor("m", TensorProto.FLOAT, [], [127.5]), helper.make_tensor("s", TensorProto.FLOAT16, [], [1.0])])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    problems = insightface_problems(str(tmp_path / "m.onnx"))
+    assert any("normalises its own input" in p for p in problems) and any("below 32 bits: s" in p for p in problems)
+
+
+def test_exports_refuse_to_overwrite(tmp_path):
+    from pipelines.export import export_onnx, export_pth
+
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    taken = tmp_path / "taken.bin"
+    taken.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="taken.bin exists; pass --overwrite"):
+        export_pth(str(ckpt), str(taken))
+    if pytest.importorskip("onnxruntime"):
+        with pytest.raises(FileExistsError, match="--overwrite"):
+            export_onnx(str(ckpt), str(taken), layout="insightface")
+    assert taken.read_bytes() == b"keep me"
+    export_pth(str(ckpt), str(taken), overwrite=True)
+    assert torch.load(taken, weights_only=True).keys() == build_backbone("tiny", 64).state_dict().keys()
+
+
+def test_pth_export_loads_into_arcface_torch(tmp_path):
+    """`--format pth` as arcface_torch loads it: get_model(name).load_state_dict(torch.load(f))
+    on the reference module code, which then computes our embedding; `--init-backbone`
+    takes the same file back."""
+    from pipelines.export import export_pth, load_backbone
+    from reference.arcface_torch import get_model
+
+    ckpt = _checkpoint(tmp_path / "ckpt", backbone="mobilefacenet", dim=128)
+    result = export_pth(str(ckpt), str(tmp_path / "backbone.pth"))
+    assert (result.backbone, result.insightface) == ("mobilefacenet", "mbf")
+    assert result.sha256 == hashlib.sha256((tmp_path / "backbone.pth").read_bytes()).hexdigest()
+    state = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    theirs = get_model(result.insightface, num_features=128)
+    theirs.load_state_dict(state, strict=True)
+    ours, _ = load_backbone(str(ckpt))
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected, got = ours(x), theirs.eval()(x)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5)
+    model = build_backbone("mbf", 128)  # arcface_torch's name, as its users write it
+    assert load_backbone_file(model, str(tmp_path / "backbone.pth"), "mbf") == result.sha256
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_onnx_export_of_a_registered_version(tmp_path, mlflow_server):
     pytest.importorskip("onnxruntime")
     import mlflow
@@ -74,6 +181,30 @@ def test_onnx_export_of_a_registered_version(tmp_path, mlflow_server):
     tags = client.get_model_version("onnx-demo", version.version).tags
     assert float(tags["onnx.max_abs_diff"]) <= 1e-4 and tags["onnx.opset"] == "18"
     assert [a.path for a in client.list_artifacts(version.run_id, "onnx")] == ["onnx/exported.onnx"]
+
+
+def test_backbone_of_a_registered_version(tmp_path, mlflow_server):
+    """A registered version's weights come back from its program under the backbone's own
+    names (the version's train.backbone tag names the network); without the tag, a clear error."""
+    import mlflow
+
+    from pipelines.export import export_pth, load_backbone
+    from pipelines.registry import log_embedding_model
+
+    mlflow.set_tracking_uri(mlflow_server)
+    torch.manual_seed(4)
+    original = build_backbone("tiny", 32).eval()
+    with mlflow.start_run():
+        tagged = log_embedding_model(original, 32, "pth-demo", {}, {"train.backbone": "tiny"})
+        untagged = log_embedding_model(original, 32, "pth-demo", {}, {})
+    backbone, name = load_backbone(f"models:/pth-demo/{tagged.version}")
+    assert name == "tiny"
+    state = original.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
+    result = export_pth(f"models:/pth-demo/{tagged.version}", str(tmp_path / "b.pth"))
+    assert result.insightface is None and result.tensors == len(state)
+    with pytest.raises(ValueError, match="no train.backbone tag"):
+        load_backbone(f"models:/pth-demo/{untagged.version}")
 
 
 def test_insightface_format_backbone_loads_and_mismatch_is_named(tmp_path):
@@ -155,6 +286,9 @@ def test_recordio_export_reads_back_record_for_record(tmp_path, demo_shards):
     data = RefinedDataset.open(demo_shards)
     out = tmp_path / "faces_emore"
     assert export_rec(data, str(out)) == data.manifest.num_images
+    with pytest.raises(FileExistsError, match="train.rec exists; pass --overwrite"):
+        export_rec(data, str(out))
+    assert export_rec(data, str(out), overwrite=True) == data.manifest.num_images
     assert (out / "property").read_text().strip() == f"{data.num_classes},112,112"
     table = pq.read_table(demo_shards / "shards", columns=["label", "image"]).to_pydict()
     expected = sorted(zip(table["label"], table["image"]), key=lambda r: r[0])  # stable: shard order within a class
