@@ -54,9 +54,8 @@ def normalize(features, device="cpu") -> torch.Tensor:
 
 
 def similarity(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of normalised rows, float32; -0.0 made +0.0 so that equal scores
-    have equal bit patterns (radix selection compares bits)."""
-    return left @ right.T + 0.0
+    """Cosine similarity of normalised rows, float32."""
+    return left @ right.T
 
 
 # -- the threshold rule ----------------------------------------------------------------------
@@ -96,8 +95,9 @@ def pair_counts(left_labels: np.ndarray, right_labels: np.ndarray | None = None)
 # -- bit patterns of float32 scores, ordered like the scores -------------------------------
 
 def ordered_keys(values: torch.Tensor) -> torch.Tensor:
-    """int32 keys with the same order as the float32 values (finite, no -0.0)."""
-    bits = values.contiguous().view(torch.int32)
+    """int32 keys with the same order as the float32 values; -0.0 is keyed as +0.0 (equal
+    scores must have equal keys: radix selection compares keys)."""
+    bits = (values + 0.0).contiguous().view(torch.int32)
     return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
 
@@ -177,47 +177,82 @@ def pair_mask(left_labels: torch.Tensor, right_labels: torch.Tensor, upper_trian
     return same & valid, ~same & valid
 
 
+def same_label_pairs(left_labels: np.ndarray, right_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of every pair with the same non-negative label, found from the labels
+    alone (sorted search), so a block never builds a rows x cols label mask."""
+    left, right = np.asarray(left_labels, np.int64), np.asarray(right_labels, np.int64)
+    order = np.argsort(right, kind="stable")
+    ordered = right[order]
+    lo, hi = np.searchsorted(ordered, left, "left"), np.searchsorted(ordered, left, "right")
+    counts = np.where(left >= 0, hi - lo, 0)
+    rows = np.repeat(np.arange(len(left)), counts)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    return rows, order[np.repeat(lo, counts) + within]
+
+
 def reduce_verification_block(left: torch.Tensor, left_labels, right: torch.Tensor, right_labels,
                               plan: VerificationPlan, diagonal: bool = False, impostors: bool = True,
-                              tile_elements: int = 1 << 24) -> VerificationPartial:
+                              tile_elements: int = 1 << 22) -> VerificationPartial:
     """Reduce the block left x right (normalised features on one device). `diagonal`: left
     and right are the same rows of an all-to-all set (pairs i < j only). `impostors=False`:
     keep only the genuine scores (e.g. MegaFace's probe-probe pairs, whose impostors the
     protocol does not count). Rows are processed in tiles of about `tile_elements` scores,
-    so memory is bounded by the tile, not by the block."""
+    so memory is bounded by the tile, not by the block.
+
+    Per tile: the genuine scores are gathered at their (sparse) positions, then overwritten
+    with -inf together with the pairs that do not count (j <= i on the diagonal), so every
+    finite score left is an impostor. The top-k: the first tile by torch.topk, every later
+    one only over the scores above the running k-th largest (usually a handful). The
+    histograms count every score and drop the -inf bin, which no real score reaches."""
     device = left.device
-    left_labels = torch.as_tensor(np.asarray(left_labels, np.int64), device=device)
-    right_labels = torch.as_tensor(np.asarray(right_labels, np.int64), device=device)
+    rows, cols = same_label_pairs(left_labels, right_labels)
+    if diagonal:
+        rows, cols = rows[cols > rows], cols[cols > rows]
     out = VerificationPartial()
     want_coarse = plan.coarse and impostors and not plan.second_pass
     coarse = torch.zeros(BINS, dtype=torch.long, device=device) if want_coarse else None
     fine = {b: torch.zeros(BINS, dtype=torch.long, device=device) for b in plan.refine_bins} if impostors else {}
+    top = torch.empty(0, device=device)
+    floor = NEG_INF  # the running k-th largest impostor score, once k are kept
     rows_per_tile = max(1, tile_elements // max(1, len(right)))
     for start in range(0, len(left), rows_per_tile):
-        scores = similarity(left[start:start + rows_per_tile], right)
-        genuine_mask, impostor_mask = pair_mask(left_labels[start:start + rows_per_tile], right_labels,
-                                                start if diagonal else None)
+        stop = min(start + rows_per_tile, len(left))
+        scores = similarity(left[start:stop], right)
+        in_tile = (rows >= start) & (rows < stop)
+        g_rows = torch.as_tensor(rows[in_tile] - start, device=device)
+        g_cols = torch.as_tensor(cols[in_tile], device=device)
         if not plan.second_pass:
-            out.genuine.append(scores[genuine_mask].cpu().numpy())
+            out.genuine.append(scores[g_rows, g_cols].cpu().numpy())
         if not impostors:
             continue
-        values = scores[impostor_mask]
-        del scores
+        scores[g_rows, g_cols] = NEG_INF
+        counted = scores.numel()
+        if diagonal:  # only j > i: right index > left index (start + tile row)
+            upper = torch.arange(len(right), device=device)[None, :] > \
+                torch.arange(start, stop, device=device)[:, None]
+            scores.masked_fill_(~upper, NEG_INF)
+            counted = int(upper.sum())
         if not plan.second_pass:
-            out.impostors += int(values.numel())
+            out.impostors += counted - int(in_tile.sum())
             if plan.top_k:
-                kept = torch.topk(values, min(plan.top_k, values.numel())).values
-                out.top = merge_top(out.top, kept, plan.top_k)
+                candidates = scores.reshape(-1) if floor == NEG_INF else scores[scores > floor]
+                if candidates.numel():
+                    kept = torch.topk(candidates, min(plan.top_k, candidates.numel())).values
+                    top = merge_top(top, kept[kept > NEG_INF], plan.top_k)
+                    if len(top) == plan.top_k:
+                        floor = float(top[-1])
         if coarse is not None or fine:
-            keys = ordered_keys(values)
+            keys = ordered_keys(scores.reshape(-1))
             high = high_bin(keys)
             if coarse is not None:
                 coarse += torch.bincount(high, minlength=BINS)
             for b, counts in fine.items():
                 counts += torch.bincount(low_bin(keys[high == b]), minlength=BINS)
+    if coarse is not None:
+        coarse[int(high_bin(ordered_keys(torch.tensor([NEG_INF]))))] = 0  # the pairs that do not count
     out.coarse = coarse.cpu().numpy() if coarse is not None else None
     out.fine = {b: counts.cpu().numpy() for b, counts in fine.items()}
-    out.top = out.top.cpu()
+    out.top = top.cpu()
     return out
 
 
@@ -312,7 +347,7 @@ class SearchPartial:
 
 
 def search_block(probes: torch.Tensor, probe_labels, gallery: torch.Tensor, gallery_labels, k: int,
-                 gallery_offset: int = 0, tile_elements: int = 1 << 24) -> SearchPartial:
+                 gallery_offset: int = 0, tile_elements: int = 1 << 22) -> SearchPartial:
     """Top-k non-mate scores per probe over this gallery block, and the best mate score.
     A mate is a gallery entry with the probe's (non-negative) label."""
     device = probes.device

@@ -284,7 +284,7 @@ class EngineStats:
 
 
 def verify(spaces: list[PairSpace], fars, runner=None, topk_limit: int = TOPK_LIMIT,
-           tile_elements: int = 1 << 24, stats: EngineStats | None = None) -> core.VerificationResult:
+           tile_elements: int = 1 << 22, stats: EngineStats | None = None) -> core.VerificationResult:
     """TAR at each FAR over the union of the pair spaces, exact (see arcface_core.large_scale)."""
     runner = runner or default_runner()
     stats = stats if stats is not None else EngineStats()
@@ -315,7 +315,7 @@ def verify(spaces: list[PairSpace], fars, runner=None, topk_limit: int = TOPK_LI
     return result
 
 
-def search(probes: FeatureSet, gallery: FeatureSet, k: int, runner=None, tile_elements: int = 1 << 24,
+def search(probes: FeatureSet, gallery: FeatureSet, k: int, runner=None, tile_elements: int = 1 << 22,
            stats: EngineStats | None = None) -> core.SearchPartial:
     """Per probe: top-k non-mate gallery scores and indices, best mate score (exact)."""
     runner = runner or default_runner()
@@ -550,7 +550,7 @@ def enrolled_split(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def evaluate_release(release: Release, features: dict[str, FeatureSet], fars=None, ranks=RANKS, fpirs=FPIRS,
-                     runner=None, tile_elements: int = 1 << 24, topk_limit: int = TOPK_LIMIT,
+                     runner=None, tile_elements: int = 1 << 22, topk_limit: int = TOPK_LIMIT,
                      stats: EngineStats | None = None) -> dict:
     """The protocol's figures from its roles' features (names as the registry gates on them)."""
     runner = runner or default_runner()
@@ -682,7 +682,7 @@ def curves_png(results: dict[str, dict], title: str = "") -> bytes | None:
 
 def run_release(protocol: str, release_dir: str, embed_images=None, features_dir: str | None = None,
                 work: str | None = None, block_size: int = DEFAULT_BLOCK, fars=None, gpu: bool = False,
-                runner=None, out: str | None = None, tile_elements: int = 1 << 24) -> dict[str, dict]:
+                runner=None, out: str | None = None, tile_elements: int = 1 << 22) -> dict[str, dict]:
     """Load a release, get its features (precomputed under features_dir/<role>/, or embedded
     with `embed_images(uris) -> features` into work/<role>/), evaluate, and write the curves
     to out/<protocol>.png. {release name: figures}."""

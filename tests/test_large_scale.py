@@ -70,7 +70,7 @@ def test_radix_keys_order_like_the_scores_and_decode_back():
     keys = core.ordered_keys(values)
     assert torch.all(keys[1:] > keys[:-1])
     assert [core.key_value(int(k)) for k in keys] == values.tolist()
-    assert int(core.ordered_keys(torch.tensor([-0.0]) + 0.0)[0]) == int(core.ordered_keys(torch.tensor([0.0]))[0])
+    assert int(core.ordered_keys(torch.tensor([-0.0]))[0]) == int(core.ordered_keys(torch.tensor([0.0]))[0])
 
 
 def test_kth_largest_bin_hand_computed():
