@@ -150,7 +150,7 @@ def train_loop(config: dict) -> None:
         bar.update(step)
 
     for batch in _batches(stream, step, total, steps_per_epoch):
-        lr = lr_at(step, cfg, total)
+        lr = lr_at(step, cfg, total, steps_per_epoch)
         trainee.margin.set_step(step)
         loss = trainee.step(batch.images, batch.labels, lr, flips=batch.flips)
         step += 1

@@ -1,6 +1,12 @@
 """One rank's model and its training step: the backbone (DDP), this rank's slice of the
 class centres (arcface_core's model-parallel margin softmax), both optimizers, AMP.
 
+Gradient accumulation (`train.gradient_accumulation` = N): the step's rows run as N
+micro-batches whose losses, each weighted 1/N, add up to the whole batch's mean loss; the
+optimizers step once. Partial-FC draws one sample for the whole batch. So the gradient is
+the whole batch's wherever the computation is per sample (the classification layer, the
+margin, the loss; the backbone in eval mode); batch norm normalises each micro-batch.
+
 Exactness: backbone gradients equal the single-process gradient of the mean loss over
 the global batch (the embedding gradient is scaled by the world size to undo DDP's
 averaging; batch norm uses global-batch statistics), so N workers follow the same
@@ -9,6 +15,7 @@ trajectory as one process on the same global batches.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import time
@@ -16,7 +23,7 @@ import time
 import torch
 
 from arcface_core.backbones import build_backbone
-from arcface_core.classifier import ShardedMarginClassifier
+from arcface_core.classifier import ShardedMarginClassifier, all_gather_rows
 from arcface_core.margins import ArcFace, CombinedMargin, CosFace, MarginSoftmax, SphereFace
 from arcface_core.sync_bn import convert_global_batchnorm
 from pipelines.training import checkpoint
@@ -29,16 +36,17 @@ INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same 
 def build_margin(cfg: MarginConfig) -> MarginSoftmax:
     """The one place a margin is built from config: each margin from its own section."""
     cfg.validate()
-    s, st = cfg.scale, cfg.straight_through
+    s, st, fil = cfg.scale, cfg.straight_through, cfg.interclass_filtering_threshold
     if cfg.type == "arcface":
-        return ArcFace(s, cfg.arcface.m, straight_through=st)
+        return ArcFace(s, cfg.arcface.m, straight_through=st, interclass_filtering_threshold=fil)
     if cfg.type == "cosface":
-        return CosFace(s, cfg.cosface.m)
+        return CosFace(s, cfg.cosface.m, interclass_filtering_threshold=fil)
     if cfg.type == "sphereface":
         p = cfg.sphereface
-        return SphereFace(s, p.m, lambda_base=p.lambda_base, lambda_min=p.lambda_min, gamma=p.gamma, power=p.power)
+        return SphereFace(s, p.m, lambda_base=p.lambda_base, lambda_min=p.lambda_min, gamma=p.gamma, power=p.power,
+                          interclass_filtering_threshold=fil)
     c = cfg.combined
-    return CombinedMargin(s, c.m1, c.m2, c.m3, straight_through=st)
+    return CombinedMargin(s, c.m1, c.m2, c.m3, straight_through=st, interclass_filtering_threshold=fil)
 
 
 def init_centres(num_classes: int, dim: int, k: int, start: int, end: int, seed: int) -> torch.Tensor:
@@ -53,12 +61,16 @@ def init_centres(num_classes: int, dim: int, k: int, start: int, end: int, seed:
     return torch.cat(out)
 
 
-def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:
-    """Linear warm-up, then polynomial decay to 0 at the last step (arcface_torch's schedule)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
-    return cfg.lr * (1 - (step - cfg.warmup_steps) / span) ** cfg.poly_power
+def lr_at(step: int, cfg: TrainConfig, total_steps: int, steps_per_epoch: int = 0) -> float:
+    """Linear warm-up, then polynomial decay to 0 at the last step (arcface_torch's schedule).
+    The warm-up is `train.warmup_steps`, or `train.warmup_epochs` x `steps_per_epoch`."""
+    if cfg.warmup_epochs > 0 and steps_per_epoch <= 0:
+        raise ValueError("train.warmup_epochs needs the steps per epoch")
+    warmup = cfg.warmup_steps_for(steps_per_epoch)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total_steps - warmup)
+    return cfg.lr * (1 - (step - warmup) / span) ** cfg.poly_power
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device | None = None):
@@ -122,6 +134,7 @@ class Trainee:
     def __init__(self, cfg: TrainConfig, num_classes: int, rank: int, world: int, device: torch.device,
                  margin: MarginConfig | None = None):
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        cfg.validate()
         torch.manual_seed(cfg.seed)  # the same backbone initialisation on every rank
         backbone = build_backbone(cfg.backbone, cfg.embedding_size)
         if cfg.init_backbone:  # fine-tuning (a checkpoint, when resuming, overrides it)
@@ -148,6 +161,7 @@ class Trainee:
             self.model = DistributedDataParallel(self.backbone, device_ids=[device.index] if device.type == "cuda" else None)
         else:
             self.model = self.backbone
+        self.ddp = self.model if world > 1 else None  # its no_sync() skips the all-reduce of early micro-batches
         # Compiled lazily on the first step; that step's wall time is reported as compile time.
         if cfg.compile:
             if device.type == "cpu" and cfg.compile_backend == "inductor":
@@ -186,16 +200,34 @@ class Trainee:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            embeddings = self.model(images)
-        if self.world > 1:
-            # DDP averages backbone gradients over ranks; the loss is already the global mean.
-            embeddings.register_hook(lambda g: g * self.world)
+        parts = self.cfg.gradient_accumulation
+        if images.shape[0] % parts:
+            raise ValueError(f"{images.shape[0]} rows on this worker do not split into "
+                             f"{parts} micro-batches (train.gradient_accumulation)")
+        micro = images.shape[0] // parts
         # Every rank holds an equal share of the global batch (BatchStream enforces it).
-        loss = self.head(embeddings, labels, shares=[images.shape[0]] * self.world)  # fp32 logits
+        shares = [micro] * self.world
+        sampled = None
+        if parts > 1 and self.head.sample_rate < 1:  # one Partial-FC sample for the whole batch
+            sampled = self.head.draw_sample(all_gather_rows(labels.long(), [images.shape[0]] * self.world))
         self.opt_backbone.zero_grad(set_to_none=True)
         self.opt_head.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses = []
+        for part in range(parts):
+            rows = slice(part * micro, (part + 1) * micro)
+            last = part == parts - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    embeddings = self.model(images[rows])
+                if self.world > 1:
+                    # DDP averages backbone gradients over ranks; the loss is already the global mean.
+                    embeddings.register_hook(lambda g: g * self.world)
+                loss = self.head(embeddings, labels[rows], shares=shares, sampled=sampled)  # fp32 logits
+                # each micro-batch's mean loss weighs 1/N: together the whole batch's mean
+                self.scaler.scale(loss / parts if parts > 1 else loss).backward()
+            losses.append(loss.detach())
+        loss = losses[0] if parts == 1 else torch.stack(losses).mean()
         self.scaler.unscale_(self.opt_backbone)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.cfg.grad_clip, foreach=True)
@@ -206,7 +238,7 @@ class Trainee:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds = time.perf_counter() - started
-        return loss.detach()
+        return loss
 
     @property
     def margin(self) -> MarginSoftmax:
