@@ -164,19 +164,6 @@ def merge_top(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(both, k).values
 
 
-def pair_mask(left_labels: torch.Tensor, right_labels: torch.Tensor, upper_triangle_from: int | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(genuine, impostor) masks of a tile. `upper_triangle_from`: for a tile of the
-    all-to-all diagonal, the right index of the tile's first left row (only j > i counts)."""
-    same = (left_labels[:, None] == right_labels[None, :]) & (left_labels[:, None] >= 0)
-    if upper_triangle_from is None:
-        return same, ~same
-    rows = torch.arange(len(left_labels), device=left_labels.device)[:, None] + upper_triangle_from
-    cols = torch.arange(len(right_labels), device=left_labels.device)[None, :]
-    valid = cols > rows
-    return same & valid, ~same & valid
-
-
 def same_label_pairs(left_labels: np.ndarray, right_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, cols) of every pair with the same non-negative label, found from the labels
     alone (sorted search), so a block never builds a rows x cols label mask."""
@@ -349,26 +336,30 @@ class SearchPartial:
 def search_block(probes: torch.Tensor, probe_labels, gallery: torch.Tensor, gallery_labels, k: int,
                  gallery_offset: int = 0, tile_elements: int = 1 << 22) -> SearchPartial:
     """Top-k non-mate scores per probe over this gallery block, and the best mate score.
-    A mate is a gallery entry with the probe's (non-negative) label."""
+    A mate is a gallery entry with the probe's (non-negative) label; mates are found from the
+    labels (sparse), read, then masked to -inf before the top-k."""
     device = probes.device
-    probe_labels = torch.as_tensor(np.asarray(probe_labels, np.int64), device=device)
-    gallery_labels = torch.as_tensor(np.asarray(gallery_labels, np.int64), device=device)
+    rows, cols = same_label_pairs(probe_labels, gallery_labels)
     out = SearchPartial.empty(len(probes), k)
-    rows = max(1, tile_elements // max(1, len(gallery)))
+    tile_rows = max(1, tile_elements // max(1, len(gallery)))
     take = min(k, len(gallery))
-    for start in range(0, len(probes), rows):
-        stop = min(start + rows, len(probes))
+    for start in range(0, len(probes), tile_rows):
+        stop = min(start + tile_rows, len(probes))
         scores = similarity(probes[start:stop], gallery)
-        mate_mask, _ = pair_mask(probe_labels[start:stop], gallery_labels, None)
-        if mate_mask.any():
-            out.mate[start:stop] = torch.where(mate_mask, scores, NEG_INF).max(dim=1).values.cpu()
-        scores = scores.masked_fill(mate_mask, NEG_INF)
+        in_tile = (rows >= start) & (rows < stop)
+        if in_tile.any():
+            m_rows = torch.as_tensor(rows[in_tile] - start, device=device)
+            m_cols = torch.as_tensor(cols[in_tile], device=device)
+            best = torch.full((stop - start,), NEG_INF, device=device)
+            best.scatter_reduce_(0, m_rows, scores[m_rows, m_cols], "amax")
+            out.mate[start:stop] = best.cpu()
+            scores[m_rows, m_cols] = NEG_INF
         if take:
             best = torch.topk(scores, take, dim=1)
-            out.top_scores[start:stop, :take] = best.values.cpu()
-            index = best.indices.cpu() + gallery_offset
+            values, index = best.values.cpu(), best.indices.cpu() + gallery_offset
+            out.top_scores[start:stop, :take] = values
             # a masked mate is no non-mate: padding, not a gallery index
-            out.top_index[start:stop, :take] = torch.where(best.values.cpu() == NEG_INF, -1, index)
+            out.top_index[start:stop, :take] = torch.where(values == NEG_INF, -1, index)
     return out
 
 
