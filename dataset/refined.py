@@ -29,6 +29,9 @@ MANIFEST = "manifest.json"
 SHARDS, REJECTS, STAGING, EVAL, EMBEDDINGS, REPORT = "shards", "rejects", "staging", "eval", "embeddings", "report"
 # Evaluation sets are recognised by name: insightface pair sets and 1:N identification sets.
 PAIRS_SUFFIX, FACES_SUFFIX = ".bin", "_faces.parquet"
+# Raw layouts that ship their evaluation sets in the data folder itself: insightface's
+# training folders (faces_emore/ holds lfw.bin, cfp_fp.bin, agedb_30.bin beside train.rec).
+SETS_BESIDE_DATA = ("insightface-rec",)
 
 
 class DatasetError(ValueError):
@@ -216,7 +219,8 @@ class RefinedDataset:
 
     def eval_sets(self) -> tuple[list[str], list[str]]:
         """(pair sets, identification sets) that come with this dataset: its own eval/, its
-        parent's, the raw source's eval/ and the one beside the source (the demo's)."""
+        parent's, the raw source's eval/ and the one beside the source (the demo's), and the
+        sets stage 1 found in the source's own folder (`describe_source`: insightface's)."""
         folders = [storage.join(self.uri, EVAL)]
         parent = self.manifest.parent
         if parent and parent.get("uri"):
@@ -230,6 +234,9 @@ class RefinedDataset:
                 files += storage.list_files(folder, recursive=False)
             except (OSError, FileNotFoundError):
                 continue
+        # Derived datasets carry their parent's source section, so every stage sees these. A
+        # recorded set that has gone is not skipped: its reader names the missing file.
+        files += list(self.manifest.source.get("eval_sets", []))
         seen: set[str] = set()
         unique = []
         for f in files:  # the same file reached twice (a parent's copy) counts once
@@ -237,6 +244,22 @@ class RefinedDataset:
                 seen.add(storage.name(f))
                 unique.append(f)
         return [u for u in unique if u.endswith(PAIRS_SUFFIX)], [u for u in unique if u.endswith(FACES_SUFFIX)]
+
+
+def describe_source(fmt: str, uri: str) -> dict:
+    """The manifest's `source` section for raw data of format `fmt` at `uri`: where it is and,
+    for a layout that ships evaluation sets beside its data (insightface's `.bin` files beside
+    train.rec), those sets' URIs, so that every dataset derived from it finds them."""
+    uri = storage.absolute(uri)
+    source: dict = {"format": fmt, "uri": uri}
+    if fmt in SETS_BESIDE_DATA:
+        try:
+            found = storage.list_files(uri, suffix=PAIRS_SUFFIX, recursive=False)
+        except (OSError, FileNotFoundError):
+            found = []
+        if found:
+            source["eval_sets"] = sorted(found)
+    return source
 
 
 def split_eval_sets(uris: list[str]) -> tuple[list[str], list[str]]:

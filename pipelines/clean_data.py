@@ -28,7 +28,7 @@ from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
 from cleaning.steps import (INTERNAL_ERROR, Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize,
                             NearDuplicate, RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
-from dataset.refined import RefinedDataset
+from dataset.refined import RefinedDataset, describe_source
 from pipelines.clean_config import CleanConfig  # noqa: F401  (the section this job reads)
 from pipelines.logs import Progress
 
@@ -448,7 +448,7 @@ def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris,
         raise RuntimeError(f"accounting broke: read {read} != kept {kept} + rejected {rejected}")
     return {
         "schema_version": shards.SCHEMA_VERSION,
-        "source": {"format": fmt, "uri": input_uri},
+        "source": describe_source(fmt, input_uri),  # with the evaluation sets a layout ships beside its data
         "counts": {"read": read, "kept": kept, "rejected": rejected, "by_reason": dict(reasons.most_common()),
                    "by_step": {n: {"kept": s["kept"], "dropped": dict(s["dropped"])} for n, s in steps.items()}},
         "num_classes": len(labels),

@@ -3,6 +3,7 @@ built with our writer in insightface's layout, partitions of whole identities, p
 faces kept byte for byte, duplicates found within an identity wherever it falls."""
 
 import json
+import shutil
 import struct
 from pathlib import Path
 
@@ -153,8 +154,10 @@ def test_index_runs_that_cannot_be_streamed_are_planned_in_memory(rec_set, face2
 
 
 def test_face2rec2_plan_and_read_on_s3(face2rec2_set, s3_bucket, caplog):
-    """The streamed plan of a face2rec2-order index and its workers' reads on S3 (local endpoint)."""
+    """The streamed plan of a face2rec2-order index and its workers' reads on S3 (local
+    endpoint); the .bin sets beside train.rec there are the source's evaluation sets."""
     from dataset import storage
+    from dataset.refined import describe_source
 
     remote = f"s3://{s3_bucket}/faces_emore"
     for name in ("train.rec", "train.idx", "property"):
@@ -162,6 +165,12 @@ def test_face2rec2_plan_and_read_on_s3(face2rec2_set, s3_bucket, caplog):
     assert _partition_contents(remote, 4) == _partition_contents(face2rec2_set, 4)
     assert all(p.byte_range and not p.records for p in plan("insightface-rec", remote, 4))
     assert not _in_memory_warnings(caplog)
+    assert describe_source("insightface-rec", remote) == {"format": "insightface-rec", "uri": remote}
+    for name in ("lfw.bin", "agedb_30.bin", "notes.txt"):
+        storage.write_bytes(storage.join(remote, name), b"x")
+    assert describe_source("insightface-rec", remote + "/")["eval_sets"] == [f"{remote}/agedb_30.bin",
+                                                                             f"{remote}/lfw.bin"]
+    assert "eval_sets" not in describe_source("image-folder", remote)  # a .bin there is not a layout's set
 
 
 def test_headerless_file_is_cut_where_the_label_changes(tmp_path):
@@ -257,18 +266,50 @@ def test_write_record_magic_roundtrip_helper():
     assert read_record(io.BytesIO(fh.getvalue()), 0) == record
 
 
+def test_stage1_on_a_demo_in_either_record_order_gives_the_same_dataset(tmp_path):
+    """The demo written in index order and in face2rec2's order: stage 1 keeps and rejects
+    the same records with the same labels and bytes; only the idx line in `source` differs.
+    The pair set insightface-style beside train.rec is recorded as the source's evaluation set."""
+    from cleaning.synthetic.demo import DemoConfig, generate, input_root
+
+    tables = {}
+    for order in ("index", "face2rec2"):
+        raw = tmp_path / order
+        generate(raw, DemoConfig(identities=10, images_per_identity=6, seed=4, eval_identities=4, eval_pairs=20,
+                                 ijb_subjects=0, rec_order=order, workers=1), ["insightface-rec"])
+        root = input_root(raw, "insightface-rec")
+        images = json.loads((raw / "ground_truth.json").read_text())["num_records"]
+        keys = _idx_keys(root)
+        assert keys[0 if order == "index" else images] == 0 and sorted(keys) == list(range(len(keys)))
+        out = run_clean_data(str(root), "insightface-rec", RefinedDataset.create(tmp_path / f"out-{order}"),
+                             CleanConfig(records_per_partition=15, workers=1))
+        m = out.manifest
+        assert m.source["eval_sets"] == [str(root / "demo_pairs.bin")]
+        assert out.eval_sets()[0] == [str(root / "demo_pairs.bin")]
+        kept = pq.read_table(tmp_path / f"out-{order}" / "shards").to_pydict()
+        rejects = pq.read_table(tmp_path / f"out-{order}" / "rejects", columns=["key", "reason", "stage"]).to_pylist()
+        sources = kept.pop("source")
+        kept = {k: ["nan" if isinstance(v, float) and v != v else v for v in col] for k, col in kept.items()}  # no score
+        assert all(s.startswith(f"train.rec#{k[4:]} (train.idx:") for k, s in zip(kept["key"], sources))
+        tables[order] = (kept, sorted(rejects, key=lambda r: r["key"]), m.counts, m.identity_to_label)
+    assert tables["face2rec2"] == tables["index"] and len(tables["index"][0]["key"]) > 40
+
+
 def test_refine_on_a_demo_written_as_recordio(tmp_path):
-    """`arcface refine --format insightface-rec`: stage 1 on the .rec, a bootstrap model,
-    stage 2; every input accounted for, near duplicates of aligned faces found precisely."""
+    """`arcface refine --format insightface-rec` on a demo in face2rec2's record order: stage 1
+    on the .rec, a bootstrap model, stage 2; every input accounted for, near duplicates of
+    aligned faces found precisely, and the identities that overlap the pair set shipped
+    beside train.rec (the only evaluation set here) removed."""
     import ray
 
     from cleaning.synthetic.demo import DemoConfig, generate, input_root
-    from cleaning.synthetic.score import score_stage1
+    from cleaning.synthetic.score import score_stage1, score_stage2
     from pipelines.cli import main
 
     raw = tmp_path / "raw"
     generate(raw, DemoConfig(identities=30, images_per_identity=14, seed=3, eval_identities=8, eval_pairs=80,
-                             workers=2), ["insightface-rec"])
+                             rec_order="face2rec2", workers=2), ["insightface-rec"])
+    shutil.rmtree(raw / "eval")  # the demo's identification set: not part of insightface's layout
     try:
         code = main(["refine", "--input", str(input_root(raw, "insightface-rec")), "--format", "insightface-rec",
                      "--out", str(tmp_path / "out"), "--config", str(ROOT / "configs" / "demo-train.toml"),
@@ -284,3 +325,8 @@ def test_refine_on_a_demo_written_as_recordio(tmp_path):
     assert score["per_defect"]["near_duplicate"]["precision"] >= 0.95, score["per_defect"]["near_duplicate"]
     assert score["per_defect"]["exact_duplicate"]["recall"] == 1.0
     assert score["missing"] == 0
+    pair_set = str(input_root(raw, "insightface-rec") / "demo_pairs.bin")
+    assert stage2.eval_sets() == ([pair_set], [])
+    assert stage2.manifest.extra["stage2"]["evaluation_faces"] > 0
+    overlap = score_stage2(stage2.uri, str(raw / "ground_truth.json"))["overlap_identities"]
+    assert len(overlap["truth"]) == 3 and overlap["all_removed"], overlap

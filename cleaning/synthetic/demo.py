@@ -380,6 +380,7 @@ def _write_image_folder(out: Path, plan: Plan, images: list[list[DemoImage]], rn
 
 
 REC_FOLDER = "faces_emore"  # as insightface distributes MS1MV2
+PAIRS_FILE = "demo_pairs.bin"
 
 
 def input_root(layout_root: str | os.PathLike, fmt: str) -> Path:
@@ -391,9 +392,11 @@ def input_root(layout_root: str | os.PathLike, fmt: str) -> Path:
 def _write_insightface_rec(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np.random.Generator) -> tuple[list, list]:
     """The layout of insightface's MS1M releases: faces already aligned to 112x112 (with the
     rendered landmarks, as the release was aligned with a detector's), JPEG 95, in
-    train.rec/.idx with the header record, identity records and `property`. A release holds
-    no photo without an alignable face, so no-face and tiny-face slots are left out; damaged
-    payloads (empty, not an image) stay, as transfer damage. Keys are the reader's: rec:<index>."""
+    train.rec/.idx with the header record, identity records and `property`, in the record
+    order `demo.rec_order` names. A release holds no photo without an alignable face, so
+    no-face and tiny-face slots are left out; damaged payloads (empty, not an image) stay, as
+    transfer damage. Keys are the reader's: rec:<index>. The verification pair set goes beside
+    train.rec, where insightface ships lfw.bin, cfp_fp.bin and agedb_30.bin."""
     from cleaning.formats.recordio import write_rec
 
     items, records = [], []
@@ -409,7 +412,7 @@ def _write_insightface_rec(out: Path, plan: Plan, images: list[list[DemoImage]],
             items.append((i, payload))
             records.append(_record("insightface-rec", img, f"rec:{len(items)}", f"{REC_FOLDER}/train.rec#{len(items)}"))
     (out / REC_FOLDER).mkdir(parents=True, exist_ok=True)
-    write_rec(out / REC_FOLDER, items)
+    write_rec(out / REC_FOLDER, items, order=plan.cfg.rec_order)
     return records, []
 
 
@@ -428,9 +431,13 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
     `out_dir/<format>/`. Each layout gets its own `ground_truth.json` and `eval/` pair set.
     `progress` wraps the rendering loop (a tqdm-like callable).
     """
+    from cleaning.formats.recordio import ORDERS
+
     for fmt in formats:
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if cfg.rec_order not in ORDERS:
+        raise ValueError(f"demo.rec_order {cfg.rec_order!r}: choose from {', '.join(ORDERS)}")
     plan = make_plan(cfg)
     n_filed = len(plan.identities)
     tasks = [(plan, i) for i in range(n_filed)]
@@ -452,9 +459,11 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
         out.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([cfg.seed, 7])  # same corruptions whichever formats run together
         records, malformed = WRITERS[fmt](out, plan, images, rng)
-        # Evaluation sets beside the raw data, where RefinedDataset.eval_sets finds them.
+        # Evaluation sets beside the raw data, where RefinedDataset.eval_sets finds them; an
+        # insightface training folder holds its pair sets itself.
         (out / EVAL).mkdir(exist_ok=True)
-        (out / EVAL / "demo_pairs.bin").write_bytes(pairs_bin)
+        pairs_file = f"{REC_FOLDER}/{PAIRS_FILE}" if fmt == "insightface-rec" else f"{EVAL}/{PAIRS_FILE}"
+        (out / pairs_file).write_bytes(pairs_bin)
         overlap = [identity_name(fmt, i) for i in plan.overlap]
 
         def person(p: str) -> str:
@@ -476,7 +485,7 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
             "duplicate_identities": [[identity_name(fmt, a), identity_name(fmt, o)] for a, o in plan.alias_of.items()],
             "eval_overlap_identities": overlap,
             "eval_faces": {"file": f"{EVAL}/demo{FACES_SUFFIX}", "faces": faces_table.num_rows},
-            "eval_pairs": {"file": f"{EVAL}/demo_pairs.bin", "pairs": pairs_meta["pairs"],
+            "eval_pairs": {"file": pairs_file, "pairs": pairs_meta["pairs"],
                            "positives": pairs_meta["positives"], "pair_identities": pair_people},
             "malformed_rows": malformed,
             "images": records,

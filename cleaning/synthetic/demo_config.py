@@ -41,4 +41,8 @@ class DemoConfig:
     eval_pairs: int = 600
     # Subjects of the synthetic IJB-C-style set written beside the raw data (ijb/IJBC; 0: none).
     ijb_subjects: int = 24
+    # How the insightface-rec layout lists its records: "index" (header, images, identity
+    # records) or "face2rec2" (images, then header and identity records, as insightface's
+    # face2rec2.py writes train.rec/.idx).
+    rec_order: str = "index"
     workers: int = 2
