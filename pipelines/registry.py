@@ -94,18 +94,48 @@ class LoadedModel:
 
 
 class _PyfuncEmbedder:
-    def __init__(self, model):
-        self.model = model
+    """An MLflow model as an embedder: its `predict` on the CPU; with `program` (the model's
+    torch.export program moved to another device, `_program_on`) the same computation there."""
+
+    def __init__(self, model, program=None, device: str = "cpu", batch: int = 256):
+        self.model, self.program, self.device, self.batch = model, program, torch.device(device), batch
 
     def __call__(self, faces: np.ndarray, flip: bool = True) -> np.ndarray:
-        return np.asarray(self.model.predict(faces, params={"flip": bool(flip)}), np.float32)
+        if self.program is None:
+            return np.asarray(self.model.predict(faces, params={"flip": bool(flip)}), np.float32)
+        # what serving_model.predict computes, batch by batch on self.device
+        out = [torch.nn.functional.normalize(self._forward(faces[i:i + self.batch], flip), dim=1)
+               for i in range(0, len(faces), self.batch)]
+        return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+    @torch.no_grad()
+    def _forward(self, faces: np.ndarray, flip: bool) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(faces)).to(self.device)
+        e = self.program(x)
+        if flip:
+            e = e + self.program(torch.flip(x, dims=[2]))
+        return e.float().cpu()
 
     @torch.no_grad()
     def raw(self, faces: np.ndarray) -> np.ndarray:
         """Embedding of each face plus its mirror's, not normalised (the model's own program)."""
+        if self.program is not None:
+            return torch.cat([self._forward(faces[i:i + self.batch], True)
+                              for i in range(0, len(faces), self.batch)]).numpy()
         program = self.model.unwrap_python_model().program
         x = torch.from_numpy(np.ascontiguousarray(faces))
         return (program(x) + program(torch.flip(x, dims=[2]))).numpy()
+
+
+def _program_on(model_dir: str, device: str):
+    """The torch.export program of a logged embedder (artifact `program.pt2`), moved to
+    `device` by torch's own pass (which also rewrites the devices written into the graph)."""
+    from torch.export.passes import move_to_device_pass
+
+    found = sorted(Path(model_dir).rglob("program.pt2"))
+    if not found:
+        raise ValueError(f"{model_dir}: no program.pt2 in this MLflow model, so it cannot run on {device}")
+    return move_to_device_pass(torch.export.load(str(found[0])), device).module()
 
 
 class UntrustedModel(ValueError):
@@ -155,7 +185,8 @@ def pin_model_uri(uri: str) -> str:
 def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID/embedder`, a logged-model
     folder (with an MLmodel file), or a training checkpoint folder (state.json + backbone.pt;
-    local or s3://). `device` applies to checkpoints; MLflow models run on the CPU."""
+    local or s3://), on `device` (an MLflow model's own `predict` runs on the CPU; on another
+    device its torch.export program is moved there and run the same way)."""
     from pipelines.training import checkpoint
 
     if checkpoint.is_checkpoint(uri):
@@ -163,7 +194,11 @@ def load_embedder(uri: str, device: str = "cpu") -> LoadedModel:
     if _is_mlflow_model(uri):
         import mlflow
 
-        return LoadedModel(uri, _PyfuncEmbedder(mlflow.pyfunc.load_model(uri)), "mlflow")
+        if torch.device(device).type == "cpu":
+            return LoadedModel(uri, _PyfuncEmbedder(mlflow.pyfunc.load_model(uri)), "mlflow")
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+        return LoadedModel(uri, _PyfuncEmbedder(mlflow.pyfunc.load_model(local), _program_on(local, device), device),
+                           "mlflow")
     raise ValueError(f"{uri}: neither an MLflow model URI nor a training checkpoint folder")
 
 

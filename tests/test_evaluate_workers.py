@@ -161,8 +161,10 @@ def test_a_plain_embedder_and_a_runner_agree(demo):
 
 
 @pytest.mark.services
-def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server):
+def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server, monkeypatch, capsys):
     import mlflow
+
+    from pipelines.cli import main
 
     from pipelines.registry import log_embedding_model, promote
 
@@ -192,3 +194,32 @@ def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server)
     decision = promote("bin-record", versions[1], pair_uris=[demo["pairs"]], workers=2)
     second = client.get_model_version("bin-record", versions[1]).tags
     assert decision.promoted == (float(second[f"eval.{pair_set}.accuracy"]) > float(tags[f"eval.{pair_set}.accuracy"]))
+    # `arcface evaluate --pairs` on a models:/ URI records the .bin set's figures on the version
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    assert main(["evaluate", "--model", f"models:/bin-record/{versions[1]}", "--pairs", demo["pairs"],
+                 "--workers", "1"]) == 0
+    assert f"recorded on bin-record v{versions[1]}" in capsys.readouterr().out
+    assert f"eval.{pair_set}.accuracy" in client.get_model_version("bin-record", versions[1]).tags
+
+
+@pytest.mark.services
+def test_an_mlflow_model_moved_to_a_device_embeds_as_its_predict(mlflow_server):
+    """The path a GPU worker takes for a models:/ URI (its torch.export program moved to the
+    device), run here with the CPU as the device: the same embeddings as the model's predict."""
+    import mlflow
+
+    from pipelines.registry import _program_on, _PyfuncEmbedder, log_embedding_model
+
+    mlflow.set_tracking_uri(mlflow_server)
+    torch.manual_seed(2)
+    with mlflow.start_run():
+        version = log_embedding_model(build_backbone("tiny", 32).eval(), 32, "device-move", {}, {}).version
+    uri = f"models:/device-move/{version}"
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    model = mlflow.pyfunc.load_model(local)
+    moved = _PyfuncEmbedder(model, _program_on(local, "cpu"), "cpu", batch=7)
+    plain = _PyfuncEmbedder(model)
+    faces = np.random.default_rng(0).integers(0, 255, (19, 112, 112, 3), dtype=np.uint8)
+    for flip in (True, False):
+        np.testing.assert_allclose(moved(faces, flip), plain(faces, flip), atol=1e-6)
+    np.testing.assert_allclose(moved.raw(faces), plain.raw(faces), atol=1e-5)
