@@ -75,11 +75,28 @@ class ModelWorker(FaceEmbeddingWorker):
         from pipelines.registry import load_embedder
 
         torch.set_num_threads(max(1, threads))
-        if tracking_uri:  # a models:/ or runs:/ URI resolves on the driver's tracking server
-            import mlflow
+        self.failed: Exception | None = None
+        try:
+            if tracking_uri:  # a models:/ or runs:/ URI resolves on the driver's tracking server
+                import mlflow
 
-            mlflow.set_tracking_uri(tracking_uri)
-        super().__init__(load_embedder(model_uri, device=device).embedder, batch, read_threads)
+                mlflow.set_tracking_uri(tracking_uri)
+            embedder = load_embedder(model_uri, device=device).embedder
+        except Exception as exc:
+            # Kept for the first call to raise: Ray reports an error in an actor's creation
+            # only as a dead actor with the whole remote traceback as its message.
+            self.failed, embedder = exc, None
+        super().__init__(embedder, batch, read_threads)
+
+    def run(self, fn, *args):
+        if self.failed is not None:
+            raise self.failed
+        return super().run(fn, *args)
+
+    def embed(self, job) -> np.ndarray:
+        if self.failed is not None:
+            raise self.failed
+        return super().embed(job)
 
 
 def _gather(jobs: list, results, desc: str) -> np.ndarray:

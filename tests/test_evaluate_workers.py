@@ -143,6 +143,12 @@ def test_bad_input_is_one_clear_error(demo, ray_local, tmp_path):
 
     with pytest.raises(ValueError, match="neither an MLflow model URI nor a training checkpoint"):
         evaluate_model(str(tmp_path), [demo["pairs"]], workers=2)  # refused before any worker starts
+    # a model that fails to load on the workers: the loading error itself, not a dead actor
+    unloadable = tmp_path / "unloadable"
+    shutil.copytree(demo["model"], unloadable)
+    checkpoint.write_state(str(unloadable), {"step": 1, "config": {"backbone": "nonexistent", "embedding_size": 32}})
+    with pytest.raises(ValueError, match="unknown backbone 'nonexistent'"):
+        evaluate_model(str(unloadable), [demo["pairs"]], workers=2)
     broken = tmp_path / "IJBC"
     shutil.copytree(demo["ijb"], broken)
     first = sorted((broken / "loose_crop").iterdir())[0]
