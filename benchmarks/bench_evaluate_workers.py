@@ -90,7 +90,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    lines = [f"# Evaluation embedding: in process vs Ray workers", "",
+    lines = ["# Evaluation embedding: in process vs Ray workers", "",
              f"`{result['command']}`", "",
              f"Model: untrained `{args.backbone}` ({args.embedding_size}-d). Sets: the demo's `.bin` pair set "
              f"({pair_images} images), its identification set, its IJB-C-style release ({images.get(ijb_name)} images, "

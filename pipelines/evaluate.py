@@ -10,7 +10,11 @@ different models compare only when they were measured on the very same bytes.
 
 An *embedder* is any callable (uint8 faces (N, 112, 112, 3), flip) -> L2-normalised
 float32 embeddings: an in-process backbone (`TorchEmbedder`), a checkpoint or an MLflow
-model (pipelines/registry.py `load_embedder`).
+model (pipelines/registry.py `load_embedder`). `evaluate_model` (the command) embeds through
+a *runner* of pipelines/eval_workers.py instead: in this process, or Ray actors that each load
+the model once and read their share of the images from the sets' URIs (local or s3://);
+the driver keeps the labels and the gathered embeddings, from which the metrics are
+computed once, in the sets' order.
 """
 
 from __future__ import annotations
