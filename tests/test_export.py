@@ -2,6 +2,7 @@
 insightface-format backbone file, and a refined dataset as insightface RecordIO."""
 
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -203,6 +204,14 @@ def test_backbone_of_a_registered_version(tmp_path, mlflow_server):
     assert all(torch.equal(v, state[k]) for k, v in backbone.state_dict().items())
     result = export_pth(f"models:/pth-demo/{tagged.version}", str(tmp_path / "b.pth"))
     assert result.insightface is None and result.tensors == len(state)
+    if importlib.util.find_spec("onnxruntime"):  # the insightface layout's tags stand apart from the serving layout's
+        from pipelines.export import export_onnx, log_onnx_to_registry
+
+        uri = f"models:/pth-demo/{tagged.version}"
+        log_onnx_to_registry(uri, export_onnx(uri, str(tmp_path / "insightface.onnx"), layout="insightface"))
+        tags = mlflow.MlflowClient(mlflow_server).get_model_version("pth-demo", tagged.version).tags
+        assert tags["onnx_insightface.flip_inside"] == "False" and float(tags["onnx_insightface.max_abs_diff"]) <= 1e-4
+        assert "onnx.opset" not in tags
     with pytest.raises(ValueError, match="no train.backbone tag"):
         load_backbone(f"models:/pth-demo/{untagged.version}")
 
