@@ -82,3 +82,55 @@ def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
 def test_values_out_of_range_are_named_with_their_range(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override], environ={})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.warmup_steps=100", "train.warmup_epochs=2"], "both set: warm up in steps or in epochs, not both"),
+    (["train.gradient_accumulation=0"], r"train.gradient_accumulation must be in \[1, inf\)"),
+    (["train.batch_size=80", "train.workers=8", "train.gradient_accumulation=4"],
+     "does not split into 8 workers x 4 micro-batches"),
+    (["margin.interclass_filtering_threshold=1.0"], r"margin.interclass_filtering_threshold must be in \[0, 1\)"),
+    (["train.num_classes=-1"], r"train.num_classes must be in \[0, inf\)"),
+])
+def test_recipe_options_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, overrides, environ={})
+
+
+def test_recipe_options_declare_range_and_meaning_beside_the_field():
+    import dataclasses
+
+    from pipelines.config import RANGES
+    from pipelines.training.config import MarginConfig, TrainConfig
+
+    fields = {f"train.{f.name}": f for f in dataclasses.fields(TrainConfig)}
+    fields.update({f"margin.{f.name}": f for f in dataclasses.fields(MarginConfig)})
+    for name in ("train.warmup_epochs", "train.gradient_accumulation", "train.num_classes", "train.num_images",
+                 "margin.interclass_filtering_threshold"):
+        assert RANGES[name] == fields[name].metadata["range"] and fields[name].metadata["doc"]
+    cfg = load_config(None, ["train.warmup_epochs=2", "train.gradient_accumulation=2"], environ={})
+    assert cfg.train.warmup_steps_for(100) == 200 and cfg.train.warmup_epochs == 2.0
+
+
+def test_warmup_in_epochs_counts_this_datas_steps():
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.step import lr_at
+
+    cfg = TrainConfig(lr=0.1, warmup_epochs=0.5, poly_power=1.0)
+    assert lr_at(0, cfg, total_steps=100, steps_per_epoch=20) == pytest.approx(0.01)  # 10 warm-up steps
+    assert lr_at(9, cfg, total_steps=100, steps_per_epoch=20) == pytest.approx(0.1)
+    assert lr_at(55, cfg, total_steps=100, steps_per_epoch=20) == pytest.approx(0.05)  # halfway down
+    with pytest.raises(ValueError, match="steps per epoch"):
+        lr_at(0, cfg, total_steps=100)
+
+
+def test_a_reference_table_is_kept_and_shown(tmp_path):
+    from pipelines.config import to_toml
+
+    path = tmp_path / "recipe.toml"
+    path.write_text('[reference]\nsource = "zoo"\n"ijbc_tar_at_far_1e-4" = 96.37\nval_targets = ["lfw", "cfp_fp"]\n')
+    cfg = load_config(path, environ={})
+    assert cfg.reference == {"source": "zoo", "ijbc_tar_at_far_1e-4": 96.37, "val_targets": ["lfw", "cfp_fp"]}
+    text = to_toml(cfg, origins=True)
+    assert f'source = "zoo"  # file {path}' in text.split("[reference]")[1]
+    assert load_config(None, environ={}).reference == {}
