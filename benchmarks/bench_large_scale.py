@@ -168,7 +168,8 @@ def markdown(s: dict, args) -> str:
     for w, g in s["growth"].items():
         if g:
             lines.append(f"Growth exponents, {w} worker(s), N {g['from']:,} to {g['to']:,} (pairs grow as N^2): "
-                         f"time {g['seconds']:.2f}, driver peak {g['driver_peak_mib']:.2f}, "
+                         f"time {g['seconds']:.2f} (vs pairs {g['seconds'] / 2:.2f}; Ray's start-up weighs on the smallest N), "
+                         f"driver peak {g['driver_peak_mib']:.2f}, "
                          f"worker peak {g['worker_peak_mib']:.2f}.")
     rate = s["cpu_pairs_per_s_per_worker"]
     lines += ["", "## Extrapolation to Trillion-Pairs (1.58M images)", "",
