@@ -80,7 +80,7 @@ def cmd_demo_data(args, cfg) -> int:
     from cleaning.synthetic.demo import FORMATS, generate
 
     demo = cfg.demo
-    for key in ("identities", "images_per_identity", "seed", "workers"):
+    for key in ("identities", "images_per_identity", "seed", "workers", "rec_order"):
         value = getattr(args, key)
         if value is not None:
             setattr(demo, key, value)
@@ -271,17 +271,28 @@ def cmd_evaluate(args, cfg) -> int:
 def cmd_export(args, cfg) -> int:
     from pipelines import export
 
-    if args.export_format == "onnx":
+    if args.export_format in ("onnx", "pth"):
         if not args.model:
-            raise ValueError("--format onnx exports a model: give --model")
+            raise ValueError(f"--format {args.export_format} exports a model: give --model")
         if args.model.startswith(("models:/", "runs:/")):
             _use_tracking_server(cfg)
         from pipelines.registry import require_trusted
 
         require_trusted(args.model, args.trust_model_code)
-        result = export.export_onnx(args.model, args.out, flip=not args.no_flip)
-        print(f"ONNX (opset {result.opset}, dynamic batch, uint8 (N,112,112,3) in, L2-normalised out"
-              f"{', flip test inside' if result.flip else ''}): {result.path}")
+        if args.export_format == "pth":
+            r = export.export_pth(args.model, args.out, overwrite=args.overwrite)
+            print(f"backbone state dict ({r.tensors} tensors, sha256 {r.sha256[:12]}): {r.path}")
+            print(f"loads with arcface_torch's get_model({r.insightface!r}).load_state_dict(torch.load(...))"
+                  if r.insightface else f"{r.backbone} has no arcface_torch counterpart; --init-backbone takes it")
+            return 0
+        result = export.export_onnx(args.model, args.out, flip=not args.no_flip, layout=args.layout,
+                                    overwrite=args.overwrite)
+        if result.layout == "insightface":
+            print(f"ONNX (opset {result.opset}, insightface layout: float32 'data' (N,3,112,112) normalised as "
+                  f"(x-127.5)/127.5, raw embedding out, no flip): {result.path}")
+        else:
+            print(f"ONNX (opset {result.opset}, dynamic batch, uint8 (N,112,112,3) in, L2-normalised out"
+                  f"{', flip test inside' if result.flip else ''}): {result.path}")
         print(f"onnxruntime vs PyTorch on {result.faces_checked} faces: max abs difference {result.max_abs_diff:.2e}")
         logged = export.log_onnx_to_registry(args.model, result)
         if logged:
@@ -292,7 +303,7 @@ def cmd_export(args, cfg) -> int:
     from dataset import RefinedDataset
 
     data = RefinedDataset.open(args.data)
-    count = export.export_rec(data, args.out)
+    count = export.export_rec(data, args.out, overwrite=args.overwrite)
     print(f"{count} faces of {data.num_classes} identities in {args.out} (train.rec, train.idx, property)")
     return 0
 
@@ -416,6 +427,8 @@ def _args_demo_data(p) -> None:
     p.add_argument("--images-per-identity", type=int, help="images per identity (config demo.images_per_identity)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same bytes")
     p.add_argument("--workers", type=int, help="render processes (config demo.workers)")
+    p.add_argument("--rec-order", choices=["index", "face2rec2"],
+                   help="insightface-rec record order: index, or face2rec2's (images first; config demo.rec_order)")
 
 
 def _args_none(p) -> None:
@@ -449,8 +462,8 @@ def _args_train(p) -> None:
                    help="checkpoint folder to start from, or 'latest': the newest complete checkpoint of this "
                         "run name in train.storage")
     p.add_argument("--init-backbone", metavar="FILE.pth",
-                   help="fine-tune from this backbone state dict (insightface's released IResNet/MobileFaceNet "
-                        "files load as they are; config train.init_backbone)")
+                   help="fine-tune from this backbone state dict (insightface's released arcface_torch backbones, "
+                        "r18...r2060, mbf, mbf_large, ViT, load as they are; config train.init_backbone)")
 
 
 def _args_submit_train(p) -> None:
@@ -510,16 +523,22 @@ def _embedding_workers(p) -> None:
     p.add_argument("--workers", type=int, default=0,
                    help="embed the images in this many Ray actors (on the cluster in RAY_ADDRESS, else a local "
                         "Ray), each reading its images itself; 0: in this process")
-    p.add_argument("--gpu", action="store_true", help="with --workers: one GPU per actor")
+    p.add_argument("--gpu", action="store_true", help="embed on GPUs: one per actor with --workers, else this "
+                                                       "process's")
 
 
 def _args_export(p) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="checkpoint folder or MLflow model URI (with --format onnx)")
+    source.add_argument("--model", help="checkpoint folder or MLflow model URI (with --format onnx or pth)")
     source.add_argument("--data", help="refined dataset (with --format rec)")
-    p.add_argument("--format", dest="export_format", required=True, choices=["onnx", "rec"])
-    p.add_argument("--out", required=True, help="ONNX file, or the folder for train.rec/train.idx/property")
-    p.add_argument("--no-flip", action="store_true", help="ONNX: leave the flip test out of the graph")
+    p.add_argument("--format", dest="export_format", required=True, choices=["onnx", "pth", "rec"])
+    p.add_argument("--layout", choices=["serving", "insightface"], default="serving",
+                   help="ONNX: serving = uint8 (N,112,112,3) in, L2-normalised out, flip inside; insightface = as "
+                        "arcface_torch's torch2onnx.py: float32 NCHW 'data' normalised by the caller as "
+                        "(x-127.5)/127.5, raw embedding out, no flip")
+    p.add_argument("--out", required=True, help="ONNX or .pth file, or the folder for train.rec/train.idx/property")
+    p.add_argument("--no-flip", action="store_true", help="ONNX serving layout: leave the flip test out of the graph")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     _trust(p)
 
 

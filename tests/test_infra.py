@@ -233,7 +233,7 @@ def test_shared_nothing_rehearsal(tmp_path):
     assert "+src." in lineage["code_version"], "the cluster's wheel reports its own version, not this checkout's"
     assert any(k.startswith("IJBC-") for k in lineage["evaluation"]), lineage["evaluation"]
     evidence = work / "evidence"
-    placement = [json.loads(line) for line in (evidence / "placement.jsonl").read_text().splitlines()]
+    placement = [json.loads(f.read_text()) for f in (evidence / "placement").glob("rank-*.json")]
     assert sorted(p["rank"] for p in placement) == [0, 1] and len({p["node_id"] for p in placement}) == 2
     stage1 = json.loads((evidence / "stage1-manifest.json").read_text())
     assert len(set(stage1["executed_by"].values())) == 2, "stage 1 ran on both Dask workers of the cluster"

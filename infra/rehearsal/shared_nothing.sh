@@ -33,7 +33,7 @@ stop_all() {
     for pid in "${pids[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
     sleep 2
     for pid in "${pids[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
-    [ -n "${RAY_TMP:-}" ] && rm -rf "$RAY_TMP"
+    [ -n "${CLUSTER_TMP:-}" ] && rm -rf "$CLUSTER_TMP"
     return 0
 }
 trap 'set +x; stop_all' EXIT
@@ -76,16 +76,17 @@ cluster() {  # cluster NAME CMD...
         'mount -t tmpfs none "$1" && mount -t tmpfs none "$2" && shift 2 && cd "$HOME" && exec "$@"' \
         sh "$ROOT" "$WORK/client" \
         env -i HOME="$HOME" PATH="$ENV/bin:/usr/bin:/bin" LANG=C.UTF-8 ARCFACE_CACHE="$ARCFACE_CACHE" \
-        ARCFACE_STATE_DIR="$WORK/cluster/state" TMPDIR="$WORK/cluster/tmp" "${S3_ENV[@]}" \
+        ARCFACE_STATE_DIR="$WORK/cluster/state" TMPDIR="$CLUSTER_TMP" "${S3_ENV[@]}" \
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=token \
         MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
         "$@" > "$WORK/logs/$name.log" 2>&1 < /dev/null &
     pids+=($!)
 }
-mkdir -p "$WORK/cluster/tmp" "$WORK/cluster/state"
-# The cluster's own Ray session folder (short: Unix socket paths must stay under 107 bytes),
-# so its processes never find a Ray of this machine's in /tmp/ray.
-RAY_TMP=$(mktemp -d /tmp/rayXXXXXX)
+mkdir -p "$WORK/cluster/state"
+# The cluster's own temp folder and Ray session folder, short (Unix socket paths must stay
+# under 107 bytes), so its processes never find a Ray of this machine's in /tmp/ray.
+CLUSTER_TMP=$(mktemp -d /tmp/clusterXXXXXX)
+RAY_TMP="$CLUSTER_TMP/ray"
 
 say "the cluster: MLflow server, Dask scheduler + 2 workers, Ray head + a second node"
 cluster mlflow python -m mlflow server --backend-store-uri "sqlite:///$WORK/cluster/mlflow.db" \
@@ -142,7 +143,7 @@ arcface submit evaluate --model models:/rehearsal-arcface/1 --data "s3://$BUCKET
 arcface promote --name rehearsal-arcface --version latest
 arcface lineage --name rehearsal-arcface --version champion > "$WORK/lineage.json"
 # Evidence for tests/test_infra.py, read back from S3 before the endpoint goes.
-arcface copy "s3://$BUCKET/runs/rehearsal/placement.jsonl" "$WORK/evidence/placement.jsonl"
+arcface copy "s3://$BUCKET/runs/rehearsal/placement" "$WORK/evidence/placement"
 arcface copy "s3://$BUCKET/refined/stage1/manifest.json" "$WORK/evidence/stage1-manifest.json"
 arcface copy "s3://$BUCKET/refined/stage2/manifest.json" "$WORK/evidence/stage2-manifest.json"
 arcface copy "s3://$BUCKET/evaluation" "$WORK/evidence/evaluation"

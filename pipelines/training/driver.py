@@ -48,6 +48,13 @@ def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) ->
     if data.manifest.num_images < cfg.batch_size:
         raise TrainingInputError(f"{data.uri}: {data.manifest.num_images} faces make no global batch of "
                                  f"{cfg.batch_size}; lower train.batch_size or use more data")
+    from pipelines.training.config import RecipeMismatch, check_recipe_matches
+
+    try:  # a recipe written for another dataset (train.num_classes) is refused here, once
+        for note in check_recipe_matches(data.manifest, cfg):
+            log.warning("%s", note)
+    except RecipeMismatch as exc:
+        raise TrainingInputError(str(exc)) from None
     return digest
 
 
@@ -67,8 +74,9 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
     cfg = dataclasses.replace(cfg, storage=storage.absolute(cfg.storage),
                               init_backbone=storage.absolute(cfg.init_backbone) if cfg.init_backbone else "")
     # arcface_torch's recipes give a per-GPU batch; ours is global, so say how it splits.
-    log.info("run %s: global batch %d = %d workers x %d%s", cfg.name, cfg.batch_size, cfg.workers,
-             cfg.batch_size // cfg.workers, " (GPUs)" if cfg.gpu else "")
+    per_worker, micro = cfg.batch_size // cfg.workers, max(1, cfg.gradient_accumulation)
+    log.info("run %s: global batch %d = %d workers x %d%s", cfg.name, cfg.batch_size, cfg.workers, per_worker,
+             f" ({micro} micro-batches of {per_worker // micro})" if micro > 1 else "")
     if resume == "latest":
         resume = latest_checkpoint(storage.join(cfg.storage, cfg.name))
         log.info("resuming from the newest complete checkpoint of %s: %s", cfg.name, resume)

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from dataset import storage
 from pipelines.training.config import MarginConfig, TrainConfig
 from pipelines.training.step import Trainee, lr_at
 
@@ -69,15 +70,19 @@ def _run_dir(cfg: TrainConfig) -> str | None:
     return path
 
 
-def _record_placement(run_dir: str | None, rank: int) -> None:
-    """Which node each rank runs on (`RUN/placement.jsonl`)."""
+def _record_placement(cfg: TrainConfig, run_dir: str | None, rank: int) -> None:
+    """Which node each rank runs on: `RUN/placement.jsonl` on local storage; on S3 (no
+    appends) one object per rank and process, `RUN/placement/rank-R-PID.json`."""
     import ray
 
+    line = json.dumps({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
+                       "host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 3)})
     if run_dir:
         with open(os.path.join(run_dir, "placement.jsonl"), "a") as fh:
-            fh.write(json.dumps({"rank": rank, "node_id": ray.get_runtime_context().get_node_id(),
-                                 "host": socket.gethostname(), "pid": os.getpid(), "time": round(time.time(), 3)})
-                     + "\n")
+            fh.write(line + "\n")
+    else:
+        storage.write_bytes(storage.join(cfg.storage, cfg.name, "placement", f"rank-{rank}-{os.getpid()}.json"),
+                            line.encode())
 
 
 def _batches(stream, start: int, total: int, steps_per_epoch: int):
@@ -117,7 +122,7 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device()
     data = ShardDataset(config["data"])
     run_dir = _run_dir(cfg)
-    _record_placement(run_dir, rank)
+    _record_placement(cfg, run_dir, rank)
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
