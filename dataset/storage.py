@@ -172,5 +172,7 @@ def copy_tree(source: str, destination: str) -> int:
     check_bucket(destination)
     count = 1 if info.type == pafs.FileType.File else len(
         [f for f in src_fs.get_file_info(pafs.FileSelector(src, recursive=True)) if f.type == pafs.FileType.File])
+    if not is_s3(destination):  # pyarrow writes into existing local folders only
+        os.makedirs(dst if info.type == pafs.FileType.Directory else os.path.dirname(dst), exist_ok=True)
     pafs.copy_files(src, dst, source_filesystem=src_fs, destination_filesystem=dst_fs, use_threads=True)
     return count

@@ -30,3 +30,19 @@ def test_parquet_through_resolved_filesystem(s3_bucket):
     table = pa.table({"label": pa.array([1, 2, 3], pa.int32()), "image": [b"a", b"bb", b"ccc"]})
     pq.write_table(table, path, filesystem=fs)
     assert pq.read_table(path, filesystem=fs).equals(table)
+
+
+def test_copy_tree_to_s3_and_back_into_new_folders(tmp_path, s3_bucket):
+    """`arcface copy`: a folder up to S3 and back into folders that do not exist yet."""
+    from dataset import storage
+
+    src = tmp_path / "raw"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "x.jpg").write_bytes(b"x" * 10)
+    (src / "top.csv").write_text("id\n")
+    assert storage.copy_tree(str(src), f"s3://{s3_bucket}/raw") == 2
+    back = tmp_path / "new" / "deeper"
+    assert storage.copy_tree(f"s3://{s3_bucket}/raw", str(back)) == 2
+    assert (back / "a" / "b" / "x.jpg").read_bytes() == b"x" * 10
+    assert storage.copy_tree(f"s3://{s3_bucket}/raw/top.csv", str(tmp_path / "one" / "top.csv")) == 1
+    assert (tmp_path / "one" / "top.csv").read_text() == "id\n"
