@@ -21,8 +21,10 @@ import csv
 import io
 import itertools
 import logging
+import os
 import posixpath
 import re
+import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -374,6 +376,30 @@ class RecordIOError(ValueError):
     pass
 
 
+_MAX_RECORD_BYTES = 1 << 29  # dmlc-core: "RecordIO only accept record less than 2^29 bytes"
+# A train.idx line is 'index<TAB>offset\n': two decimal integers, under 45 bytes. A line this
+# long is no index line: reading stops there instead of buffering a newline-free file whole.
+_MAX_IDX_LINE = 1024
+_MIN_IDX_LINE = len(b"0\t0\n")  # the shortest line an index can have
+# The smallest record train.rec can hold: the 8-byte frame and the 24-byte IRHeader.
+_MIN_REC_RECORD = 8 + IR_HEADER.size
+
+
+def regular_file_size(uri: str) -> int:
+    """The size of `uri`, which must be a regular file (links followed): a FIFO would block the
+    reader and a device (/dev/zero) never ends; RecordIOError naming the file otherwise."""
+    if storage.is_s3(uri):  # object stores hold nothing but regular objects
+        return storage.size(uri)
+    _, path = storage.resolve(uri)
+    try:
+        mode = os.stat(path)
+    except OSError as exc:
+        raise RecordIOError(f"{uri}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode.st_mode):
+        raise RecordIOError(f"{uri}: not a regular file (a FIFO, device or folder); give the file itself")
+    return mode.st_size
+
+
 def read_record(fh, offset: int) -> bytes:
     """One logical record at `offset`, joining continuation parts as dmlc-core's reader does."""
     fh.seek(offset)
@@ -386,6 +412,8 @@ def read_record(fh, offset: int) -> bytes:
         if magic != REC_MAGIC:
             raise RecordIOError(f"offset {offset}: bad magic 0x{magic:08X}")
         cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        if len(out) + length >= _MAX_RECORD_BYTES:  # continuation parts must not add up past it
+            raise RecordIOError(f"offset {offset}: a record of over 2^29 bytes (dmlc-core's limit)")
         payload = fh.read((length + 3) & ~3)
         if len(payload) < length:
             raise RecordIOError(f"offset {offset}: record truncated")
@@ -467,19 +495,26 @@ def _idx_lines(idx_uri: str, start: int = 0, end: int | None = None,
     """(byte offset, line number, line, (index, offset) or None when malformed) for each line
     of a .idx from byte `start` (a line start, numbered `first_line`) to `end`, streamed: the
     driver never holds the index."""
+    regular_file_size(idx_uri)
     fs, path = storage.resolve(idx_uri)
     with fs.open_input_file(path) as fh:
         fh.seek(start)
-        pos = start
-        for line_no, raw in enumerate(io.BufferedReader(fh, buffer_size=1 << 20), start=first_line):
-            if end is not None and pos >= end:
+        reader = io.BufferedReader(fh, buffer_size=1 << 20)
+        pos, line_no = start, first_line
+        while end is None or pos < end:
+            raw = reader.readline(_MAX_IDX_LINE + 1)  # bounded: a file with no newline is not held
+            if not raw:
                 return
+            if len(raw) > _MAX_IDX_LINE:
+                raise RecordIOError(f"{idx_uri}:{line_no}: a line of over {_MAX_IDX_LINE} bytes: an index "
+                                    "line is 'index<TAB>offset' (is this a train.idx?)")
             try:
                 parsed = _parse_idx_line(raw)
             except ValueError:
                 parsed = None
             yield pos, line_no, raw, parsed
             pos += len(raw)
+            line_no += 1
 
 
 def _bad_idx_line(line_no: int, raw: bytes) -> str:
@@ -526,13 +561,33 @@ class _IndexScan:
     identity_offsets: dict[int, int]  # offsets of the identity records listed after record 0
 
 
-def _header_range(fh, offset: int) -> tuple[int, int] | None:
+def _header_range(fh, offset: int, idx_uri: str, rec_uri: str) -> tuple[int, int] | None:
     """Record 0's [first, end) identity-record range, or None when it is an image (im2rec)."""
     flag, labels, _, _ = unpack_record(read_record(fh, offset))
-    return (int(labels[0]), int(labels[1])) if flag >= 2 else None
+    return check_header_range(labels, idx_uri, rec_uri) if flag >= 2 else None
 
 
-def _scan_index(idx_uri: str, fh) -> _IndexScan:
+def check_header_range(labels: np.ndarray, idx_uri: str, rec_uri: str) -> tuple[int, int]:
+    """Record 0's labels [N + 1, N + 1 + C] as integers, refused (RecordIOError, one line) unless
+    they are finite whole numbers with 1 <= first <= end and the `end` records they declare fit
+    in both files: every record takes a line of train.idx (at least 4 bytes) and a frame and
+    header in train.rec (at least 32 bytes). Checked before anything is sized by them: a
+    header claiming 2^31 identities (or 3e38) would otherwise size the planner's lists."""
+    where = f"{rec_uri}: record 0 (the header)"
+    first, end = (float(v) for v in labels[:2])
+    if not (np.isfinite(first) and np.isfinite(end) and first.is_integer() and end.is_integer()):
+        raise RecordIOError(f"{where}: identity records [{first}, {end}) are not whole numbers")
+    first, end = int(first), int(end)
+    if not 1 <= first <= end:
+        raise RecordIOError(f"{where}: identity records [{first}, {end}) must satisfy 1 <= first <= end")
+    fit = min(regular_file_size(idx_uri) // _MIN_IDX_LINE, regular_file_size(rec_uri) // _MIN_REC_RECORD)
+    if end > fit:
+        raise RecordIOError(f"{where}: declares {end} records (images and {end - first} identities), more than "
+                            f"train.idx and train.rec can hold ({fit}): the header is corrupt")
+    return first, end
+
+
+def _scan_index(idx_uri: str, fh, rec_uri: str) -> _IndexScan:
     """The first pass over train.idx: its runs and stretches, and the identity records'
     offsets once record 0 (read on sight) has said which records those are. A malformed line
     stays inside its run's bytes, where the worker reading them rejects it."""
@@ -560,7 +615,7 @@ def _scan_index(idx_uri: str, fh) -> _IndexScan:
             runs.append(current)
         if key == 0:
             scan.header_run = len(runs) - 1
-            scan.identity_records = _header_range(fh, offset)
+            scan.identity_records = _header_range(fh, offset, idx_uri, rec_uri)
         elif scan.identity_records and scan.identity_records[0] <= key < scan.identity_records[1]:
             scan.identity_offsets[key] = offset
     if current is None or scan.header_run is None:
@@ -583,6 +638,7 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
     places, or a scrambled index is planned in memory (~380 bytes a record in the driver),
     where a record listed twice is rejected with its line."""
     idx_uri, rec_uri = storage.join(root, "train.idx"), storage.join(root, "train.rec")
+    regular_file_size(idx_uri), regular_file_size(rec_uri)  # before opening: a FIFO would block here
     with storage.open_input(rec_uri) as fh:
         try:
             return _plan_rec_streamed(root, idx_uri, fh, records_per_partition)
@@ -592,7 +648,7 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
 
 
 def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
-    scan = _scan_index(idx_uri, fh)
+    scan = _scan_index(idx_uri, fh, storage.join(root, "train.rec"))
     by_key = sorted(scan.runs, key=lambda r: r.first_key)
     for a, b in zip(by_key, by_key[1:]):
         if a.last_key >= b.first_key:  # runs hold every index in their range: a true repeat
@@ -701,7 +757,7 @@ def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list
     flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
     groups: list[list[tuple[int, int, int]]] = []
     if flag >= 2:
-        first_identity, end_identity = int(labels[0]), int(labels[1])
+        first_identity, end_identity = check_header_range(labels, idx_uri, storage.join(root, "train.rec"))
         images = {e[0]: e for e in entries if e[0] != 0 and not first_identity <= e[0] < end_identity}
         ranges, missing = _rec_identity_ranges(fh, offsets, first_identity, end_identity)
         for start, end in sorted(ranges):
