@@ -168,8 +168,13 @@ def template_pair_scores(template_ids: np.ndarray, template_feats: np.ndarray, p
     (IJB-C has 15.7M pairs: all at once would be tens of GB)."""
     order = np.argsort(template_ids)
     sorted_ids = np.asarray(template_ids)[order]
-    a = order[np.searchsorted(sorted_ids, pairs[:, 0])]
-    b = order[np.searchsorted(sorted_ids, pairs[:, 1])]
+    pairs = np.asarray(pairs)
+    at = np.minimum(np.searchsorted(sorted_ids, pairs), max(len(sorted_ids) - 1, 0))
+    unknown = np.flatnonzero(~(sorted_ids[at] == pairs).all(axis=1)) if len(sorted_ids) else np.arange(len(pairs))
+    if unknown.size:  # never a neighbouring template's score
+        raise ValueError(f"pair {unknown[0]} {pairs[unknown[0]].tolist()} names a template without features "
+                         f"({unknown.size} such pairs)")
+    a, b = order[at[:, 0]], order[at[:, 1]]
     out = np.empty(len(pairs))
     for i in range(0, len(pairs), chunk):
         out[i:i + chunk] = np.einsum("ij,ij->i", template_feats[a[i:i + chunk]], template_feats[b[i:i + chunk]])

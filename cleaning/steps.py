@@ -9,7 +9,6 @@ the first drop ends a face's journey in the rejects table with (stage, reason, d
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 
 from cleaning.align import ARCFACE_TEMPLATE, AlignmentError, align_face
 from cleaning.readers import RawSample
+from dataset import bounded
 
 log = logging.getLogger(__name__)
 
@@ -117,29 +117,10 @@ class ExactDuplicate(Step):
         return None
 
 
-# The image formats a face dataset is made of. OpenCV decodes more (Radiance HDR, PFM, PAM,
-# OpenEXR, JPEG 2000, ...), and some of those it decodes at full size before any cap can be
-# checked: everything else is refused on its header, before OpenCV sees it. (PIL calls some
-# camera JPEGs MPO.)
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "WEBP", "TIFF", "PPM")
-
-
-def sniff_image(data: bytes) -> tuple[str, tuple[int, int]] | None:
-    """(format, (width, height)) from the header alone - no pixel decoding, so a
-    decompression bomb costs nothing here; None when no known image format is recognised."""
-    import warnings
-
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():  # our own cap decides (PIL warns above 89 MP)
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                return im.format or "", im.size
-    except Image.DecompressionBombError:  # PIL refuses it on size alone: over any cap we set
-        return "bomb", (1 << 31, 1)
-    except Exception:
-        return None
+# The project's image rules (accepted formats, header sniffing, pixel cap) live in
+# dataset/bounded.py, shared with evaluation; imported here under their old names.
+ACCEPTED_FORMATS = bounded.ACCEPTED_FORMATS
+sniff_image = bounded.sniff_image
 
 
 class Decode(Step):
@@ -155,27 +136,12 @@ class Decode(Step):
 
     def check(self, face):
         data = face.raw.data
-        if not data:
-            face.detail = f"{face.raw.source}: 0 bytes"
-            return "empty_file"
-        sniffed = sniff_image(data)
-        if sniffed is None:
-            face.detail = (f"{face.raw.source}: not a decodable image (accepted formats: "
-                           f"{', '.join(ACCEPTED_FORMATS)}, recognised by their header)")
-            return "undecodable"
-        kind, size = sniffed
-        if size[0] * size[1] > self.max_pixels:
-            face.detail = f"{face.raw.source}: {size[0]}x{size[1]} exceeds the {self.max_pixels}-pixel cap"
-            return "too_many_pixels"
-        if kind not in ACCEPTED_FORMATS:
-            face.detail = f"{face.raw.source}: a {kind} image; accepted formats: {', '.join(ACCEPTED_FORMATS)}"
-            return "unsupported_format"
-        if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-4096:]:
-            face.detail = f"{face.raw.source}: JPEG without its end marker"
-            return "truncated"
-        buf = np.frombuffer(data, np.uint8)
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)  # 8-bit, 3 channels whatever the input
-        if img is None or img.size == 0:
+        problem = bounded.image_problem(data, self.max_pixels, face.raw.source)
+        if problem:
+            reason, face.detail = problem
+            return reason
+        img = bounded.decode_bgr(data)
+        if img is None:
             face.detail = f"{face.raw.source}: not a decodable image"
             return "undecodable"
         face.image = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)

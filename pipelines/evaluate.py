@@ -31,20 +31,20 @@ import torch
 from arcface_core.embedder import AlignedFaceEmbedder, embed_faces
 from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
 from cleaning.formats.insightface_bin import loads_pairs
-from dataset import shards, storage
+from dataset import bounded, shards, storage
 from pipelines.eval_workers import CHUNK, as_runner
 
 log = logging.getLogger(__name__)
 
 
-def decode_face(blob, index: int = 0) -> np.ndarray:
-    """One encoded aligned face -> (112, 112, 3) uint8 RGB."""
-    img = cv2.imdecode(np.frombuffer(blob, np.uint8), cv2.IMREAD_COLOR)
-    if img is None:
-        raise ValueError(f"image {index} does not decode")
+def decode_face(blob, index: int = 0, source: str = "") -> np.ndarray:
+    """One encoded aligned face -> (112, 112, 3) uint8 RGB, through the project's bounded
+    decoder (dataset/bounded.py: accepted formats and the pixel cap, read from the header
+    before any pixel is decoded - a PNG bomb inside a pair set is refused, not inflated)."""
+    img = bounded.decode_image(bytes(blob), f"{source}: image {index}" if source else f"image {index}")
     if img.shape[:2] != (112, 112):
         img = cv2.resize(img, (112, 112), interpolation=cv2.INTER_AREA)
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
 
 
 def decode_aligned(blobs: list[bytes]) -> np.ndarray:
@@ -76,14 +76,19 @@ class FaceSet:
     identities: np.ndarray
 
 
+def read_set(uri: str) -> bytes:
+    """An evaluation set's bytes: a regular file within the byte cap (dataset/bounded.py)."""
+    return bounded.read_bounded(uri, bounded.MAX_EVAL_SET_BYTES, "evaluation set")
+
+
 def load_pairs(uri: str) -> PairSet:
-    data = storage.read_bytes(uri)
+    data = read_set(uri)
     images, issame = loads_pairs(data, name=uri)
     return PairSet(set_name(uri, data), uri, decode_aligned(images), np.asarray(issame, bool))
 
 
 def load_faces(uri: str) -> FaceSet:
-    data = storage.read_bytes(uri)
+    data = read_set(uri)
     table = shards.read_table(uri, columns=["image", "identity"])
     return FaceSet(set_name(uri, data), uri, decode_aligned(table.column("image").to_pylist()),
                    np.asarray(table.column("identity").to_pylist()))
@@ -181,7 +186,7 @@ class FaceLabels:
 
 def read_pair_labels(uri: str) -> PairLabels:
     """A `.bin` pair set's name and same/different labels (run on a worker: it reads the file)."""
-    data = storage.read_bytes(uri)
+    data = read_set(uri)
     _, issame = loads_pairs(data, name=uri)
     return PairLabels(set_name(uri, data), uri, np.asarray(issame, bool))
 
@@ -191,7 +196,7 @@ def read_face_labels(uri: str) -> FaceLabels:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = storage.read_bytes(uri)
+    data = read_set(uri)
     identities = pq.read_table(pa.BufferReader(data), columns=["identity"]).column("identity").to_pylist()
     return FaceLabels(set_name(uri, data), uri, np.asarray(identities))
 
@@ -214,9 +219,9 @@ class BinImages:
         images = cache.get(("bin", self.uri))
         if images is None:
             cache.clear()  # one file at a time: the jobs of a set come one after another
-            images, _ = loads_pairs(storage.read_bytes(self.uri), name=self.uri)
+            images, _ = loads_pairs(read_set(self.uri), name=self.uri)
             cache[("bin", self.uri)] = images
-        return lambda i: decode_face(images[self.start + i], self.start + i)
+        return lambda i: decode_face(images[self.start + i], self.start + i, self.uri)
 
 
 @dataclass
@@ -244,7 +249,7 @@ class ParquetImages:
             table = reader.read_row_groups(groups, columns=["image"])
         offset = self.start - int(firsts[groups[0]]) if groups else 0
         images = table.column("image").slice(offset, self.count).to_pylist()
-        return lambda i: decode_face(images[i], self.start + i)
+        return lambda i: decode_face(images[i], self.start + i, self.uri)
 
 
 def chunks(count: int, chunk: int) -> list[tuple[int, int]]:

@@ -15,7 +15,6 @@ Everything is loaded with `weights_only=True`: a checkpoint is data, never code.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset import storage
+from dataset import bounded, storage
 
 STATE = "state.json"
 BACKBONE = "backbone.pt"
@@ -120,7 +119,8 @@ def read_state(uri: str) -> dict:
 
 
 def _load(uri: str, map_location="cpu") -> dict:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location=map_location, weights_only=True)
+    # a regular file within the cap, no zip member inflating past it, tensors only
+    return bounded.load_torch_file(uri, map_location, bounded.MAX_CHECKPOINT_FILE_BYTES)
 
 
 def read_backbone(uri: str, map_location="cpu") -> dict:

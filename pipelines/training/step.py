@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import time
 
 import torch
@@ -85,10 +84,10 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device | None = None)
 def read_backbone_file(uri: str) -> tuple[dict, str]:
     """A backbone state dict from a .pth file (local or s3://): tensors only
     (`weights_only=True`: never code), a "module." prefix (DDP) dropped; and its SHA-256."""
-    from dataset import storage
+    from dataset import bounded
 
-    data = storage.read_bytes(uri)
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    data = bounded.read_torch_file(uri)  # a regular file within the cap, no zip member inflating past it
+    state = bounded.torch_loads(data, uri)
     if isinstance(state, dict) and "backbone" in state and isinstance(state["backbone"], dict):
         state = state["backbone"]  # one of our checkpoints' backbone.pt
     if not isinstance(state, dict):
