@@ -57,7 +57,9 @@ def test_dead_tracking_server_fails_fast_with_one_line(tmp_path, command):
 @pytest.mark.parametrize("address", ["http://127.0.0.1:{port}", "127.0.0.1:{port}"])
 def test_dead_ray_cluster_fails_fast_with_one_line(tmp_path, demo_shards, address):
     address = address.format(port=free_port())
-    for command in (["submit-train", "--data", str(demo_shards), "--no-mlflow"], ["train", "--data", str(demo_shards)]):
+    # (--cluster-path: the data is said to be on the cluster, so what fails is reaching it)
+    for command in (["submit-train", "--data", str(demo_shards), "--no-mlflow", "--cluster-path"],
+                    ["train", "--data", str(demo_shards)]):
         proc, seconds = run(command, clean_env(tmp_path, RAY_ADDRESS=address))
         line = one_line_error(proc)
         assert seconds < 10, (command, seconds)
