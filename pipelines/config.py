@@ -116,7 +116,12 @@ INF = math.inf
 # The range of every numeric setting, as an interval: "[" / "]" include the bound, "(" / ")"
 # do not. A value outside would hang (0 workers), silently disable a check (a NaN or
 # negative threshold) or fail deep inside a job; tests/test_config.py checks that every
-# numeric field of the config has its entry here.
+# numeric field of the config has its entry here. Upper bounds are what no real run needs
+# and what would exhaust the machine or train nothing (#31): MAX_WORKERS processes (or Ray
+# workers) per job, lr above 10, a logit scale above 1024 (exp(s) overflows float32 at ~88,
+# fp64 at ~709: the loss goes NaN). A stall below 5 s would restart healthy partitions.
+MAX_WORKERS = 1024
+_WORKERS = f"[1, {MAX_WORKERS}]"
 RANGES = {
     **{f"services.{k}": "[1, 65535]" for k in ("ray_port", "ray_dashboard_port", "mlflow_port", "s3_port")},
     "services.ray_num_cpus": "[1, inf)", "services.ray_object_store_bytes": "[78643200, inf)",
@@ -127,28 +132,28 @@ RANGES = {
                                        "zero_byte", "no_face", "tiny_face", "blurred")},
     "demo.duplicate_identities": "[0, inf)", "demo.eval_overlap_identities": "[0, inf)",
     "demo.eval_identities": "[0, inf)", "demo.eval_pairs": "[0, inf)", "demo.ijb_subjects": "[0, inf)",
-    "demo.workers": "[1, inf)", "demo.noise_sources": "[0, inf)", "demo.images_per_identity_min": "[0, inf)",
-    "clean.records_per_partition": "[1, inf)", "clean.workers": "[1, inf)", "clean.max_pixels": "[1, inf)",
-    "clean.stall_seconds": "(0, inf)", "clean.max_internal_error_share": "[0, 1]",
+    "demo.workers": _WORKERS, "demo.noise_sources": "[0, inf)", "demo.images_per_identity_min": "[0, inf)",
+    "clean.records_per_partition": "[1, inf)", "clean.workers": _WORKERS, "clean.max_pixels": "[1, inf)",
+    "clean.stall_seconds": "[5, inf)", "clean.max_internal_error_share": "[0, 1]",
     "clean.min_det_score": "[0, 1]", "clean.min_eye_distance_px": "[0, inf)", "clean.min_blur": "[0, inf)",
     "clean.near_duplicate_bits": "[0, 256]", "clean.near_duplicate_correlation": "[-1, 1]",
     "clean.near_duplicate_aligned_bits": "[0, 256]", "clean.near_duplicate_aligned_correlation": "[-1, 1]",
     "clean.landmark_margin": "[0, 1]", "clean.detector_min_face": "[12, inf)", "clean.detector_batch": "[1, inf)",
     "clean.detect_max_side": "[112, inf)", "clean.decoded_pixels_per_chunk": "[1, inf)",
     "clean.jpeg_quality": "[1, 100]", "clean.row_group_rows": "[1, inf)",
-    "denoise.workers": "[1, inf)", "denoise.pass_tasks": "[0, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
+    "denoise.workers": _WORKERS, "denoise.pass_tasks": "[0, inf)", "denoise.batch": "[1, inf)", "denoise.max_angle": "[0, 180]",
     "denoise.min_images_to_judge": "[1, inf)", "denoise.min_images_per_identity": "[1, inf)",
     "denoise.merge_max_angle": "[0, 180]", "denoise.merge_same_person_angle": "[0, 180]",
     "denoise.overlap_max_angle": "[0, 180]",
     "denoise.overlap_min_faces": "[1, inf)", "denoise.bootstrap_epochs": "[1, inf)", "denoise.bootstrap_subcentres": "[1, inf)", "denoise.rounds": "[1, inf)", "denoise.another_round_above": "[0, 1]",
-    "train.embedding_size": "[1, inf)", "train.freeze_stages": "[0, 4]", "train.sample_rate": "(0, 1]",
+    "train.embedding_size": "[1, 65536]", "train.freeze_stages": "[0, 4]", "train.sample_rate": "(0, 1]",
     "train.subcentres": "[1, inf)", "train.batch_size": "[1, inf)", "train.epochs": "[0, inf)",
-    "train.max_steps": "[0, inf)", "train.lr": "(0, inf)", "train.momentum": "[0, 1)",
-    "train.weight_decay": "[0, inf)", "train.warmup_steps": "[0, inf)", "train.poly_power": "[0, inf)",
-    "train.grad_clip": "[0, inf)", "train.workers": "[1, inf)", "train.seed": "[0, inf)",
-    "train.shuffle_rowgroups": "[1, inf)", "train.decode_threads": "[1, inf)", "train.checkpoint_every": "[1, inf)",
-    "train.max_failures": "[0, inf)", "train.eval_every": "[0, inf)", "train.log_every": "[1, inf)",
-    "margin.scale": "(0, inf)", "margin.arcface.m": "[0, 3.14159)", "margin.cosface.m": "[0, 2)",
+    "train.max_steps": "[0, inf)", "train.lr": "(0, 10]", "train.momentum": "[0, 1)",
+    "train.weight_decay": "[0, 1]", "train.warmup_steps": "[0, inf)", "train.poly_power": "[0, inf)",
+    "train.grad_clip": "[0, inf)", "train.workers": _WORKERS, "train.seed": "[0, inf)",
+    "train.shuffle_rowgroups": "[1, inf)", "train.decode_threads": "[1, 256]", "train.checkpoint_every": "[1, inf)",
+    "train.max_failures": "[0, 100]", "train.eval_every": "[0, inf)", "train.log_every": "[1, inf)",
+    "margin.scale": "(0, 1024]", "margin.arcface.m": "[0, 3.14159)", "margin.cosface.m": "[0, 2)",
     "margin.sphereface.m": "[1, 10]", "margin.sphereface.lambda_base": "[0, inf)",
     "margin.sphereface.lambda_min": "[0, inf)", "margin.sphereface.gamma": "[0, inf)",
     "margin.sphereface.power": "[0, inf)", "margin.combined.m1": "[1, 10]", "margin.combined.m2": "[0, 3.14159)",

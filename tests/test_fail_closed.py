@@ -117,3 +117,160 @@ def test_rec_data_file_that_is_a_fifo_is_refused(tmp_path):
     os.mkfifo(root / "train.rec")
     done = run_capped(PLAN_CODE.format(root=str(root)), timeout=30)
     assert "REFUSED" in done.stdout and "train.rec: not a regular file" in done.stdout, done.stdout + done.stderr
+
+
+# -- settings -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setting", ["clean.workers=1e23", "clean.workers=1025", "clean.stall_seconds=0.001",
+                                     "train.lr=100", "train.lr=0", "margin.scale=1e308", "margin.scale=2000",
+                                     "train.workers=100000", "denoise.workers=5000"])
+def test_settings_outside_their_meaningful_range_are_refused(setting):
+    # Before: clean.workers=1e23 and clean.stall_seconds=0.001 were accepted and broke the job;
+    # margin.scale=1e308 trained with loss NaN to a checkpoint.
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=setting.split("=")[0].replace(".", r"\.")):
+        load_config(None, [setting])
+
+
+@pytest.mark.parametrize("setting", ["clean.workers=1024", "clean.stall_seconds=5", "train.lr=10",
+                                     "margin.scale=1024", "margin.scale=64"])
+def test_settings_at_their_bounds_are_taken(setting):
+    from pipelines.config import load_config
+
+    load_config(None, [setting])
+
+
+# -- training -------------------------------------------------------------------------------
+
+@pytest.fixture
+def shard_copy(demo_shards, tmp_path):
+    """A private copy of the demo dataset, to damage."""
+    import shutil
+
+    out = tmp_path / "data"
+    shutil.copytree(demo_shards, out)
+    return out
+
+
+def _relabel(root, change) -> None:
+    """Rewrite every shard's label column with change(labels)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for shard in sorted((root / "shards").glob("*.parquet")):
+        table = pq.read_table(shard)
+        labels = change(table.column("label").to_numpy().copy())
+        table = table.set_column(table.schema.get_field_index("label"), "label",
+                                 pa.array(labels, table.schema.field("label").type))
+        pq.write_table(table, shard)
+
+
+def _train_cfg(tmp_path, **changes):
+    from pipelines.config import load_config
+
+    cfg = load_config(os.path.join(REPO, "configs", "demo-train.toml"))
+    cfg.train.storage = str(tmp_path / "runs")
+    for key, value in changes.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("damage", ["every_other_100000", "all_at_least_c", "negative"])
+def test_out_of_range_labels_are_refused_before_any_worker_trains(shard_copy, tmp_path, damage):
+    # Before: out-of-range labels became -1 on every shard and trained to a checkpoint.
+    from dataset import RefinedDataset
+    from pipelines.training.driver import TrainingInputError, check_input
+
+    data = RefinedDataset.open(str(shard_copy))
+    c = data.num_classes
+    change = {"every_other_100000": lambda y: np.where(np.arange(y.size) % 2 == 0, 100000, y),
+              "all_at_least_c": lambda y: y + c,
+              "negative": lambda y: np.where(np.arange(y.size) == 3, -1, y)}[damage]
+    _relabel(shard_copy, change)
+    cfg = _train_cfg(tmp_path)
+    with pytest.raises(TrainingInputError, match=r"row group \d+: \d+ of \d+ labels outside 0 \.\. "):
+        check_input(RefinedDataset.open(str(shard_copy)), cfg.train, cfg.margin)
+
+
+def test_num_classes_smaller_than_the_labels_is_refused(shard_copy, tmp_path):
+    import json
+
+    from dataset import RefinedDataset
+    from pipelines.training.driver import TrainingInputError, check_input
+
+    manifest = json.loads((shard_copy / "manifest.json").read_text())
+    manifest["num_classes"] = manifest["num_classes"] // 2
+    (shard_copy / "manifest.json").write_text(json.dumps(manifest))
+    cfg = _train_cfg(tmp_path)
+    with pytest.raises(TrainingInputError, match=f"outside 0 .. {manifest['num_classes'] - 1}"):
+        check_input(RefinedDataset.open(str(shard_copy)), cfg.train, cfg.margin)
+
+
+def test_the_demo_dataset_passes_the_label_check(demo_shards, tmp_path):
+    from dataset import RefinedDataset
+    from pipelines.training.data import ShardDataset
+
+    assert ShardDataset(RefinedDataset.open(str(demo_shards))).label_problem() == ""
+
+
+def test_non_finite_initial_weights_are_refused(demo_shards, tmp_path):
+    # Before: --init-backbone with NaN weights trained with loss NaN and wrote a checkpoint.
+    import torch
+
+    from arcface_core.backbones import build_backbone
+    from dataset import RefinedDataset
+    from pipelines.training.driver import TrainingInputError, check_input
+
+    cfg = _train_cfg(tmp_path)
+    state = build_backbone(cfg.train.backbone, cfg.train.embedding_size).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.numel() > 1)
+    state[name][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    cfg.train.init_backbone = str(tmp_path / "nan.pth")
+    with pytest.raises(TrainingInputError, match=f"nan.pth: {name} holds NaN"):
+        check_input(RefinedDataset.open(str(demo_shards)), cfg.train, cfg.margin)
+    torch.save(build_backbone(cfg.train.backbone, cfg.train.embedding_size).state_dict(), tmp_path / "ok.pth")
+    cfg.train.init_backbone = str(tmp_path / "ok.pth")
+    check_input(RefinedDataset.open(str(demo_shards)), cfg.train, cfg.margin)  # a finite one is taken
+
+
+POISON_HOOK = '''
+import gc
+import torch
+
+
+def poison(step, rank, world, run_dir):
+    """Fault injection: after step 2 the backbone's weights turn NaN (as a diverging run's would)."""
+    if step != 2:
+        return
+    from pipelines.training.step import Trainee
+    for obj in gc.get_objects():
+        if isinstance(obj, Trainee):
+            with torch.no_grad():
+                next(obj.backbone.parameters()).fill_(float("nan"))
+'''
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_in_one_line_without_retrying_or_a_checkpoint(demo_shards, tmp_path):
+    import ray
+
+    from pipelines.training.driver import TrainingDiverged, run_training
+    from pipelines.training.loop import STOPPED_FILE
+
+    hook = tmp_path / "poison.py"
+    hook.write_text(POISON_HOOK)
+    cfg = _train_cfg(tmp_path, name="diverge", workers=1, max_steps=6, checkpoint_every=3, max_failures=3,
+                     eval_every=0, batch_size=16)
+    cfg.train.eval_sets = ""
+    try:
+        with pytest.raises(TrainingDiverged, match=r"run diverge: the loss is nan at step 3 .*no checkpoint"):
+            run_training(str(demo_shards), cfg.train, cfg.margin, step_hook=f"{hook}:poison")
+    finally:
+        ray.shutdown()
+    run = tmp_path / "runs" / "diverge"
+    assert (run / STOPPED_FILE).exists()
+    assert not list(run.glob("checkpoint_*")), "a diverged model was checkpointed"
+    steps = [line for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2, "the run was retried and trained again"  # steps 1-2 (step 3 stopped before logging)

@@ -62,6 +62,28 @@ class ShardDataset:
         self._files: dict[str, pq.ParquetFile] = {}
         self._cache: dict[tuple[str, int], tuple[list, np.ndarray]] = {}
 
+    def label_problem(self) -> str:
+        """"" when every label of every shard lies in 0 .. num_classes - 1, else one line naming
+        the shard, its row group and the labels found. Streamed: only the label column is
+        read, one row group at a time (what the workers would train on, not the footers'
+        statistics, which a writer may leave out or get wrong)."""
+        if self.num_classes < 1:
+            return f"{self.root}: the manifest's num_classes is {self.num_classes}: nothing to train"
+        for g, group in enumerate(self.groups):
+            labels = self._read_labels(group)
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                bad = labels[(labels < 0) | (labels >= self.num_classes)]
+                return (f"{group.file}: row group {group.index}: {bad.size} of {labels.size} labels outside "
+                        f"0 .. {self.num_classes - 1} (the manifest's num_classes), e.g. {int(bad[0])}: "
+                        "a model trained on it would ignore those faces")
+        return ""
+
+    def _read_labels(self, group: RowGroup) -> np.ndarray:
+        if group.file not in self._files:
+            fs, path = storage.resolve(group.file)
+            self._files[group.file] = pq.ParquetFile(fs.open_input_file(path))
+        return self._files[group.file].read_row_group(group.index, columns=["label"]).column("label").to_numpy()
+
     def manifest_summary(self) -> dict:
         """The manifest without its per-identity map (lineage for trackers)."""
         return self.data.manifest.summary() | {"uri": self.root}
@@ -89,7 +111,11 @@ class ShardDataset:
                 fs, path = storage.resolve(group.file)
                 self._files[group.file] = pq.ParquetFile(fs.open_input_file(path))
             t = self._files[group.file].read_row_group(group.index, columns=["image", "label"])
-            self._cache[key] = (t.column("image").to_pylist(), t.column("label").to_numpy())
+            labels = t.column("label").to_numpy()
+            if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
+                # The driver checked every shard; a shard changed since then is not trained on.
+                raise ValueError(f"{group.file}: row group {group.index}: labels outside 0 .. {self.num_classes - 1}")
+            self._cache[key] = (t.column("image").to_pylist(), labels)
         return self._cache[key]
 
     def fetch(self, samples: np.ndarray) -> tuple[list[bytes], np.ndarray]:

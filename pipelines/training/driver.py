@@ -24,6 +24,10 @@ class TrainingInputError(ValueError):
     """Input that no retry can fix (checked in the driver, before any worker starts)."""
 
 
+class TrainingDiverged(ValueError):
+    """The loss or a weight became non-finite during training (see loop.NonFiniteTraining)."""
+
+
 def eval_sets_for(data: RefinedDataset, cfg: TrainConfig) -> tuple[list[str], list[str]]:
     """`train.eval_sets` (comma-separated) if given, else the sets that come with the dataset."""
     if cfg.eval_sets:
@@ -40,14 +44,23 @@ def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) ->
         from arcface_core.backbones import build_backbone
         from pipelines.training.step import load_backbone_file
 
-        digest = load_backbone_file(build_backbone(cfg.backbone, cfg.embedding_size), cfg.init_backbone,
-                                    cfg.backbone)
+        backbone = build_backbone(cfg.backbone, cfg.embedding_size)
+        digest = load_backbone_file(backbone, cfg.init_backbone, cfg.backbone)
+        for name, tensor in backbone.state_dict().items():
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise TrainingInputError(f"{cfg.init_backbone}: {name} holds NaN or infinite values: "
+                                         "a backbone to start from must be finite")
     storage.check_bucket(cfg.storage)
     if cfg.batch_size % cfg.workers:
         raise TrainingInputError(f"train.batch_size {cfg.batch_size} does not split over {cfg.workers} workers")
     if data.manifest.num_images < cfg.batch_size:
         raise TrainingInputError(f"{data.uri}: {data.manifest.num_images} faces make no global batch of "
                                  f"{cfg.batch_size}; lower train.batch_size or use more data")
+    from pipelines.training.data import ShardDataset
+
+    problem = ShardDataset(data).label_problem()  # before any worker: they would train on it silently
+    if problem:
+        raise TrainingInputError(problem)
     from pipelines.training.config import RecipeMismatch, check_recipe_matches
 
     try:  # a recipe written for another dataset (train.num_classes) is refused here, once
@@ -66,7 +79,7 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_connect import connect
-    from pipelines.training.loop import train_loop
+    from pipelines.training.loop import stopped_marker, train_loop
 
     data = data if isinstance(data, RefinedDataset) else RefinedDataset.open(data)
     margin = margin or MarginConfig()
@@ -82,6 +95,8 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
         log.info("resuming from the newest complete checkpoint of %s: %s", cfg.name, resume)
     if not storage.is_s3(cfg.storage):
         os.makedirs(os.path.join(cfg.storage, cfg.name), exist_ok=True)
+    if storage.exists(stopped_marker(cfg)):  # a new run (say, with a lower lr) starts afresh
+        storage.delete(stopped_marker(cfg))
     connect(ray_address, num_cpus=max(2, cfg.workers))
     config = {
         "train": dataclasses.asdict(cfg), "margin": dataclasses.asdict(margin), "data": data.uri,
@@ -103,4 +118,14 @@ def run_training(data: RefinedDataset | str, cfg: TrainConfig, margin: MarginCon
         torch_config=TorchConfig(backend="nccl" if cfg.gpu else "gloo"),
         run_config=run_config,
     )
-    return trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        diverged = storage.exists(stopped_marker(cfg))
+        if not diverged:
+            raise
+    else:
+        diverged = bool(result.error) and storage.exists(stopped_marker(cfg))
+    if diverged:  # one line, not every attempt's worker traceback
+        raise TrainingDiverged(storage.read_bytes(stopped_marker(cfg)).decode(errors="replace"))
+    return result

@@ -85,6 +85,35 @@ def _record_placement(cfg: TrainConfig, run_dir: str | None, rank: int) -> None:
                             line.encode())
 
 
+class NonFiniteTraining(RuntimeError):
+    """The loss or a weight became NaN or infinite: the run stops, with no checkpoint of it."""
+
+
+STOPPED_FILE = "stopped-nonfinite.txt"  # in the run's folder: why the run stopped, for its retries
+
+
+def stopped_marker(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage, cfg.name, STOPPED_FILE)
+
+
+def _stop_nonfinite(cfg: TrainConfig, rank: int, step: int, what: str) -> None:
+    """Record why and raise. Ray Train retries any worker failure (train.max_failures): a
+    retry finds the record and stops at once instead of training the same divergence again;
+    the driver reads it and reports it in one line (a new `arcface train` starts afresh)."""
+    message = (f"run {cfg.name}: {what} at step {step} (rank {rank}): training stopped with no checkpoint "
+               "of it; lower train.lr or check the data and the initial weights")
+    storage.write_bytes(stopped_marker(cfg), message.encode())
+    raise NonFiniteTraining(message)
+
+
+def _nonfinite_weights(trainee: Trainee) -> str:
+    """The first parameter that is not finite ("" when all are)."""
+    for name, param in list(trainee.backbone.named_parameters()) + [("margin head weight", trainee.head.weight)]:
+        if not bool(torch.isfinite(param.detach()).all()):
+            return name
+    return ""
+
+
 def _batches(stream, start: int, total: int, steps_per_epoch: int):
     """FaceBatches for global steps [start, total), across epoch boundaries."""
     step = start
@@ -115,6 +144,8 @@ def train_loop(config: dict) -> None:
 
     quiet_worker_logs()
     cfg = TrainConfig(**config["train"])
+    if storage.exists(stopped_marker(cfg)):  # a retry of a run that diverged: no second try
+        raise NonFiniteTraining(storage.read_bytes(stopped_marker(cfg)).decode(errors="replace"))
     margin = config_section(MarginConfig, config["margin"])
     torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
     ctx = ray.train.get_context()
@@ -163,6 +194,12 @@ def train_loop(config: dict) -> None:
         last = step == total
         checkpoint_now = step % cfg.checkpoint_every == 0 or last
         evaluate_now = bool(cfg.eval_every and step % cfg.eval_every == 0) or last
+        # One host sync per logging window on GPU (every step on CPU, where it costs nothing);
+        # always before a checkpoint, so that no checkpoint holds a diverged model.
+        if (device.type == "cpu" or checkpoint_now or step % cfg.log_every == 0) and not bool(torch.isfinite(loss)):
+            _stop_nonfinite(cfg, rank, step, f"the loss is {float(loss)}")
+        if checkpoint_now and (bad := _nonfinite_weights(trainee)):
+            _stop_nonfinite(cfg, rank, step, f"{bad} holds NaN or infinite values")
 
         figures = _margin_figures(trainee)
         steps_log.record(step, loss, figures, flush=checkpoint_now)
