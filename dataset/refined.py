@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 
 from dataset import shards, storage
 
 SCHEMA_VERSION = shards.SCHEMA_VERSION
 MANIFEST = "manifest.json"
+# A per-partition file (shards/, rejects/, staging/), possibly a write cut short (.tmp-PID).
+_PART_FILE = re.compile(r"part-\d{5,}\.(parquet|json)(\.tmp-[0-9a-f]+)?")
 SHARDS, REJECTS, STAGING, EVAL, EMBEDDINGS, REPORT = "shards", "rejects", "staging", "eval", "embeddings", "report"
 # Evaluation sets are recognised by name: insightface pair sets and 1:N identification sets.
 PAIRS_SUFFIX, FACES_SUFFIX = ".bin", "_faces.parquet"
@@ -185,6 +189,35 @@ class RefinedDataset:
         except (FileNotFoundError, OSError):
             return False
 
+    def foreign_files(self) -> list[str]:
+        """Files at this location that are not ours: outside the dataset layout (manifest,
+        shards/, rejects/, staging/, eval/, embeddings/, report/), per-partition files not
+        named part-NNNNN.*, and, once a manifest is there, shards it does not list. A manifest
+        that is not one of ours makes every file foreign. What a job must not delete or
+        overwrite without being told to (--overwrite)."""
+        try:
+            files = storage.list_files(self.uri)
+        except (FileNotFoundError, OSError):
+            return []
+        listed: set[str] | None = None
+        if self.is_complete():
+            try:
+                listed = set(self._read_manifest().shards)
+            except ValueError:  # someone else's manifest.json: nothing here is known to be ours
+                return files
+        root = self.uri.rstrip("/") + "/"
+        foreign = []
+        for uri in files:
+            parts = uri[len(root):].split("/") if uri.startswith(root) else [""]
+            top, name = parts[0], parts[-1]
+            if parts == [MANIFEST] or top in (EVAL, EMBEDDINGS, REPORT) and len(parts) > 1:
+                continue
+            if top in (SHARDS, REJECTS, STAGING) and len(parts) == 2 and _PART_FILE.fullmatch(name):
+                if not (top == SHARDS and listed is not None and name not in listed):
+                    continue
+            foreign.append(uri)
+        return foreign
+
     def staging(self, name: str) -> str:
         return storage.join(self.uri, STAGING, name)
 
@@ -244,6 +277,18 @@ class RefinedDataset:
                 seen.add(storage.name(f))
                 unique.append(f)
         return [u for u in unique if u.endswith(PAIRS_SUFFIX)], [u for u in unique if u.endswith(FACES_SUFFIX)]
+
+
+def real_location(uri: str) -> str:
+    """`uri` with its links resolved (local paths) and no trailing slash: where it really is."""
+    uri = storage.absolute(uri)
+    return uri.rstrip("/") if storage.is_s3(uri) else os.path.realpath(uri)
+
+
+def locations_overlap(a: str, b: str) -> bool:
+    """Whether one location is, or lies inside, the other, links resolved."""
+    a, b = real_location(a) + "/", real_location(b) + "/"
+    return a.startswith(b) or b.startswith(a)
 
 
 def describe_source(fmt: str, uri: str) -> dict:

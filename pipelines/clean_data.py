@@ -28,7 +28,7 @@ from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
 from cleaning.steps import (INTERNAL_ERROR, Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize,
                             NearDuplicate, RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
-from dataset.refined import RefinedDataset, describe_source
+from dataset.refined import RefinedDataset, describe_source, locations_overlap, real_location
 from pipelines.clean_config import CleanConfig  # noqa: F401  (the section this job reads)
 from pipelines.logs import Progress
 
@@ -351,22 +351,26 @@ class OutputRefused(ValueError):
 
 def check_output(input_uri: str, out: RefinedDataset, overwrite: bool = False) -> None:
     """--out must not be inside --input (the next run would read the output as input) nor
-    hold it; and it must be empty, a stage-1 run of ours from this input, or --overwrite."""
-    src, dst = input_uri.rstrip("/") + "/", out.uri.rstrip("/") + "/"
-    if dst.startswith(src) or src.startswith(dst):
-        raise OutputRefused(f"--out {out.uri} and --input {input_uri} overlap (one holds the other): "
-                            "write the output elsewhere")
-    if overwrite or not out.holds_anything():
+    hold it, links resolved; and it must be empty or a stage-1 run of ours from this input
+    with no file our layout does not know (see RefinedDataset.foreign_files), unless
+    --overwrite, which names what it replaces."""
+    if locations_overlap(input_uri, out.uri):
+        raise OutputRefused(f"--out {out.uri} and --input {input_uri} overlap (one holds the other, links "
+                            f"resolved: {real_location(out.uri)}): write the output elsewhere")
+    if not out.holds_anything():
         return
-    ours = out.is_complete() or any(storage.name(f).startswith("part-") for f in out.partition_files())
-    if not ours:
-        raise OutputRefused(f"--out {out.uri} is not empty and holds no dataset of ours; "
-                            "choose an empty folder or pass --overwrite")
+    foreign = out.foreign_files()
+    if overwrite:
+        replaced = foreign or ([out.manifest_uri] if out.is_complete() else out.partition_files())
+        if replaced:
+            log.warning("--overwrite: replacing %d files at %s: %s%s", len(replaced), out.uri,
+                        ", ".join(replaced[:5]), " ..." if len(replaced) > 5 else "")
+        return
+    if foreign:
+        raise OutputRefused(f"--out {out.uri} holds {len(foreign)} files that are not a dataset of ours "
+                            f"(e.g. {foreign[0]}); choose an empty folder or pass --overwrite to replace them")
     if out.is_complete():
-        try:
-            source = out.manifest.source.get("uri", "")
-        except ValueError:
-            source = ""
+        source = out.manifest.source.get("uri", "")
         if source and source.rstrip("/") != input_uri.rstrip("/"):
             raise OutputRefused(f"--out {out.uri} holds a dataset refined from {source}, not from {input_uri}; "
                                 "choose another folder or pass --overwrite")

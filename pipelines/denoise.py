@@ -25,7 +25,7 @@ from cleaning import rewrite
 from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities,
                               contiguous_labels)
 from dataset import shards, storage
-from dataset.refined import RefinedDataset
+from dataset.refined import RefinedDataset, locations_overlap, real_location
 from pipelines.denoise_config import DenoiseConfig  # noqa: F401  (the section this job reads)
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     from pipelines.registry import load_embedder
     from pipelines.training import checkpoint
 
+    check_denoise_output(data, out, model_uri)  # before anything is computed or written
     started = time.perf_counter()
     embedded, sizes = loaded or _embedded(data, model_uri, cfg, ray_address)
     eval_faces = evaluation_faces(data)
@@ -158,6 +159,24 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     if mlflow_uri:
         _track(out, mlflow_uri)
     return out
+
+
+def check_denoise_output(data: RefinedDataset, out: RefinedDataset, model_uri: str) -> None:
+    """--out must be neither inside nor around the dataset or the model it reads (links
+    resolved), and hold nothing that is not a dataset of ours."""
+    from pipelines.clean_data import OutputRefused
+
+    inputs = [("--data", data.uri)]
+    if storage.is_s3(model_uri) or "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
+        inputs.append(("--model", model_uri))  # a file or folder (not an MLflow registry name)
+    for flag, uri in inputs:
+        if locations_overlap(uri, out.uri):
+            raise OutputRefused(f"--out {out.uri} and {flag} {uri} overlap (one holds the other, links resolved: "
+                                f"{real_location(out.uri)}): write the output elsewhere")
+    foreign = out.foreign_files()
+    if foreign:
+        raise OutputRefused(f"--out {out.uri} holds {len(foreign)} files that are not a dataset of ours "
+                            f"(e.g. {foreign[0]}): choose an empty folder")
 
 
 def _track(out: RefinedDataset, mlflow_uri: str) -> None:

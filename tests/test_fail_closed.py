@@ -274,3 +274,72 @@ def test_a_diverging_run_stops_in_one_line_without_retrying_or_a_checkpoint(demo
     assert not list(run.glob("checkpoint_*")), "a diverged model was checkpointed"
     steps = [line for line in (run / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 2, "the run was retried and trained again"  # steps 1-2 (step 3 stopped before logging)
+
+
+# -- outputs touch only ours ------------------------------------------------------------------
+
+def test_clean_output_holding_a_foreign_shard_or_manifest_is_refused(shard_copy, demo_raw, tmp_path):
+    # Before: clean-data --out deleted a foreign shards/part-00099.parquet and overwrote a
+    # foreign manifest.json without --overwrite.
+    import json
+
+    from dataset import RefinedDataset
+    from pipelines.clean_data import OutputRefused, check_output
+
+    source = json.loads((shard_copy / "manifest.json").read_text())["source"]["uri"]
+    check_output(source, RefinedDataset.create(str(shard_copy)))  # our own run of this input: resumable
+    foreign = shard_copy / "shards" / "part-00099.parquet"
+    foreign.write_bytes(b"someone else's")
+    with pytest.raises(OutputRefused, match="part-00099.parquet"):
+        check_output(source, RefinedDataset.create(str(shard_copy)))
+    assert foreign.read_bytes() == b"someone else's"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"theirs": true}')
+    with pytest.raises(OutputRefused, match="not a dataset of ours"):
+        check_output(str(demo_raw / "vggface2"), RefinedDataset.create(str(other)))
+    (other / "manifest.json").unlink()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(OutputRefused, match="notes.txt"):
+        check_output(str(demo_raw / "vggface2"), RefinedDataset.create(str(other)))
+
+
+def test_overwrite_names_what_it_replaces(tmp_path, demo_raw, caplog):
+    from dataset import RefinedDataset
+    from pipelines.clean_data import check_output
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level("WARNING"):
+        check_output(str(demo_raw / "vggface2"), RefinedDataset.create(str(out)), overwrite=True)
+    assert "--overwrite: replacing 1 files" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_output_reached_through_a_link_into_the_input_is_refused(tmp_path, demo_raw):
+    # Before: --out link/out, link pointing into the input, wrote inside the input.
+    from dataset import RefinedDataset
+    from pipelines.clean_data import OutputRefused, check_output
+
+    link = tmp_path / "link"
+    os.symlink(demo_raw / "vggface2", link)
+    with pytest.raises(OutputRefused, match="overlap.*links resolved"):
+        check_output(str(demo_raw / "vggface2"), RefinedDataset.create(str(link / "out")))
+
+
+def test_denoise_output_inside_its_data_or_model_is_refused(demo_shards, tmp_path):
+    from dataset import RefinedDataset
+    from pipelines.clean_data import OutputRefused
+    from pipelines.denoise import check_denoise_output
+
+    data = RefinedDataset.open(str(demo_shards))
+    model = tmp_path / "runs" / "model"
+    model.mkdir(parents=True)
+    with pytest.raises(OutputRefused, match="--data"):
+        check_denoise_output(data, RefinedDataset.create(str(demo_shards / "denoised")), str(model))
+    with pytest.raises(OutputRefused, match="--model"):
+        check_denoise_output(data, RefinedDataset.create(str(model / "out")), str(model))
+    os.symlink(model, tmp_path / "alias")
+    with pytest.raises(OutputRefused, match="--model"):
+        check_denoise_output(data, RefinedDataset.create(str(tmp_path / "alias")), str(model))
+    check_denoise_output(data, RefinedDataset.create(str(tmp_path / "fresh")), str(model))  # elsewhere: taken
