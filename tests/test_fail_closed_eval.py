@@ -139,7 +139,8 @@ def test_labels_other_than_0_and_1_are_refused(ijb_copy, label):
 
 @pytest.mark.parametrize("line, rule", [("1 2", "2 fields; a line is: template 1, template 2, label"),
                                         ("1 2 1 0", "4 fields"), ("1 x 1", "'x' is not an integer"),
-                                        ("1 99999999999999999999 1", "'99999999999999999999' is not an integer \\(64-bit\\)")])
+                                        ("1 99999999999999999999 1",
+                                         "'99999999999999999999' is not an integer \\(64-bit\\)")])
 def test_malformed_pair_lines_are_refused(ijb_copy, line, rule):
     pairs = meta(ijb_copy, "template_pair_label.txt")
     pairs.write_text(pairs.read_text() + line + "\n")
@@ -289,7 +290,8 @@ def test_hostile_files_cost_bounded_memory_and_time(crops, tmp_path):
         from pipelines import evaluate, ijb
         from pipelines.training.step import read_backbone_file
         names = {names!r}
-        job = ijb.IJBImages({str(crops.parent)!r}, names, np.repeat(np.array({landmarks.tolist()!r}, np.float32), {len(names)}, 0))
+        marks = np.repeat(np.array({landmarks.tolist()!r}, np.float32), len(names), 0)
+        job = ijb.IJBImages({str(crops.parent)!r}, names, marks)
         load = job.open({{}})
         print("ok", load(0).shape)
         for i in range(1, len(names)):
