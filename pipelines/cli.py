@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from cleaning.formats import RAW_FORMATS
+from pipelines.protocols import DEFAULT_BLOCK, PROTOCOLS
 from pipelines.logs import progress, report_result, setup_logging
 
 log = logging.getLogger("arcface")
@@ -87,6 +88,12 @@ def cmd_demo_data(args, cfg) -> int:
     formats = list(FORMATS) if "all" in args.format else args.format
     start = time.perf_counter()
     summary = generate(args.out, demo, formats, progress=progress)
+    if args.large_scale:
+        from pipelines.large_scale import write_demo_releases
+
+        releases = os.path.join(args.out, "large_scale")
+        write_demo_releases(releases, seed=demo.seed)
+        print(f"large-scale releases (megaface, trillion-pairs, mfr-all, ytf) in {releases}")
     elapsed = time.perf_counter() - start
     for fmt, info in summary.items():
         print(f"{fmt:13s} {info['records']:6d} records  {info['path']}")
@@ -239,22 +246,36 @@ def cmd_evaluate(args, cfg) -> int:
     if args.data:
         more_pairs, more_faces = RefinedDataset.open(args.data).eval_sets()
         pairs, faces = pairs + more_pairs, faces + more_faces
-    if not pairs and not faces and not args.ijb:
-        log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet), --data DATASET or --ijb DIR")
+    if not pairs and not faces and not args.ijb and not args.protocol:
+        log.error("nothing to evaluate on: give --pairs FILE (.bin or *_faces.parquet), --data DATASET, --ijb DIR "
+                  "or --protocol P --release DIR")
         return 2
     if args.model.startswith(("models:/", "runs:/")):
         _use_tracking_server(cfg)
     require_trusted(args.model, args.trust_model_code)
-    done = evaluate_model(args.model, pairs, faces, flip=not args.no_flip, ijb_root=args.ijb or "",
-                          ijb_target=args.target, ijb_norm=args.ijb_norm, ijb_detector_score=args.ijb_detector_score,
-                          workers=args.workers, gpu=args.gpu, ray_address=cfg.services.ray_address)
-    results = done.results
-    if done.ijb_name:
-        from pipelines import ijb
+    results = {}
+    if pairs or faces or args.ijb:
+        done = evaluate_model(args.model, pairs, faces, flip=not args.no_flip, ijb_root=args.ijb or "",
+                              ijb_target=args.target, ijb_norm=args.ijb_norm,
+                              ijb_detector_score=args.ijb_detector_score, workers=args.workers, gpu=args.gpu,
+                              ray_address=cfg.services.ray_address)
+        results = done.results
+        if done.ijb_name:
+            from pipelines import ijb
 
-        print(ijb.table(done.ijb_name, results[done.ijb_name]))
-    if done.recorded_on:
-        print(f"recorded on {done.recorded_on}")
+            print(ijb.table(done.ijb_name, results[done.ijb_name]))
+        if done.recorded_on:
+            print(f"recorded on {done.recorded_on}")
+    if args.protocol:
+        from pipelines import large_scale
+        from pipelines.registry import load_embedder
+
+        large = large_scale.run_protocol(args, cfg, load_embedder(args.model).embedder)
+        results.update(large)
+        if args.model.startswith("models:/"):
+            from pipelines.registry import record_evaluation
+
+            print(f"recorded on {record_evaluation(args.model, large)}")
     text = dumps(results)
     print(text)
     if args.out:
@@ -427,6 +448,8 @@ def _args_demo_data(p) -> None:
     p.add_argument("--images-per-identity", type=int, help="images per identity (config demo.images_per_identity)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same bytes")
     p.add_argument("--workers", type=int, help="render processes (config demo.workers)")
+    p.add_argument("--large-scale", action="store_true",
+                   help="also write a small synthetic release of each large-scale protocol under OUT/large_scale/")
     p.add_argument("--rec-order", choices=["index", "face2rec2"],
                    help="insightface-rec record order: index, or face2rec2's (images first; config demo.rec_order)")
 
@@ -517,6 +540,19 @@ def _args_evaluate(p) -> None:
     p.add_argument("--out", help="folder for evaluation.json and roc.png")
     _embedding_workers(p)
     _trust(p)
+    # Large-scale protocols (pipelines/large_scale.py): blocks of the similarity matrix as Ray tasks.
+    p.add_argument("--protocol", choices=PROTOCOLS,
+                   help="a large-scale benchmark release given with --release: MegaFace Challenge 1, "
+                        "Trillion-Pairs, MFR-ALL-style all-to-all, YouTube Faces (--gpu: blocks on GPUs too)")
+    p.add_argument("--release", metavar="DIR", help="the release folder (local or s3://) of --protocol")
+    p.add_argument("--features", metavar="DIR",
+                   help="precomputed feature shards, one folder per role (probes/, distractors/, elfw/, "
+                        "images/, frames/), rows in the release lists' order")
+    p.add_argument("--work", metavar="DIR", help="where embedded feature shards go (default: a temp folder)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
+                   help="rows per block: a task scores two blocks (memory per task ~ 2 blocks + a tile)")
+    p.add_argument("--far", type=float, action="append", metavar="FAR",
+                   help="a FAR target (repeat for several; default: the protocol's, down to 1e-9 for Trillion-Pairs)")
 
 
 def _embedding_workers(p) -> None:
@@ -596,7 +632,8 @@ COMMANDS = (
             paths=("--input", "--out"), submittable=True),
     Command("holdout", "move identities out of a refined dataset into evaluation sets", _args_holdout, cmd_holdout),
     Command("evaluate", "verification (10-fold, TAR@FAR, ROC) and 1:N identification of a model", _args_evaluate,
-            cmd_evaluate, paths=("--model", "--pairs", "--data", "--ijb", "--out"), submittable=True),
+            cmd_evaluate, paths=("--model", "--pairs", "--data", "--ijb", "--out", "--release", "--features", "--work"),
+            submittable=True),
     Command("export", "a model as ONNX, or a refined dataset as insightface RecordIO", _args_export, cmd_export),
     Command("promote", "move the champion alias to a version only if it beats the champion", _args_promote,
             cmd_promote),

@@ -35,10 +35,10 @@ import torch
 from arcface_core import large_scale as core
 from arcface_core.metrics import kfold_accuracy, l2_normalize
 from dataset import storage
+from pipelines.protocols import DEFAULT_BLOCK, PROTOCOLS
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BLOCK = 32768
 TOPK_LIMIT = 2_000_000  # order statistics beyond this are found by radix selection (two passes)
 
 
@@ -221,8 +221,10 @@ def default_runner(gpu: bool = False):
     except ImportError:
         ray = None
     if ray is not None and (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
-        if not ray.is_initialized():
-            ray.init(address=os.environ["RAY_ADDRESS"])
+        if not ray.is_initialized():  # a dashboard URL (arcface services env) joins this node's cluster
+            from pipelines.ray_connect import connect
+
+            connect(os.environ["RAY_ADDRESS"], num_cpus=os.cpu_count() or 2)
         return RayRunner(gpu=gpu)
     return LocalRunner("cuda" if gpu else "cpu")
 
@@ -519,6 +521,7 @@ def load_ytf(root: str) -> Release:
 
 
 LOADERS = {"megaface": load_megaface, "trillion-pairs": load_trillion_pairs, "mfr-all": load_mfr, "ytf": load_ytf}
+assert tuple(LOADERS) == PROTOCOLS  # the CLI lists them from arcface_core without importing this module
 
 
 # -- the protocols --------------------------------------------------------------------------
@@ -714,32 +717,13 @@ def run_release(protocol: str, release_dir: str, embed_images=None, features_dir
     return results
 
 
-def add_arguments(parser) -> None:
-    """`arcface evaluate` options of the large-scale protocols."""
-    parser.add_argument("--protocol", choices=list(LOADERS),
-                        help="a large-scale benchmark release given with --release: MegaFace Challenge 1, "
-                             "Trillion-Pairs, MFR-ALL-style all-to-all, YouTube Faces")
-    parser.add_argument("--release", metavar="DIR", help="the release folder (local or s3://) of --protocol")
-    parser.add_argument("--features", metavar="DIR",
-                        help="precomputed feature shards, one folder per role (probes/, distractors/, elfw/, "
-                             "images/, frames/), rows in the release lists' order")
-    parser.add_argument("--work", metavar="DIR", help="where embedded feature shards go (default: a temp folder)")
-    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
-                        help="rows per block: a task scores two blocks (memory per task ~ 2 blocks + a tile)")
-    parser.add_argument("--far", type=float, action="append", metavar="FAR",
-                        help="a FAR target (repeat for several; default: the protocol's, down to 1e-9 for "
-                             "Trillion-Pairs)")
-    parser.add_argument("--large-gpu", action="store_true",
-                        help="large-scale blocks as Ray tasks with one GPU each")
-
-
 def run_protocol(args, cfg, embedder) -> dict[str, dict]:
     """What `arcface evaluate --protocol P --release DIR` runs with the loaded embedder."""
     if not args.release:
         raise ValueError("--protocol needs --release DIR")
     embed = None if args.features else local_image_embedder(embedder, flip=not getattr(args, "no_flip", False))
     results = run_release(args.protocol, args.release, embed, args.features, args.work, args.block_size, args.far,
-                          args.large_gpu, out=getattr(args, "out", None))
+                          args.gpu, out=getattr(args, "out", None))
     for name, figures in results.items():
         print(table(name, figures))
     return results

@@ -53,7 +53,7 @@ def ray_local(s3_endpoint):
     os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     yield ray
     if started:
         ray.shutdown()

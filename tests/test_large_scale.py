@@ -234,7 +234,7 @@ def ray_local():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
     yield ray
     if started:
         ray.shutdown()
@@ -359,21 +359,49 @@ def test_ytf_release_end_to_end(releases, embedder):
     assert figures["accuracy"] == pytest.approx(expected.accuracy)
 
 
-def test_run_protocol_from_parsed_arguments(releases, embedder, tmp_path, capsys):
-    import argparse
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny untrained model as a training checkpoint folder: what `arcface evaluate --model` takes."""
+    import dataclasses
+
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.step import Trainee
+
+    torch.manual_seed(0)
+    trainee = Trainee(TrainConfig(backbone="tiny", embedding_size=32, workers=1), 4, 0, 1, torch.device("cpu"))
+    folder = tmp_path_factory.mktemp("model")
+    trainee.save(str(folder), {"step": 0, "world": 1, "config": dataclasses.asdict(trainee.cfg)})
+    return folder
+
+
+@pytest.mark.parametrize("protocol", ["megaface", "trillion-pairs", "mfr-all", "ytf"])
+def test_each_protocol_runs_from_the_cli(releases, checkpoint, tmp_path, capsys, protocol):
+    """`arcface evaluate --protocol P --release DIR` on the synthetic release of each protocol:
+    figures printed and written, the curves drawn."""
+    import json
+
+    from pipelines.cli import main
 
     root, _ = releases
-    parser = argparse.ArgumentParser()
-    ls.add_arguments(parser)
-    parser.add_argument("--out")
-    args = parser.parse_args(["--protocol", "mfr-all", "--release", str(root / "mfr-all"), "--block-size", "13",
-                              "--far", "0.01", "--far", "0.1", "--out", str(tmp_path)])
-    results = ls.run_protocol(args, None, embedder)
-    (figures,) = results.values()
-    assert {k for k in figures if k.startswith("tar_at_far")} == {"tar_at_far_0.01", "tar_at_far_0.1"}
-    assert "| tar_at_far_0.01 |" in capsys.readouterr().out and (tmp_path / "mfr-all.png").exists()
-    with pytest.raises(ValueError, match="needs --release"):
-        ls.run_protocol(parser.parse_args(["--protocol", "ytf"]), None, embedder)
+    out = tmp_path / "out"
+    assert main(["evaluate", "--model", str(checkpoint), "--protocol", protocol, "--release", str(root / protocol),
+                 "--block-size", "13", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((out / "evaluation.json").read_text())
+    (figures,) = written.values()
+    wanted = {"megaface": "rank1", "trillion-pairs": "tpir_at_fpir_0.001", "mfr-all": "tar_at_far_1e-06",
+              "ytf": "accuracy"}[protocol]
+    assert any(k.startswith(wanted.split("_at_")[0]) for k in figures), figures
+    assert 0.0 <= next(v for k, v in figures.items() if k.startswith(wanted.split("_at_")[0])) <= 1.0
+    assert f"| {next(k for k in figures if k.startswith(wanted.split('_at_')[0]))} |" in printed
+    assert (out / f"{protocol}.png").exists()
+
+
+def test_a_protocol_without_its_release_is_one_line(checkpoint, caplog):
+    from pipelines.cli import main
+
+    assert main(["evaluate", "--model", str(checkpoint), "--protocol", "ytf"]) == 1
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == ["ValueError: --protocol needs --release DIR"]
 
 
 def test_release_layout_errors_are_one_line(tmp_path):
