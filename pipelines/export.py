@@ -50,9 +50,22 @@ LAYOUTS = ("serving", "insightface")
 _MXNET_SUB, _MXNET_MUL = ("Sub", "_minus"), ("Mul", "_mul", "Div")
 
 
-def refuse_overwrite(path: str, overwrite: bool) -> None:
+def refuse_overwrite(path: str, overwrite: bool, source: str = "") -> None:
+    """An export writes only a file of its own: never through a link, never into what it
+    reads (`source`: the model or dataset, links resolved; --overwrite does not lift that),
+    and an existing file only with `overwrite`."""
+    from dataset.refined import locations_overlap
+
+    if storage.is_s3(path):
+        return
+    if os.path.islink(path):
+        raise FileExistsError(f"{path} is a link (to {os.readlink(path)}); an export writes a file of its own")
+    if source and not source.startswith(("models:/", "runs:/")) and locations_overlap(path, source):
+        raise FileExistsError(f"{path} lies inside {source}, which this export reads; write it elsewhere")
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    if overwrite and os.path.exists(path):
+        log.warning("--overwrite: replacing %s", path)
 
 
 class ServingEmbedder(torch.nn.Module):
@@ -165,7 +178,7 @@ def export_onnx(model_uri: str, out: str, flip: bool = True, check_faces: np.nda
 
     if layout not in LAYOUTS:
         raise ValueError(f"unknown ONNX layout {layout!r}; choose from {', '.join(LAYOUTS)}")
-    refuse_overwrite(out, overwrite)
+    refuse_overwrite(out, overwrite, source=model_uri)
     if check_faces is None:  # varied content and batch sizes 1 and 7 (the batch axis is dynamic)
         check_faces = np.random.default_rng(0).integers(0, 256, (8, 112, 112, 3), dtype=np.uint8)
     batch = torch.export.Dim("batch")
@@ -225,7 +238,7 @@ def export_pth(model_uri: str, out: str, overwrite: bool = False) -> PthExport:
 
     from arcface_core.backbones import backbone_spec
 
-    refuse_overwrite(out, overwrite)
+    refuse_overwrite(out, overwrite, source=model_uri)
     backbone, name = load_backbone(model_uri)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     buffer = io.BytesIO()
@@ -265,7 +278,7 @@ def export_rec(data: RefinedDataset, out: str, overwrite: bool = False) -> int:
     if storage.is_s3(out):
         raise ValueError("RecordIO export writes a local folder (arcface_torch reads local files)")
     for name in ("train.rec", "train.idx", "property"):
-        refuse_overwrite(os.path.join(out, name), overwrite)
+        refuse_overwrite(os.path.join(out, name), overwrite, source=data.uri)
     uris = data.shard_uris()
     labels = [shards.read_table(u, ["label"]).column("label").to_numpy() for u in uris]
     where = np.concatenate([np.stack([np.full(len(lab), s), np.arange(len(lab))], 1) for s, lab in enumerate(labels)]) \

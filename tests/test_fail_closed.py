@@ -343,3 +343,35 @@ def test_denoise_output_inside_its_data_or_model_is_refused(demo_shards, tmp_pat
     with pytest.raises(OutputRefused, match="--model"):
         check_denoise_output(data, RefinedDataset.create(str(tmp_path / "alias")), str(model))
     check_denoise_output(data, RefinedDataset.create(str(tmp_path / "fresh")), str(model))  # elsewhere: taken
+
+
+def test_export_never_writes_into_what_it_reads_nor_through_a_link(tmp_path):
+    """`export --out MODEL/backbone.pt` once overwrote the checkpoint it read (rc 0, the model
+    no longer loaded); `export` followed links. Both are refused, --overwrite or not."""
+    import dataclasses
+
+    import torch
+
+    from pipelines.export import export_pth
+    from pipelines.training.checkpoint import BACKBONE
+    from pipelines.training.config import TrainConfig
+    from pipelines.training.step import Trainee
+
+    trainee = Trainee(TrainConfig(backbone="tiny", embedding_size=16, workers=1), 4, 0, 1, torch.device("cpu"))
+    model = tmp_path / "model"
+    model.mkdir()
+    trainee.save(str(model), {"step": 0, "world": 1, "config": dataclasses.asdict(trainee.cfg)})
+    before = (model / BACKBONE).read_bytes()
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="lies inside .*which this export reads"):
+            export_pth(str(model), str(model / BACKBONE), overwrite=overwrite)
+    assert (model / BACKBONE).read_bytes() == before
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "out.pth").symlink_to(victim)
+    with pytest.raises(FileExistsError, match="is a link"):
+        export_pth(str(model), str(tmp_path / "out.pth"), overwrite=True)
+    assert victim.read_text() == "keep"
+    export_pth(str(model), str(tmp_path / "fine.pth"))
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        export_pth(str(model), str(tmp_path / "fine.pth"))

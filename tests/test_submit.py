@@ -91,3 +91,41 @@ def test_cli_refuses_a_local_path_for_a_remote_cluster_before_submitting(tmp_pat
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "--input" in errors[0] and "--cluster-path" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+class _Job:
+    """A job as the Jobs SDK reports it: its log stream, then its terminal status."""
+
+    def __init__(self, lines, status, exit_code=None, interrupt=False):
+        from ray.job_submission import JobStatus
+
+        self.lines, self.interrupt = lines, interrupt
+        self.info = type("Info", (), {"status": JobStatus(status), "message": "boom" if status != "SUCCEEDED" else "",
+                                      "driver_exit_code": exit_code})()
+
+    async def tail_job_logs(self, job_id):
+        for line in self.lines:
+            yield line
+        if self.interrupt:
+            raise KeyboardInterrupt
+
+    def get_job_info(self, job_id):
+        return self.info
+
+
+def test_following_a_job_prints_its_logs_and_returns_its_exit_code(capsys):
+    from pipelines.submit import follow
+
+    assert follow(_Job(["step 1\n", "metrics: {}\n"], "SUCCEEDED"), "j1", "http://h:8265") == 0
+    assert "metrics: {}" in capsys.readouterr().out
+    assert follow(_Job([], "FAILED", exit_code=2), "j2", "http://h:8265") == 2
+    assert "job j2 failed: boom" in capsys.readouterr().out
+    assert follow(_Job([], "FAILED"), "j3", "http://h:8265") == 1
+
+
+def test_ctrl_c_stops_following_not_the_job_and_says_how_to_stop_it(capsys):
+    from pipelines.submit import follow
+
+    assert follow(_Job(["step 1\n"], "RUNNING", interrupt=True), "j4", "http://h:8265") == 130
+    err = capsys.readouterr().err
+    assert "job j4 keeps running" in err and "ray job stop --address http://h:8265 j4" in err
