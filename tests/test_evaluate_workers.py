@@ -51,12 +51,11 @@ def ray_local(s3_endpoint):
 
     before = os.environ.get("AWS_ENDPOINT_URL")
     os.environ["AWS_ENDPOINT_URL"] = s3_endpoint
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
-    yield ray
-    if started:
+    if ray.is_initialized():  # an earlier module's Ray: its workers never saw this endpoint
         ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a running cluster
+    yield ray
+    ray.shutdown()
     if before is None:
         os.environ.pop("AWS_ENDPOINT_URL", None)
     else:
