@@ -81,8 +81,13 @@ def cluster_config(cfg, keep_derived: bool = False) -> str:
     derived = getattr(cfg, "origins", {}).get("train.storage", "").startswith("derived")
     if not keep_derived and derived and cfg.train.storage == os.path.join(cfg.services.state_dir, "runs"):
         sent.train.storage = ""  # (not when --storage replaced it since)
-    text = to_toml(sent)
-    return text[text.index("\n[demo]") + 1:] if text.startswith("[services]") else text
+    kept, inside = [], False
+    for line in to_toml(sent).splitlines():
+        if line.startswith("["):  # a table header: [services] and its sub-tables stay here
+            inside = line == "[services]" or line.startswith("[services.")
+        if not inside:
+            kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 def resolve_target(cfg) -> Target:
