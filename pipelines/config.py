@@ -161,19 +161,19 @@ RANGES = {
 }
 
 
-def _declared_ranges(section, prefix: str = "") -> dict[str, str]:
-    """Ranges that fields declare beside themselves (`metadata={"range": ...}`)."""
+def _field_metadata(section, key: str, prefix: str = "") -> dict[str, str]:
+    """Dotted name -> what a field declares beside itself under `key` (metadata "range" or "doc")."""
     out: dict[str, str] = {}
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(value):
-            out.update(_declared_ranges(value, f"{prefix}{f.name}."))
-        elif "range" in f.metadata:
-            out[f"{prefix}{f.name}"] = f.metadata["range"]
+            out.update(_field_metadata(value, key, f"{prefix}{f.name}."))
+        elif key in f.metadata:
+            out[f"{prefix}{f.name}"] = f.metadata[key]
     return out
 
 
-RANGES.update(_declared_ranges(Config()))
+RANGES.update(_field_metadata(Config(), "range"))
 
 
 def _in_range(value: float, interval: str) -> bool:
@@ -285,18 +285,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg
 
 
-def _field_docs(section, prefix: str = "") -> dict[str, str]:
-    """Dotted name -> the `doc` a field declares in its metadata."""
-    out: dict[str, str] = {}
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(_field_docs(value, f"{prefix}{f.name}."))
-        elif "doc" in f.metadata:
-            out[f"{prefix}{f.name}"] = f.metadata["doc"]
-    return out
-
-
 def to_toml(cfg: Config, origins: bool = False) -> str:
     """The effective config as TOML that `--config` reads back; with `origins`, each value
     carries a comment saying where it came from (default, file, environment, --set)."""
@@ -309,7 +297,7 @@ def to_toml(cfg: Config, origins: bool = False) -> str:
         return repr(v)
 
     lines: list[str] = []
-    docs = _field_docs(cfg)
+    docs = _field_metadata(cfg, "doc")
 
     def section(name: str, values: dict) -> None:
         lines.append(f"[{name}]")
