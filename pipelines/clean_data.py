@@ -167,6 +167,33 @@ def _bisect(part, out: RefinedDataset, settings, error: Exception, next_index: i
     return halves, next_index + 2
 
 
+# How many times a run replaces workers whose nannies gave up before it takes the cluster
+# for broken (a worker that cannot start at all would otherwise be replaced forever).
+MAX_WORKER_REPLACEMENTS = 3
+
+
+def _replace_lost_workers(client, cluster, wanted: int, timeout: float) -> int:
+    """Our LocalCluster with no worker left: its nannies that gave up are replaced by new ones,
+    and the scheduler waited on until `wanted` workers are back. A nanny does not restart a
+    worker that dies while the nanny is still starting or restarting it (distributed's
+    Nanny._on_worker_exit); a CI run lost its only worker that way and failed the job on one
+    poison record. Returns how many were replaced; raises RuntimeError when they do not start."""
+    alive = set(client.run_on_scheduler(lambda dask_scheduler: [w.name for w in dask_scheduler.workers.values()]))
+    gone = [name for name in list(cluster.worker_spec) if name not in alive]
+    # New names first (a gone one's name, reused, would read as a worker still in place), then
+    # the gone ones out of the spec: scale's correction closes their nannies and starts the new.
+    for _ in gone:
+        cluster.worker_spec.update(cluster.new_worker_spec())
+    for name in gone:
+        del cluster.worker_spec[name]
+    cluster.scale(wanted)
+    try:
+        client.wait_for_workers(wanted, timeout=timeout)
+    except TimeoutError as exc:
+        raise RuntimeError(f"stage 1: the Dask workers did not start again within {timeout:.0f} s") from exc
+    return len(gone)
+
+
 def _running_tasks(dask_scheduler) -> tuple[dict, dict, list]:
     """On the scheduler: per worker, the keys it reports executing (in its heartbeats, which a
     thread stuck in a task does not stop) and the keys assigned to it (which may be queued);
@@ -239,6 +266,7 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
         next_index = max((p.index for p in parts), default=-1) + 1
         counts = []
         strikes: dict[str, int] = {}  # key -> stalls a lone record has been pending through
+        replaced = 0  # workers replaced after their nannies gave up
         bar = Progress("stage 1", unit="record")
 
         def failed(part, error: Exception, reason_code: str) -> None:
@@ -254,10 +282,16 @@ def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | 
 
         def unstick() -> None:
             """Nothing finished for clean.stall_seconds: see plan_after_stall."""
-            nonlocal next_index
+            nonlocal next_index, replaced
             executing, assigned, paused = client.run_on_scheduler(_running_tasks)
             log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s, "
                         "paused for memory: %s", cfg.stall_seconds, len(executing), executing, assigned, paused)
+            if not executing and cluster is not None and replaced < MAX_WORKER_REPLACEMENTS * cfg.workers:
+                # No record is to blame yet: the pending partitions wait, unassigned, for workers.
+                replaced += max(1, _replace_lost_workers(client, cluster, cfg.workers, timeout=max(120.0, cfg.stall_seconds)))
+                log.warning("stage 1: the cluster had no worker left; %d started again (%d of at most %d so far)",
+                            cfg.workers, replaced, MAX_WORKER_REPLACEMENTS * cfg.workers)
+                return
             if not executing:
                 raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
                                    f"in {cfg.stall_seconds:.0f} s)")

@@ -52,3 +52,29 @@ class StepRaisesOn(WorkerPlugin):
 
         steps.Decode.check = check
         stage1.bounded_copy = bounded_copy
+
+
+class NannyGivesUpOn(WorkerPlugin):
+    """The first time a worker decodes a file whose name ends with `suffix`, it closes with its
+    nanny, so nothing restarts it (as when a worker dies while its nanny is still restarting
+    it). `marker` is a file that says it happened: the next worker decodes the file normally."""
+
+    def __init__(self, suffix: str, marker: str):
+        self.suffix, self.marker = suffix, marker
+
+    def setup(self, worker):
+        import os
+
+        from cleaning import steps
+
+        original, suffix, marker = steps.Decode.check, self.suffix, self.marker
+
+        def check(step, face):
+            if face.raw.source.endswith(suffix) and not os.path.exists(marker):
+                open(marker, "w").close()
+                worker.loop.add_callback(worker.close, nanny=True, reason="test: the nanny gives up")
+                while True:
+                    time.sleep(1)
+            return original(step, face)
+
+        steps.Decode.check = check

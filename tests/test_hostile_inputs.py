@@ -297,6 +297,33 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
 
 
 @pytest.mark.timeout(300)
+def test_a_cluster_left_with_no_worker_gets_new_ones(tmp_path, monkeypatch):
+    """A worker whose nanny gives up (it died while the nanny was restarting it: a CI run lost
+    its only worker so) leaves our cluster with none. At the next stall the driver starts new
+    workers; the pending partition runs again on them and no record is blamed."""
+    from pipelines import clean_data
+    from stage1_hooks import NannyGivesUpOn
+
+    make_client = clean_data._client
+
+    def client_with_the_fault(scheduler, cfg):
+        client, cluster = make_client(scheduler, cfg)
+        client.register_plugin(NannyGivesUpOn("gone.jpg", str(tmp_path / "it-happened")))
+        return client, cluster
+
+    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    raw = tmp_path / "raw"
+    _folder_dataset(raw, {"a": 4, "b": 2})
+    (raw / "a" / "001.jpg").rename(raw / "a" / "001gone.jpg")
+    cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=10)
+    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    assert (tmp_path / "it-happened").exists()
+    c = out.manifest.counts
+    assert c["read"] == 6 == c["kept"] + c["rejected"]
+    assert set(reasons(tmp_path / "out").values()) == {"no_face"}  # processed, none blamed
+
+
+@pytest.mark.timeout(300)
 def test_workers_paused_for_memory_are_not_blamed_on_records(tmp_path):
     """Our own cluster never pauses, not even a worker restarted after a death (the nanny's
     copy of the settings once lost them: a restarted worker paused on its baseline memory and
