@@ -41,7 +41,7 @@ from dataset.refined import RefinedDataset, eval_folder  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from pipelines.denoise import run_refine  # noqa: E402
 from pipelines.evaluate import evaluate  # noqa: E402
-from pipelines.registry import load_embedder  # noqa: E402
+from pipelines.models import load_embedder  # noqa: E402
 from pipelines.training.driver import run_training  # noqa: E402
 
 

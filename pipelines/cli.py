@@ -195,7 +195,7 @@ def cmd_denoise(args, cfg) -> int:
 
     mlflow_uri = _use_tracking_server(cfg) if args.model.startswith(("models:/", "runs:/")) \
         else cfg.services.mlflow_tracking_uri
-    from pipelines.registry import require_trusted
+    from pipelines.models import require_trusted
 
     require_trusted(args.model, args.trust_model_code)
     out = run_denoise(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
@@ -240,7 +240,7 @@ def cmd_evaluate(args, cfg) -> int:
     from dataset import RefinedDataset
     from dataset.refined import split_eval_sets
     from pipelines.evaluate import dumps, evaluate_model, roc_png
-    from pipelines.registry import require_trusted
+    from pipelines.models import require_trusted
 
     pairs, faces = split_eval_sets(args.pairs)
     if args.data:
@@ -253,29 +253,29 @@ def cmd_evaluate(args, cfg) -> int:
     if args.model.startswith(("models:/", "runs:/")):
         _use_tracking_server(cfg)
     require_trusted(args.model, args.trust_model_code)
-    results = {}
+    results, model_uri = {}, args.model
     if pairs or faces or args.ijb:
         done = evaluate_model(args.model, pairs, faces, flip=not args.no_flip, ijb_root=args.ijb or "",
                               ijb_target=args.target, ijb_norm=args.ijb_norm,
                               ijb_detector_score=args.ijb_detector_score, workers=args.workers, gpu=args.gpu,
                               ray_address=cfg.services.ray_address)
-        results = done.results
+        results, model_uri = done.results, done.model_uri
         if done.ijb_name:
             from pipelines import ijb
 
             print(ijb.table(done.ijb_name, results[done.ijb_name]))
-        if done.recorded_on:
-            print(f"recorded on {done.recorded_on}")
     if args.protocol:
         from pipelines import large_scale
-        from pipelines.registry import load_embedder
+        from pipelines.models import load_embedder, pin_model_uri
 
-        large = large_scale.run_protocol(args, cfg, load_embedder(args.model).embedder)
-        results.update(large)
-        if args.model.startswith("models:/"):
-            from pipelines.registry import record_evaluation
+        model_uri = pin_model_uri(args.model)
+        results.update(large_scale.run_protocol(args, cfg, load_embedder(model_uri).embedder))
+    if results and args.model.startswith("models:/"):
+        # every set's figures as eval.<set>.<metric> tags of the version (what promote gates
+        # on) and metrics of its run: the .bin sets', IJB's and the large-scale protocols'
+        from pipelines.registry import record_evaluation
 
-            print(f"recorded on {record_evaluation(args.model, large)}")
+        print(f"recorded on {record_evaluation(model_uri, results)}")
     text = dumps(results)
     print(text)
     if args.out:
@@ -297,7 +297,7 @@ def cmd_export(args, cfg) -> int:
             raise ValueError(f"--format {args.export_format} exports a model: give --model")
         if args.model.startswith(("models:/", "runs:/")):
             _use_tracking_server(cfg)
-        from pipelines.registry import require_trusted
+        from pipelines.models import require_trusted
 
         require_trusted(args.model, args.trust_model_code)
         if args.export_format == "pth":

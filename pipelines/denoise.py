@@ -100,7 +100,7 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     evaluation-overlap identities (an intermediate round: the next round's bootstrap must
     learn them like any other identity, or it cannot recognise them in the evaluation set).
     `loaded`: what `_embedded` returned for this data and model, when the caller has it."""
-    from pipelines.registry import load_embedder
+    from pipelines.models import load_embedder
     from pipelines.training import checkpoint
 
     check_denoise_output(data, out, model_uri)  # before anything is computed or written

@@ -35,7 +35,7 @@ class ShardEmbedder:
     def __init__(self, model_uri: str, device: str, threads: int, batch: int):
         import torch
 
-        from pipelines.registry import load_embedder
+        from pipelines.models import load_embedder
 
         torch.set_num_threads(max(1, threads))
         self.embedder = load_embedder(model_uri, device=device).embedder

@@ -12,7 +12,7 @@ which the metrics are computed once.
 Two interchangeable runners:
   * `InProcess(embedder)`: jobs run here, one after the other (`workers=0`);
   * `RayWorkers(model_uri, workers, gpu)`: one Ray actor per worker, each loading the model
-    once (pipelines/registry.py `load_embedder`, as pipelines/embed.py's ShardEmbedder
+    once (pipelines/models.py `load_embedder`, as pipelines/embed.py's ShardEmbedder
     does), one GPU each with `gpu`; jobs go to whichever actor is free, results come back
     in job order.
 Both run the same `FaceEmbeddingWorker` code on the same jobs, so they give the same
@@ -72,7 +72,7 @@ class ModelWorker(FaceEmbeddingWorker):
                  tracking_uri: str = ""):
         import torch
 
-        from pipelines.registry import load_embedder
+        from pipelines.models import load_embedder
 
         torch.set_num_threads(max(1, threads))
         self.failed: Exception | None = None
@@ -214,7 +214,7 @@ def embedding_workers(model_uri: str, workers: int = 0, gpu: bool = False, ray_a
     loaded here, on the GPU with `gpu`), else `workers` Ray actors. The model URI is checked
     (and a `models:/NAME@ALIAS` pinned to the version the alias names now, so every worker
     loads the same one) before any worker starts."""
-    from pipelines.registry import check_model_uri, load_embedder, pin_model_uri
+    from pipelines.models import check_model_uri, load_embedder, pin_model_uri
 
     check_model_uri(model_uri)
     model_uri = pin_model_uri(model_uri)

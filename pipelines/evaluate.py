@@ -10,7 +10,7 @@ different models compare only when they were measured on the very same bytes.
 
 An *embedder* is any callable (uint8 faces (N, 112, 112, 3), flip) -> L2-normalised
 float32 embeddings: an in-process backbone (`TorchEmbedder`), a checkpoint or an MLflow
-model (pipelines/registry.py `load_embedder`). `evaluate_model` (the command) embeds through
+model (pipelines/models.py `load_embedder`). `evaluate_model` (the command) embeds through
 a *runner* of pipelines/eval_workers.py instead: in this process, or Ray actors that each load
 the model once and read their share of the images from the sets' URIs (local or s3://);
 the driver keeps the labels and the gathered embeddings, from which the metrics are
@@ -28,11 +28,11 @@ import cv2
 import numpy as np
 import torch
 
-from arcface_core.embedder import AlignedFaceEmbedder, embed_faces
 from arcface_core.metrics import identification_rank1, kfold_accuracy, pair_scores, roc_curve, tar_at_far
 from cleaning.formats.insightface_bin import loads_pairs
 from dataset import bounded, shards, storage
 from pipelines.eval_workers import CHUNK, as_runner
+from pipelines.models import TorchEmbedder, pin_model_uri
 
 log = logging.getLogger(__name__)
 
@@ -92,35 +92,6 @@ def load_faces(uri: str) -> FaceSet:
     table = shards.read_table(uri, columns=["image", "identity"])
     return FaceSet(set_name(uri, data), uri, decode_aligned(table.column("image").to_pylist()),
                    np.asarray(table.column("identity").to_pylist()))
-
-
-class TorchEmbedder:
-    """An in-process backbone as an embedder."""
-
-    def __init__(self, backbone: torch.nn.Module, device="cpu", batch: int = 128):
-        self.model = AlignedFaceEmbedder(backbone)
-        self.device, self.batch = torch.device(device), batch
-
-    @torch.no_grad()
-    def __call__(self, faces: np.ndarray, flip: bool = True) -> np.ndarray:
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            out = [embed_faces(self.model, torch.from_numpy(faces[i:i + self.batch]).to(self.device), flip).cpu()
-                   for i in range(0, len(faces), self.batch)]
-        finally:
-            self.model.train(was_training)
-        return torch.cat(out).numpy()
-
-    @torch.no_grad()
-    def raw(self, faces: np.ndarray) -> np.ndarray:
-        """Embedding of each face plus its mirror's, not normalised (IJB's norm weighting)."""
-        self.model.eval()
-        out = []
-        for i in range(0, len(faces), self.batch):
-            x = torch.from_numpy(faces[i:i + self.batch]).to(self.device)
-            out.append((self.model(x) + self.model(torch.flip(x, dims=[2]))).float().cpu())
-        return torch.cat(out).numpy()
 
 
 def verify(embedder, pairs: PairSet, flip: bool = True) -> dict:
@@ -291,21 +262,20 @@ def evaluate(embedder, pair_uris: list[str] = (), face_uris: list[str] = (), fli
 @dataclass
 class Evaluation:
     results: dict[str, dict]  # set name -> metrics (with "roc")
+    model_uri: str  # the model evaluated (an alias pinned to the version it named)
     ijb_name: str = ""  # the IJB set's entry in results, if one was evaluated
-    recorded_on: str = ""  # "NAME vVERSION" when the figures were recorded on a registered version
 
 
 def evaluate_model(model_uri: str, pair_uris: list[str] = (), face_uris: list[str] = (), flip: bool = True,
                    ijb_root: str = "", ijb_target: str = "IJBC", ijb_norm: bool = False,
                    ijb_detector_score: bool = False, workers: int = 0, gpu: bool = False, ray_address: str = "",
-                   record: bool = True, chunk: int = CHUNK) -> Evaluation:
+                   chunk: int = CHUNK) -> Evaluation:
     """`arcface evaluate`: a model (checkpoint, MLflow model URI) on pair sets, identification
     sets and an IJB release, its faces embedded in this process (`workers=0`) or by `workers`
-    Ray actors (one GPU each with `gpu`) that read the images themselves. With `record`, a
-    `models:/` model gets every set's figures as `eval.<set>.<metric>` tags of its version
-    and metrics of its run (`record_evaluation`), the `.bin` sets' as well as IJB's."""
+    Ray actors (one GPU each with `gpu`) that read the images themselves. An alias is pinned
+    to its version first (`Evaluation.model_uri`: where the caller records the figures, see
+    pipelines/registry.py `record_evaluation`)."""
     from pipelines.eval_workers import embedding_workers
-    from pipelines.registry import pin_model_uri
 
     ijb_set = None
     if ijb_root:  # its protocol files are read (and checked) before any worker starts
@@ -320,12 +290,7 @@ def evaluate_model(model_uri: str, pair_uris: list[str] = (), face_uris: list[st
             ijb_name = f"{ijb_set.target}-{ijb_set.digest}"
             results[ijb_name] = ijb.evaluate_ijb(ijb_set, ijb.embed_images(ijb_set, runner, chunk), norm=ijb_norm,
                                                  detector_score=ijb_detector_score)
-    recorded_on = ""
-    if record and results and model_uri.startswith("models:/"):
-        from pipelines.registry import record_evaluation
-
-        recorded_on = record_evaluation(model_uri, results)
-    return Evaluation(results, ijb_name, recorded_on)
+    return Evaluation(results, model_uri, ijb_name)
 
 
 def load_sets(pair_uris: list[str], face_uris: list[str]) -> list:

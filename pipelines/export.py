@@ -119,7 +119,7 @@ def load_backbone(model_uri: str) -> tuple[torch.nn.Module, str]:
                          "version (models:/NAME/VERSION or @ALIAS); export from one of those")
     import mlflow
 
-    from pipelines.registry import resolve_version
+    from pipelines.models import resolve_version
 
     name = resolve_version(model_uri).tags.get("train.backbone")
     if not name:
@@ -257,7 +257,7 @@ def log_onnx_to_registry(model_uri: str, result: OnnxExport) -> str | None:
         return None
     import mlflow
 
-    from pipelines.registry import resolve_version
+    from pipelines.models import resolve_version
 
     client = mlflow.MlflowClient()
     version = resolve_version(model_uri, client)

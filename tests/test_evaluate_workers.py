@@ -19,7 +19,7 @@ from pipelines import ijb
 from pipelines.eval_workers import InProcess
 from pipelines.evaluate import ParquetImages, decode_aligned, evaluate, evaluate_model, identify, load_faces, \
     load_pairs, scalar_metrics, verify
-from pipelines.registry import load_embedder
+from pipelines.models import load_embedder
 from pipelines.training import checkpoint
 
 CHUNK = 16  # small jobs: several per set, so two workers interleave and order matters
@@ -103,7 +103,7 @@ def test_parquet_jobs_read_across_row_groups(tmp_path):
 def test_ray_workers_give_the_in_process_figures(demo, ray_local):
     kwargs = dict(pair_uris=[demo["pairs"]], face_uris=[demo["faces"]], ijb_root=demo["ijb"], chunk=CHUNK)
     here = evaluate_model(demo["model"], workers=0, **kwargs)
-    assert len(here.results) == 3 and here.ijb_name.startswith("IJBC-") and not here.recorded_on
+    assert len(here.results) == 3 and here.ijb_name.startswith("IJBC-")
     assert 0.0 < here.results[here.ijb_name]["tar_at_far_0.1"] < 1.0  # an untrained model: a real figure
     for workers in (1, 2):
         on_ray = evaluate_model(demo["model"], workers=workers, **kwargs)
@@ -171,7 +171,7 @@ def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server,
 
     from pipelines.cli import main
 
-    from pipelines.registry import log_embedding_model, promote
+    from pipelines.registry import log_embedding_model, promote, record_evaluation
 
     mlflow.set_tracking_uri(mlflow_server)
     client = mlflow.MlflowClient()
@@ -183,7 +183,8 @@ def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server,
     client.set_registered_model_alias("bin-record", "candidate", versions[0])
     # by alias, on 2 Ray workers (they load the version the alias names, from this tracking server)
     done = evaluate_model("models:/bin-record@candidate", [demo["pairs"]], [demo["faces"]], workers=2, chunk=CHUNK)
-    assert done.recorded_on == f"bin-record v{versions[0]}"
+    assert done.model_uri == f"models:/bin-record/{versions[0]}"  # the alias pinned
+    assert record_evaluation(done.model_uri, done.results) == f"bin-record v{versions[0]}"
     figures = scalar_metrics(done.results)
     pair_set = next(n for n in done.results if n.startswith("demo_pairs-"))
     tags = client.get_model_version("bin-record", versions[0]).tags
@@ -193,7 +194,7 @@ def test_bin_results_are_recorded_on_the_version(demo, ray_local, mlflow_server,
         assert run.data.metrics[f"eval.{key}"] == pytest.approx(figures[key])
     # the same figures in this process: the MLflow model on a Ray worker is the same model
     _same_figures(evaluate_model(f"models:/bin-record/{versions[0]}", [demo["pairs"]], [demo["faces"]],
-                                 record=False, chunk=CHUNK).results, done.results)
+                                 chunk=CHUNK).results, done.results)
     # promote --pairs evaluates both versions on Ray workers and gates on the recorded figures
     assert promote("bin-record", versions[0], pair_uris=[demo["pairs"]], workers=2).promoted
     decision = promote("bin-record", versions[1], pair_uris=[demo["pairs"]], workers=2)
@@ -213,7 +214,8 @@ def test_an_mlflow_model_moved_to_a_device_embeds_as_its_predict(mlflow_server):
     device), run here with the CPU as the device: the same embeddings as the model's predict."""
     import mlflow
 
-    from pipelines.registry import _program_on, _PyfuncEmbedder, log_embedding_model
+    from pipelines.models import _program_on, _PyfuncEmbedder
+    from pipelines.registry import log_embedding_model
 
     mlflow.set_tracking_uri(mlflow_server)
     torch.manual_seed(2)

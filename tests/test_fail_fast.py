@@ -159,7 +159,7 @@ def test_a_model_folder_that_would_run_code_needs_an_explicit_opt_in(tmp_path):
 
     import pytest as _pytest
 
-    from pipelines.registry import UntrustedModel, require_trusted
+    from pipelines.models import UntrustedModel, require_trusted
 
     folder = tmp_path / "model"
     folder.mkdir()

@@ -104,7 +104,8 @@ def test_evaluate_cli_on_ijb(ijb_set, tmp_path, capsys):
 def test_promotion_gates_on_an_ijb_figure(ijb_set, tmp_path, mlflow_server):
     import mlflow
 
-    from pipelines.registry import log_embedding_model, load_embedder, promote, record_evaluation
+    from pipelines.models import load_embedder
+    from pipelines.registry import log_embedding_model, promote, record_evaluation
 
     root, _ = ijb_set
     mlflow.set_tracking_uri(mlflow_server)

@@ -21,7 +21,8 @@ from pipelines.training.driver import run_training
 
 def eval_sets_of(data: str):
     return RefinedDataset.open(data).eval_sets()
-from pipelines.registry import CHAMPION, PromotionRefused, load_embedder, lineage, log_embedding_model, promote, rollback
+from pipelines.models import load_embedder
+from pipelines.registry import CHAMPION, PromotionRefused, lineage, log_embedding_model, promote, rollback
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.services
