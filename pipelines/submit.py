@@ -78,7 +78,7 @@ def cluster_config(cfg, keep_derived: bool = False) -> str:
     from pipelines.config import to_toml
 
     sent = copy.deepcopy(cfg)
-    derived = getattr(cfg, "origins", {}).get("train.storage", "").startswith("derived")
+    derived = cfg.origins.get("train.storage", "").startswith("derived")
     if not keep_derived and derived and cfg.train.storage == os.path.join(cfg.services.state_dir, "runs"):
         sent.train.storage = ""  # (not when --storage replaced it since)
     kept, inside = [], False
@@ -249,8 +249,10 @@ def _client(target: Target):
 
 def _submit_with_retry(client, entry: str, runtime_env: dict, job_id: str) -> None:
     # A head that has just started answers before its job agent does ("No available agent"):
-    # that one answer is worth waiting for; any other refusal is final.
-    deadline = time.monotonic() + 120
+    # that one answer is worth waiting for; any other refusal is final. A loaded head took
+    # over two minutes once (a 2-core machine running other jobs), hence four.
+    deadline = time.monotonic() + 240
+    waiting_said = False
     while True:
         try:
             client.submit_job(entrypoint=entry, runtime_env=runtime_env, submission_id=job_id)
@@ -258,6 +260,9 @@ def _submit_with_retry(client, entry: str, runtime_env: dict, job_id: str) -> No
         except RuntimeError as exc:
             if "No available agent" not in str(exc) or time.monotonic() > deadline:
                 raise SubmitRefused(f"the cluster refused the job: {str(exc).strip().splitlines()[-1]}") from None
+            if not waiting_said:
+                log.info("the cluster's job agent is not up yet; trying again for up to 4 minutes")
+                waiting_said = True
             time.sleep(3)
 
 
