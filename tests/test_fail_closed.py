@@ -207,6 +207,30 @@ def test_num_classes_smaller_than_the_labels_is_refused(shard_copy, tmp_path):
         check_input(RefinedDataset.open(str(shard_copy)), cfg.train, cfg.margin)
 
 
+@pytest.mark.parametrize("damage", ["missing", "truncated", "rows_removed"])
+def test_a_shard_gone_or_changed_is_refused_before_any_worker_trains(shard_copy, tmp_path, damage):
+    # Before: a missing shard failed inside every worker, and Ray Train retried it.
+    import pyarrow.parquet as pq
+
+    from dataset import RefinedDataset
+    from pipelines.training.driver import TrainingInputError, check_input
+
+    shard = sorted((shard_copy / "shards").glob("*.parquet"))[0]
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        table = pq.read_table(shard)
+        pq.write_table(table.slice(0, table.num_rows - 1), shard)
+    cfg = _train_cfg(tmp_path)
+    expected = {"missing": "a shard the manifest lists cannot be read .*FileNotFoundError",
+                "truncated": "a shard the manifest lists cannot be read",
+                "rows_removed": "the shards hold \\d+ faces, the manifest says \\d+"}[damage]
+    with pytest.raises(TrainingInputError, match=expected):
+        check_input(RefinedDataset.open(str(shard_copy)), cfg.train, cfg.margin)
+
+
 def test_the_demo_dataset_passes_the_label_check(demo_shards, tmp_path):
     from dataset import RefinedDataset
     from pipelines.training.data import ShardDataset

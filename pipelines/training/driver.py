@@ -38,7 +38,6 @@ def eval_sets_for(data: RefinedDataset, cfg: TrainConfig) -> tuple[list[str], li
 def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) -> str:
     """What would fail identically on every attempt fails here, once, in one line. Returns
     the SHA-256 of `train.init_backbone` ("" without one), for lineage."""
-    margin.validate()
     digest = ""
     if cfg.init_backbone:
         from arcface_core.backbones import build_backbone
@@ -58,7 +57,15 @@ def check_input(data: RefinedDataset, cfg: TrainConfig, margin: MarginConfig) ->
                                  f"{cfg.batch_size}; lower train.batch_size or use more data")
     from pipelines.training.data import ShardDataset
 
-    problem = ShardDataset(data).label_problem()  # before any worker: they would train on it silently
+    try:  # a shard listed but gone or unreadable would fail every attempt of every worker
+        shards = ShardDataset(data)
+    except (OSError, ValueError) as exc:  # pyarrow: FileNotFoundError, ArrowInvalid (a ValueError)
+        raise TrainingInputError(f"{data.uri}: a shard the manifest lists cannot be read "
+                                 f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]})") from None
+    if shards.num_samples != data.manifest.num_images:
+        raise TrainingInputError(f"{data.uri}: the shards hold {shards.num_samples} faces, the manifest says "
+                                 f"{data.manifest.num_images}: the dataset was changed after it was written")
+    problem = shards.label_problem()  # before any worker: they would train on it silently
     if problem:
         raise TrainingInputError(problem)
     from pipelines.training.config import RecipeMismatch, check_recipe_matches
