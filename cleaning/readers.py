@@ -1,10 +1,13 @@
 """Readers for raw face datasets. Each turns a source into partitions of raw samples.
 
-A reader is planned once on the driver (`plan(source, target_records)` lists partitions:
-small, picklable descriptions such as a group of identity folders or a byte range of a
-TSV) and each partition is read on a worker (`read_partition(part)`), streaming: nothing
-loads a whole dataset. Partitions never split an identity, so per-identity steps
-(duplicate detection) see all of an identity's images in one place.
+A format is planned once on the driver (`plan(fmt, source, target_records)` lists
+partitions: small, picklable descriptions such as a group of identity folders or a byte
+range of a TSV, in the partition's `detail`) and each partition is read on a worker
+(`read_partition(part)`), streaming: nothing loads a whole dataset. Partitions never split
+an identity, so per-identity steps (duplicate detection) see all of an identity's images in
+one place. Which planner, reader and input files belong to a format is said by its entry in
+the format registry (cleaning/formats/__init__.py); the code of each is here, a section per
+format.
 
 A problem with one record (malformed row, bad base64, unsafe identity name, corrupt
 RecordIO record) yields a `RawSample` carrying `reject` = (reason, detail naming the file
@@ -32,12 +35,11 @@ from typing import Iterator
 import numpy as np
 import pyarrow.fs as pafs
 
-from cleaning.formats import RAW_FORMATS
+from cleaning.formats import get_format, load
 from dataset import storage
 
 log = logging.getLogger(__name__)
 
-FORMATS = RAW_FORMATS
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _SAFE_IDENTITY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
 
@@ -59,11 +61,9 @@ class Partition:
     format: str
     root: str
     index: int
-    identities: list[str] = field(default_factory=list)  # folder formats
-    byte_range: tuple[int, int] | None = None  # msceleb-tsv
-    first_line: int = 1
-    records: list[tuple[int, int, int]] = field(default_factory=list)  # rec: (idx, offset, idx line)
-    extra: dict = field(default_factory=dict)
+    # What to read, in the format's own terms (its planner writes it, its reader reads it):
+    # identity folders, a byte range of a file and its first line number, ... Small and picklable.
+    detail: dict = field(default_factory=dict)
     # A slice [lo, hi) of the partition's records, in reading order: what is left to redo when
     # a partition killed its worker and is split to isolate the record that did it.
     subset: tuple[int, int] | None = None
@@ -143,23 +143,40 @@ def _group(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)] or [[]]
 
 
-# -- image folder ------------------------------------------------------------------------
+# Folder formats are planned in whole identities: `records_per_partition` images at about
+# this many images per identity.
+IMAGES_PER_IDENTITY_GUESS = 30
 
-def plan_image_folder(root: str, identities_per_partition: int) -> list[Partition]:
+
+def _identities_per_partition(records_per_partition: int) -> int:
+    return max(1, records_per_partition // IMAGES_PER_IDENTITY_GUESS)
+
+
+# -- image folder ------------------------------------------------------------------------
+# detail: "identities" (folder names), and on partition 0 "root_entries" (what else the
+# root holds, each a reject).
+
+def plan_image_folder(root: str, records_per_partition: int) -> list[Partition]:
     entries = _entries(root, root)
     dirs = [e.name for e in entries if e.kind == "folder"]
-    parts = [Partition("image-folder", root, n, ids) for n, ids in enumerate(_group(dirs, identities_per_partition))]
+    groups = _group(dirs, _identities_per_partition(records_per_partition))
+    parts = [Partition("image-folder", root, n, {"identities": ids}) for n, ids in enumerate(groups)]
     # Anything at the root that is not an identity folder is accounted for (as a reject).
-    parts[0].extra["root_entries"] = [e.name for e in entries if e.kind != "folder"]
+    parts[0].detail["root_entries"] = [e.name for e in entries if e.kind != "folder"]
     return parts
 
 
+def image_folder_inputs(part: Partition) -> list[tuple[str, str]]:
+    root = [("listing", part.root)] if "root_entries" in part.detail else []
+    return root + [("listing", storage.join(part.root, ident)) for ident in part.detail["identities"]]
+
+
 def read_image_folder(part: Partition) -> Iterator[RawSample]:
-    for name in part.extra.get("root_entries", []):
+    for name in part.detail.get("root_entries", []):
         uri = storage.join(part.root, name)
         yield RawSample(name, "", uri, reject=("outside_identity_folder",
                                                f"{uri}: not inside an identity folder (one folder per identity)"))
-    for ident in part.identities:
+    for ident in part.detail["identities"]:
         folder = storage.join(part.root, ident)
         for entry in _entries(folder, part.root):
             rel = f"{ident}/{entry.name}"
@@ -173,6 +190,10 @@ def read_image_folder(part: Partition) -> Iterator[RawSample]:
 
 
 # -- VGGFace2 ----------------------------------------------------------------------------
+# detail: "split"; "identities" (folders of <split>/); "bb" and "lm": identity -> its rows'
+# (byte start, byte end, first line) in the box and landmark CSVs; on partition 0
+# "root_entries" (what else <split>/ holds); on a last partition "orphans" (identities with
+# annotation rows and no folder).
 
 VGG_BB = "bb_landmark/loose_bb_{split}.csv"
 VGG_LM = "bb_landmark/loose_landmark_{split}.csv"
@@ -205,24 +226,33 @@ def _csv_identity_ranges(uri: str) -> dict[str, list[tuple[int, int, int]]]:
     return ranges
 
 
-def plan_vggface2(root: str, identities_per_partition: int, split: str = "train") -> list[Partition]:
+def plan_vggface2(root: str, records_per_partition: int, split: str = "train") -> list[Partition]:
     image_root = storage.join(root, split)
     entries = _entries(image_root, root)
     dirs = [e.name for e in entries if e.kind == "folder"]
     bb = _csv_identity_ranges(storage.join(root, VGG_BB.format(split=split)))
     lm = _csv_identity_ranges(storage.join(root, VGG_LM.format(split=split)))
-    parts = []
-    for n, ids in enumerate(_group(dirs, identities_per_partition)):
-        parts.append(Partition("vggface2", root, n, ids, extra={
-            "split": split, "bb": {i: bb[i] for i in ids if i in bb}, "lm": {i: lm[i] for i in ids if i in lm}}))
-    parts[0].extra["root_entries"] = [e.name for e in entries if e.kind != "folder"]
+
+    def rows_of(ids: list[str]) -> dict:
+        return {"bb": {i: bb[i] for i in ids if i in bb}, "lm": {i: lm[i] for i in ids if i in lm}}
+
+    parts = [Partition("vggface2", root, n, {"split": split, "identities": ids, **rows_of(ids)})
+             for n, ids in enumerate(_group(dirs, _identities_per_partition(records_per_partition)))]
+    parts[0].detail["root_entries"] = [e.name for e in entries if e.kind != "folder"]
     # Annotation rows whose identity has no folder still have to be accounted for.
     orphans = sorted((set(bb) | set(lm)) - set(dirs))
     if orphans:
-        parts.append(Partition("vggface2", root, len(parts), [], extra={
-            "split": split, "orphans": orphans, "bb": {i: bb[i] for i in orphans if i in bb},
-            "lm": {i: lm[i] for i in orphans if i in lm}}))
+        parts.append(Partition("vggface2", root, len(parts),
+                               {"split": split, "identities": [], "orphans": orphans, **rows_of(orphans)}))
     return parts
+
+
+def vggface2_inputs(part: Partition) -> list[tuple[str, str]]:
+    split = part.detail["split"]
+    annotations = [("file", storage.join(part.root, name.format(split=split))) for name in (VGG_BB, VGG_LM)]
+    listings = [("listing", storage.join(part.root, split))] if "root_entries" in part.detail else []
+    return annotations + listings + [("listing", storage.join(part.root, split, ident))
+                                     for ident in part.detail["identities"]]
 
 
 def _parse_rows(uri: str, ranges: list[tuple[int, int, int]], width: int) -> dict[str, tuple[list[float] | None, str]]:
@@ -248,19 +278,20 @@ def _parse_rows(uri: str, ranges: list[tuple[int, int, int]], width: int) -> dic
 
 
 def read_vggface2(part: Partition) -> Iterator[RawSample]:
-    split = part.extra["split"]
+    detail = part.detail
+    split, identities = detail["split"], detail["identities"]
     bb_uri = storage.join(part.root, VGG_BB.format(split=split))
     lm_uri = storage.join(part.root, VGG_LM.format(split=split))
-    for name in part.extra.get("root_entries", []):
+    for name in detail.get("root_entries", []):
         uri = storage.join(part.root, split, name)
         yield RawSample(name, "", uri, reject=("outside_identity_folder",
                                                f"{uri}: not inside an identity folder of {split}/"))
-    for ident in part.identities + part.extra.get("orphans", []):
-        boxes = _parse_rows(bb_uri, part.extra["bb"][ident], 5) if ident in part.extra["bb"] else {}
-        marks = _parse_rows(lm_uri, part.extra["lm"][ident], 11) if ident in part.extra["lm"] else {}
+    for ident in identities + detail.get("orphans", []):
+        boxes = _parse_rows(bb_uri, detail["bb"][ident], 5) if ident in detail["bb"] else {}
+        marks = _parse_rows(lm_uri, detail["lm"][ident], 11) if ident in detail["lm"] else {}
         seen = set()
         folder = storage.join(part.root, split, ident)
-        entries = [] if ident not in part.identities else _entries(folder, part.root)
+        entries = [] if ident not in identities else _entries(folder, part.root)
         stems: dict[str, int] = {}
         for entry in entries:
             stem = posixpath.splitext(entry.name)[0]
@@ -300,6 +331,12 @@ def read_vggface2(part: Partition) -> Iterator[RawSample]:
 
 
 # -- MS-Celeb-1M TSV ---------------------------------------------------------------------
+# Partition root: the .tsv file. detail: "byte_range" [start, end) of whole lines and the
+# "first_line"'s number.
+
+def _tsv_part(uri: str, index: int, start: int, end: int, first_line: int) -> Partition:
+    return Partition("msceleb-tsv", uri, index, {"byte_range": (start, end), "first_line": first_line})
+
 
 def plan_msceleb(root: str, target_records: int) -> list[Partition]:
     """Cut the TSV into byte ranges of about `target_records` lines, only where the MID changes."""
@@ -312,14 +349,18 @@ def plan_msceleb(root: str, target_records: int) -> list[Partition]:
             line_no += 1
             mid = raw.split(b"\t", 1)[0]
             if count >= target_records and mid != prev:
-                parts.append(Partition("msceleb-tsv", uri, len(parts), byte_range=(start, offset), first_line=start_line))
+                parts.append(_tsv_part(uri, len(parts), start, offset, start_line))
                 start, start_line, count = offset, line_no, 0
             prev = mid
             count += 1
             offset += len(raw)
     if count:
-        parts.append(Partition("msceleb-tsv", uri, len(parts), byte_range=(start, offset), first_line=start_line))
+        parts.append(_tsv_part(uri, len(parts), start, offset, start_line))
     return parts
+
+
+def msceleb_inputs(part: Partition) -> list[tuple[str, str]]:
+    return [("file", part.root)]
 
 
 def _find_tsv(root: str) -> str:
@@ -330,14 +371,14 @@ def _find_tsv(root: str) -> str:
 
 
 def read_msceleb(part: Partition) -> Iterator[RawSample]:
-    start, end = part.byte_range
+    start, end = part.detail["byte_range"]
     data = _read_range(part.root, start, end)
     name = posixpath.basename(part.root)
     lines = data.split(b"\n")
     if lines and not lines[-1]:
         lines.pop()  # the newline that ends the range
     for k, raw in enumerate(lines):
-        line = part.first_line + k
+        line = part.detail["first_line"] + k
         where = f"{name}:{line}"
         cols = raw.rstrip(b"\r").split(b"\t")
         mid = cols[0].decode("utf-8", "replace")
@@ -367,6 +408,10 @@ def read_msceleb(part: Partition) -> Iterator[RawSample]:
 
 
 # -- insightface RecordIO (MS1MV2 / MS1MV3 as distributed) ---------------------------------
+# Partition root: the folder of train.rec and train.idx. detail, as streamed: "byte_range"
+# [start, end) of train.idx lines and the "first_line"'s number, with insightface's header
+# the "identity_records" [first, end) to skip; as planned in memory: "records", a list of
+# (index, offset, idx line), and on partition 0 "bad_idx_lines" [(idx line, what is wrong)].
 
 REC_MAGIC = 0xCED7230A
 IR_HEADER = struct.Struct("<IfQQ")
@@ -716,7 +761,7 @@ def _cut_stretches(root: str, idx_uri: str, scan: _IndexScan, wants: list[tuple[
             segments[-1][2] = True
     ends = [s[0] for s in segments[1:]] + [storage.size(idx_uri)]
     kept = [(s, e) for s, e in zip(segments, ends) if s[2]] or [(segments[0], ends[0])]
-    return [Partition("insightface-rec", root, k, byte_range=(s[0], e), first_line=s[1], extra=dict(extra))
+    return [Partition("insightface-rec", root, k, {"byte_range": (s[0], e), "first_line": s[1], **extra})
             for k, (s, e) in enumerate(kept)]
 
 
@@ -736,7 +781,7 @@ def _plan_rec_by_label(root: str, idx_uri: str, fh, per_partition: int) -> list[
         size += 1
         previous = label
     ends = [c[0] for c in cuts[1:]] + [storage.size(idx_uri)]
-    return [Partition("insightface-rec", root, k, byte_range=(pos, end), first_line=no)
+    return [Partition("insightface-rec", root, k, {"byte_range": (pos, end), "first_line": no})
             for k, ((pos, no), end) in enumerate(zip(cuts, ends))]
 
 
@@ -782,32 +827,37 @@ def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list
     for group in groups:  # whole identities, about `per_partition` records each
         chunk += group
         if len(chunk) >= per_partition:
-            parts.append(Partition("insightface-rec", root, len(parts), records=chunk))
+            parts.append(Partition("insightface-rec", root, len(parts), {"records": chunk}))
             chunk = []
     if chunk or not parts:
-        parts.append(Partition("insightface-rec", root, len(parts), records=chunk))
+        parts.append(Partition("insightface-rec", root, len(parts), {"records": chunk}))
     if bad:
-        parts[0].extra["bad_idx_lines"] = bad
+        parts[0].detail["bad_idx_lines"] = bad
     return parts
+
+
+def insightface_rec_inputs(part: Partition) -> list[tuple[str, str]]:
+    return [("listing", part.root)]
 
 
 def _rec_entries(part: Partition) -> Iterator[tuple[int, int, int] | tuple[int, str]]:
     """(index, offset, idx line) of each image record of a partition, or (idx line, what is
     wrong) for a malformed .idx line."""
-    yield from part.extra.get("bad_idx_lines", [])
-    yield from part.records
-    if part.byte_range is None:
+    detail = part.detail
+    yield from detail.get("bad_idx_lines", [])
+    yield from detail.get("records", [])
+    if "byte_range" not in detail:
         return
-    skip_lo, skip_hi = part.extra.get("identity_records", (0, 0))
-    data = _read_range(storage.join(part.root, "train.idx"), *part.byte_range)
+    skip_lo, skip_hi = detail.get("identity_records", (0, 0))
+    data = _read_range(storage.join(part.root, "train.idx"), *detail["byte_range"])
     for k, raw in enumerate(io.BytesIO(data)):
-        line_no = part.first_line + k
+        line_no = detail["first_line"] + k
         try:
             index, offset = _parse_idx_line(raw)
         except ValueError:
             yield line_no, _bad_idx_line(line_no, raw)
             continue
-        if "identity_records" in part.extra and (index == 0 or skip_lo <= index < skip_hi):
+        if "identity_records" in detail and (index == 0 or skip_lo <= index < skip_hi):
             continue  # the header and identity records describe the images; they are not ones
         yield index, offset, line_no
 
@@ -831,29 +881,20 @@ def read_insightface_rec(part: Partition) -> Iterator[RawSample]:
             yield RawSample(f"rec:{idx}", str(label), where, data=payload, aligned=True)
 
 
-PLANNERS = {"vggface2": plan_vggface2, "msceleb-tsv": plan_msceleb, "image-folder": plan_image_folder,
-            "insightface-rec": plan_insightface_rec}
-READERS = {"vggface2": read_vggface2, "msceleb-tsv": read_msceleb, "image-folder": read_image_folder,
-           "insightface-rec": read_insightface_rec}
-
-
 def plan(fmt: str, root: str, per_partition: int) -> list[Partition]:
-    """Partitions of about `per_partition` identities (folders) or records (TSV, rec)."""
-    if fmt not in PLANNERS:
-        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-    if fmt in ("vggface2", "image-folder"):
-        # identities per partition: aim at `per_partition` images with ~30 images per identity
-        per_partition = max(1, per_partition // 30)
-    return PLANNERS[fmt](root, per_partition)
+    """Partitions of about `per_partition` records of `root`, raw data in format `fmt`
+    (folder formats: whole identities, at about IMAGES_PER_IDENTITY_GUESS images each)."""
+    return load(get_format(fmt).planner)(root, per_partition)
 
 
 def input_stamp(part: Partition) -> str:
     """A digest of what a partition reads, from listings alone: every file's name, size and
-    modification time (identity folders for folder formats, the container files otherwise).
-    A finished partition is reused only while this is unchanged."""
+    modification time (each file and folder its format's `inputs` names: identity folders for
+    folder formats, the container files otherwise). A finished partition is reused only
+    while this is unchanged."""
     h = hashlib.sha256()
 
-    def files(uri: str) -> None:
+    def listing(uri: str) -> None:
         try:
             infos = sorted(_listdir(uri), key=lambda i: i.path)
         except (FileNotFoundError, OSError):
@@ -862,33 +903,19 @@ def input_stamp(part: Partition) -> str:
         for i in infos:
             h.update(f"{i.path}|{i.type}|{i.size}|{i.mtime_ns}\n".encode())
 
-    def one(uri: str) -> None:
+    def one_file(uri: str) -> None:
         fs, path = storage.resolve(uri)
         i = fs.get_file_info(path)
         h.update(f"{path}|{i.type}|{i.size}|{i.mtime_ns}\n".encode())
 
-    if part.format == "image-folder":
-        if "root_entries" in part.extra:
-            files(part.root)
-        for ident in part.identities:
-            files(storage.join(part.root, ident))
-    elif part.format == "vggface2":
-        split = part.extra["split"]
-        for name in (VGG_BB, VGG_LM):
-            one(storage.join(part.root, name.format(split=split)))
-        if "root_entries" in part.extra:
-            files(storage.join(part.root, split))
-        for ident in part.identities:
-            files(storage.join(part.root, split, ident))
-    elif part.format == "msceleb-tsv":
-        one(part.root)
-    else:
-        files(part.root)
+    add = {"listing": listing, "file": one_file}
+    for kind, uri in load(get_format(part.format).inputs)(part):
+        add[kind](uri)
     return h.hexdigest()
 
 
 def read_partition(part: Partition) -> Iterator[RawSample]:
-    records = READERS[part.format](part)
+    records = load(get_format(part.format).reader)(part)
     if part.subset is None:
         return records
     lo, hi = part.subset

@@ -16,10 +16,12 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import struct
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -27,16 +29,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cleaning.align import align_face
-from cleaning.formats import RAW_FORMATS
+from cleaning.formats import RAW_FORMATS, get_format, load
 from cleaning.formats.insightface_bin import dumps_pairs
 from cleaning.synthetic.demo_config import DemoConfig  # noqa: F401  (the section this generator reads)
 from cleaning.synthetic.render import Identity, random_identity, render
-from dataset.refined import EVAL, FACES_SUFFIX
+from dataset.refined import EVAL, FACES_SUFFIX, SETS_BESIDE_DATA
 
 log = logging.getLogger(__name__)
 
 
-FORMATS = RAW_FORMATS
+FORMATS = RAW_FORMATS  # the demo writes every registered format
 MSCELEB_TSV = "FaceImageCroppedWithAlignment.tsv"
 
 # Defects an image slot can carry (besides clean). Order fixes how the random draw maps.
@@ -231,15 +233,25 @@ def build_eval_pairs(plan: Plan) -> tuple[bytes, dict]:
 
 
 # -- layouts ---------------------------------------------------------------------------
+# One DemoLayout per raw format, named by the format's registry entry (cleaning/formats).
+
+@dataclass(frozen=True)
+class DemoLayout:
+    """How the demo writes one raw format."""
+
+    # (layout folder, plan, each filed identity's images, rng for row corruptions) ->
+    # (ground-truth records, malformed rows)
+    write: Callable[[Path, Plan, list[list[DemoImage]], np.random.Generator], tuple[list, list]]
+    identity_name: Callable[[int], str]  # filed identity i's name, as the format's reader reports it
+    input_folder: str = ""  # the folder inside the layout that a reader of the format takes
+
+
+def demo_layout(fmt: str) -> DemoLayout:
+    return load(get_format(fmt).demo)
+
 
 def identity_name(fmt: str, i: int) -> str:
-    if fmt == "vggface2":
-        return f"n{i + 1:06d}"
-    if fmt == "msceleb-tsv":
-        return f"m.0{i + 1:05x}"
-    if fmt == "insightface-rec":
-        return str(i)  # the class label is the identity (as the reader reports it)
-    return f"person_{i + 1:05d}"
+    return demo_layout(fmt).identity_name(i)
 
 
 def _loose_box(box: list[float], size: int) -> list[float]:
@@ -309,6 +321,9 @@ def _write_vggface2(out: Path, plan: Plan, images: list[list[DemoImage]], rng: n
     return records, malformed
 
 
+VGGFACE2_LAYOUT = DemoLayout(_write_vggface2, lambda i: f"n{i + 1:06d}")
+
+
 VGG_ROW_DEFECTS = ("non_numeric", "missing_columns", "landmarks_outside_image")
 TSV_ROW_DEFECTS = ("missing_columns", "invalid_base64", "bad_face_rectangle", "unsafe_identity")
 ROW_DEFECT_RATE = 0.01
@@ -364,6 +379,9 @@ def _write_msceleb(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np
     return records, malformed
 
 
+MSCELEB_LAYOUT = DemoLayout(_write_msceleb, lambda i: f"m.0{i + 1:05x}")
+
+
 IMAGE_FOLDER_ROOT = "images"  # the identity folders; ground truth and eval/ stay outside
 
 
@@ -379,14 +397,10 @@ def _write_image_folder(out: Path, plan: Plan, images: list[list[DemoImage]], rn
     return records, []
 
 
+IMAGE_FOLDER_LAYOUT = DemoLayout(_write_image_folder, lambda i: f"person_{i + 1:05d}", IMAGE_FOLDER_ROOT)
+
 REC_FOLDER = "faces_emore"  # as insightface distributes MS1MV2
 PAIRS_FILE = "demo_pairs.bin"
-
-
-def input_root(layout_root: str | os.PathLike, fmt: str) -> Path:
-    """The folder a reader of `fmt` takes, inside one layout the demo wrote."""
-    sub = {"image-folder": IMAGE_FOLDER_ROOT, "insightface-rec": REC_FOLDER}.get(fmt, "")
-    return Path(layout_root) / sub if sub else Path(layout_root)
 
 
 def _write_insightface_rec(out: Path, plan: Plan, images: list[list[DemoImage]], rng: np.random.Generator) -> tuple[list, list]:
@@ -416,8 +430,21 @@ def _write_insightface_rec(out: Path, plan: Plan, images: list[list[DemoImage]],
     return records, []
 
 
-WRITERS = {"vggface2": _write_vggface2, "msceleb-tsv": _write_msceleb, "image-folder": _write_image_folder,
-           "insightface-rec": _write_insightface_rec}
+# The class label is the identity (as the reader reports it).
+INSIGHTFACE_REC_LAYOUT = DemoLayout(_write_insightface_rec, str, REC_FOLDER)
+
+
+def input_root(layout_root: str | os.PathLike, fmt: str) -> Path:
+    """The folder a reader of `fmt` takes, inside one layout the demo wrote."""
+    return Path(layout_root) / demo_layout(fmt).input_folder
+
+
+def pairs_file(fmt: str) -> str:
+    """Where a layout's pair set goes: in eval/ beside the raw data, or, for a layout that ships
+    its evaluation sets inside the data folder (insightface's .bin files beside train.rec), there."""
+    if fmt in SETS_BESIDE_DATA:
+        return posixpath.join(demo_layout(fmt).input_folder, PAIRS_FILE)
+    return f"{EVAL}/{PAIRS_FILE}"
 
 
 def _no_progress(iterable, **_):
@@ -433,9 +460,7 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
     """
     from cleaning.formats.recordio import ORDERS
 
-    for fmt in formats:
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    layouts = {fmt: demo_layout(fmt) for fmt in formats}  # (an unknown format: ValueError, before any work)
     if cfg.rec_order not in ORDERS:
         raise ValueError(f"demo.rec_order {cfg.rec_order!r}: choose from {', '.join(ORDERS)}")
     plan = make_plan(cfg)
@@ -458,12 +483,12 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
         out = Path(out_dir) / fmt if len(formats) > 1 else Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         rng = np.random.default_rng([cfg.seed, 7])  # same corruptions whichever formats run together
-        records, malformed = WRITERS[fmt](out, plan, images, rng)
+        records, malformed = layouts[fmt].write(out, plan, images, rng)
         # Evaluation sets beside the raw data, where RefinedDataset.eval_sets finds them; an
         # insightface training folder holds its pair sets itself.
         (out / EVAL).mkdir(exist_ok=True)
-        pairs_file = f"{REC_FOLDER}/{PAIRS_FILE}" if fmt == "insightface-rec" else f"{EVAL}/{PAIRS_FILE}"
-        (out / pairs_file).write_bytes(pairs_bin)
+        pairs = pairs_file(fmt)
+        (out / pairs).write_bytes(pairs_bin)
         overlap = [identity_name(fmt, i) for i in plan.overlap]
 
         def person(p: str) -> str:
@@ -485,7 +510,7 @@ def generate(out_dir: str | os.PathLike, cfg: DemoConfig, formats: list[str], pr
             "duplicate_identities": [[identity_name(fmt, a), identity_name(fmt, o)] for a, o in plan.alias_of.items()],
             "eval_overlap_identities": overlap,
             "eval_faces": {"file": f"{EVAL}/demo{FACES_SUFFIX}", "faces": faces_table.num_rows},
-            "eval_pairs": {"file": pairs_file, "pairs": pairs_meta["pairs"],
+            "eval_pairs": {"file": pairs, "pairs": pairs_meta["pairs"],
                            "positives": pairs_meta["positives"], "pair_identities": pair_people},
             "malformed_rows": malformed,
             "images": records,
