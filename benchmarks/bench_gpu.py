@@ -3,8 +3,9 @@
     python benchmarks/bench_gpu.py            # on one H100/H200: at most ~8 minutes
     python benchmarks/bench_gpu.py --smoke    # every code path at tiny sizes, on CPU, < 2 minutes (CI)
 
-Writes benchmarks/results/gpu_step[_smoke].jsonl (one JSON object per measurement) and
-gpu_step[_smoke].md. What it measures:
+Writes benchmarks/results/gpu_step.jsonl (one JSON object per measurement) and gpu_step.md;
+a smoke run writes gpu_step_smoke.* to a scratch folder (its figures are no measurement).
+What it measures:
 
 1. Our training step (pipelines.training.step.Trainee: uint8 input normalised on the device,
    bf16 autocast, channels_last, fused SGD, the one-buffer margin-softmax node, Partial-FC on
@@ -298,7 +299,9 @@ def bench_mtcnn(device, photos: int, batch: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on CPU: every code path, not a measurement")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=None,
+                    help="where results go (default: benchmarks/results; with --smoke, a scratch folder, so a "
+                         "check of the code paths never rewrites the committed measurements)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--timed", type=int, default=None)
     ap.add_argument("--budget-s", type=float, default=None, help="skip what would start after this (default 420)")
@@ -321,7 +324,8 @@ def main():
         torch.backends.cudnn.benchmark = True
 
     begun = time.perf_counter()
-    out = Path(args.out)
+    out = Path(args.out or (Path(tempfile.gettempdir()) / "arcface-bench-gpu-smoke" if smoke
+                            else Path(__file__).parent / "results"))
     out.mkdir(parents=True, exist_ok=True)
     suffix = "_smoke" if smoke else ""
     jsonl = out / f"gpu_step{suffix}.jsonl"

@@ -2,8 +2,9 @@
 with a reason, and counts what it did (the datatrove filter pattern).
 
 A `Face` carries one raw sample through the steps, gaining a decoded image, landmarks,
-an aligned crop and quality figures on the way. `run_steps` applies the steps in order;
-the first drop ends a face's journey in the rejects table with (stage, reason, detail).
+an aligned crop and quality figures on the way. A `StepChain` holds the steps in order
+(those before detection, those after); cleaning/stage1.py runs each face through them, and
+the first drop ends its journey in the rejects table with (stage, reason, detail).
 """
 
 from __future__ import annotations

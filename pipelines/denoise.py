@@ -110,11 +110,11 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
-    steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres),
-             MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle),
-             *([EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
-                                  _read_names(cfg.exclude_identities))] if drop_overlap else []),
-             SmallIdentities(cfg.min_images_per_identity)]
+    outliers = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
+    merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
+    overlap = [EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
+                                 _read_names(cfg.exclude_identities))] if drop_overlap else []
+    steps = [outliers, merges, *overlap, SmallIdentities(cfg.min_images_per_identity)]  # in this order
     for step in steps:
         step(embedded)
         log.info("%s: %s", step.name, step.counts())
@@ -129,21 +129,21 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
 
     angles = embedded.angles
     judged = np.isfinite(angles)
-    outlier = embedded.reasons == f"{steps[0].name}/{steps[0].reasons[0]}"
+    outlier = embedded.reasons == f"{outliers.name}/{outliers.reasons[0]}"
     other = ~embedded.kept & ~outlier
     edges = np.linspace(0, 180, 91)
     summary = {
         "model": model_uri, "config": dataclasses.asdict(cfg), "drop_overlap": drop_overlap,
         "embedding_dim": int(embedded.embeddings.dim),
         "steps": {s.name: s.counts() for s in steps},
-        "merges": [dataclasses.asdict(m) for m in steps[1].merges],
-        "merge_candidates": steps[1].candidates,
+        "merges": [dataclasses.asdict(m) for m in merges.merges],
+        "merge_candidates": merges.candidates,
         "evaluation_faces": int(len(eval_faces)),
         "angle_histogram": {"edges_deg": edges.tolist(),
                             "kept": np.histogram(angles[judged & embedded.kept], edges)[0].tolist(),
                             "dropped": np.histogram(angles[judged & outlier], edges)[0].tolist(),
                             "dropped_other_reasons": np.histogram(angles[judged & other], edges)[0].tolist(),
-                            "threshold_deg": steps[0].threshold},
+                            "threshold_deg": outliers.threshold},
     }
     summary["seconds"] = round(time.perf_counter() - started, 1)  # embedding and decisions
     rewrite.rewrite_dataset(data, out, decide, id_map, stage=STAGE, extra={STAGE: summary})
