@@ -20,30 +20,39 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from arcface_core.settings import setting
+
 
 log = logging.getLogger(__name__)
 
 
+_PORT = "[1, 65535]"
+
+
 @dataclass
 class ServicesConfig:
-    # Everything local services write (pids, logs, MLflow's SQLite db and artifacts) lives here.
-    state_dir: str = ".arcface"
-    host: str = "127.0.0.1"
-    ray_port: int = 6379
-    ray_dashboard_port: int = 8265
-    ray_num_cpus: int = 2
-    ray_object_store_bytes: int = 1_000_000_000
-    mlflow_port: int = 5000
-    # A shared tracking server (https://...); set from MLFLOW_TRACKING_URI when that is
-    # set. Empty: commands use (and start) the local server of `arcface services up`.
-    mlflow_tracking_uri: str = ""
-    # A Ray cluster (GCS address or dashboard URL); set from RAY_ADDRESS when that is set.
-    # Empty: a local Ray (the head of `arcface services up` for submitted jobs).
-    ray_address: str = ""
-    s3_port: int = 9000
-    # The bucket `arcface services up --s3` creates on the local endpoint.
-    s3_bucket: str = "arcface"
-    start_timeout_s: float = 90.0
+    """Where the local services run (`arcface services up`) and which shared ones to use."""
+
+    state_dir: str = setting(".arcface", doc=(
+        "folder for everything local services write: pids, logs, MLflow's SQLite db and artifacts"))
+    host: str = setting("127.0.0.1", doc="address the local services bind to and are reached at")
+    ray_port: int = setting(6379, range=_PORT, doc="the local Ray head's GCS port")
+    ray_dashboard_port: int = setting(8265, range=_PORT, doc=(
+        "the local Ray dashboard's port (jobs are submitted there)"))
+    ray_num_cpus: int = setting(2, range="[1, inf)", doc="CPUs the local Ray head offers to tasks and actors")
+    # Ray refuses an object store below 75 MiB.
+    ray_object_store_bytes: int = setting(1_000_000_000, range=f"[{75 * 2**20}, inf)",
+                                          doc="the local Ray head's object store, in bytes")
+    mlflow_port: int = setting(5000, range=_PORT, doc="the local MLflow tracking server's port")
+    mlflow_tracking_uri: str = setting("", doc=(
+        "a shared tracking server (https://...), set from MLFLOW_TRACKING_URI; empty: commands use "
+        "(and start) the local server of `arcface services up`"))
+    ray_address: str = setting("", doc=(
+        "a Ray cluster (GCS address or dashboard URL), set from RAY_ADDRESS; empty: a local Ray "
+        "(the head of `arcface services up` for submitted jobs)"))
+    s3_port: int = setting(9000, range=_PORT, doc="the local S3 endpoint's port (`arcface services up --s3`)")
+    s3_bucket: str = setting("arcface", doc="the bucket `arcface services up --s3` creates on the local endpoint")
+    start_timeout_s: float = setting(90.0, range="(0, inf)", doc="seconds a starting local service has to answer")
 
 SERVICES = ("ray", "mlflow", "s3")
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from arcface_core.settings import WORKERS, setting
+
+_ANGLE = "[0, 180]"
+
 
 @dataclass
 class DenoiseConfig:
@@ -15,63 +19,73 @@ class DenoiseConfig:
     stage2_quality.md): they depend on the model that embeds, so check the angle histogram
     in the report (sub-centre ArcFace used 75 deg with a ResNet-100 trained on MS1M)."""
 
-    workers: int = 2  # embedding actors
+    workers: int = setting(2, range=WORKERS, doc="embedding actors")
     # Each pass of the de-noise steps over the embeddings runs as this many parallel Ray tasks,
     # one embedding shard each (0 or 1: in the driver, shard after shard). Same decisions
     # either way (tests/test_denoise_scale.py); timed in benchmarks/results/stage2_scale.md.
-    pass_tasks: int = 2
-    gpu: bool = False  # one GPU per actor (checkpoints; MLflow models embed on CPU)
-    batch: int = 256
+    pass_tasks: int = setting(2, range="[0, inf)", doc=(
+        "parallel Ray tasks per pass of the de-noise steps (0 or 1: in the driver)"))
+    gpu: bool = setting(False, doc="one GPU per embedding actor (checkpoints; MLflow models embed on CPU)")
+    batch: int = setting(256, range="[1, inf)", doc="faces per embedding batch")
     # Faces farther than this from their identity's centre are label noise. 0: derived per
     # run, the valley between the clean and the mislabelled mode of the face-to-centre angles
     # (Otsu's threshold, never below the clean mode's median + 4 robust sigmas; the figure
     # is in the manifest and report). Demo, sub-centre bootstrap: 48.5 deg at 10% label
     # noise, 51.2 at 50%. A fixed angle only fits the model it was measured with (sub-centre
     # ArcFace used 75 with a ResNet-100 on MS1M; the demo's tiny bootstrap, about 50).
-    max_angle: float = 0.0
-    # Below this many faces an identity's centre is not trusted: its faces are kept unjudged.
-    min_images_to_judge: int = 5
-    # Identities left with fewer faces are dropped (a class needs faces to learn from).
-    min_images_per_identity: int = 2
+    max_angle: float = setting(0.0, range=_ANGLE, doc=(
+        "faces farther than this from their identity's centre are label noise (0: derived per run)"))
+    # Below that, an identity's centre is not trusted.
+    min_images_to_judge: int = setting(5, range="[1, inf)", doc=(
+        "identities with fewer faces keep them unjudged"))
+    # A class needs faces to learn from.
+    min_images_per_identity: int = setting(2, range="[1, inf)", doc=(
+        "identities left with fewer faces are dropped"))
     # Use the model's class centres (dominant sub-centre) instead of the embeddings' robust
     # mean; needs a training checkpoint of a model trained on this dataset's labels. (After
     # two bootstrap epochs the class weights are still far from the faces - clean faces sat
     # beyond 50 deg of them at 50% noise - so the embeddings' mean is the default.)
-    use_model_centres: bool = False
+    use_model_centres: bool = setting(False, doc=(
+        "judge against the model's class centres instead of the embeddings' robust mean"))
     # Search bound for merging (0: twice the median angle of the kept faces to their own
     # centre). Within it, mutual nearest identities merge only when their faces intermix
     # (cleaning/denoise.MergeIdentities): the same person filed under two ids lay 2-11 deg
     # apart on the demo, distinct look-alikes from 19 deg up at 50% noise.
-    merge_max_angle: float = 0.0
+    merge_max_angle: float = setting(0.0, range=_ANGLE, doc=(
+        "search bound for merging identities (0: twice the median angle of the kept faces to their centre)"))
     # ... whose faces cross on average, and whose underlying centres lie within this
     # (cleaning/denoise.true_centre_cos; duplicates 0-2.5 deg on the demo sweep and 8.8 for
     # identities of 6 and 9 faces, look-alikes whose folders hold each other's faces 11.7+,
     # distinct mutual neighbours 26+).
-    merge_same_person_angle: float = 10.0
+    merge_same_person_angle: float = setting(10.0, range=_ANGLE, doc=(
+        "most angle between the underlying centres of two identities merged as one person"))
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
     # have it as their nearest identity, within `overlap_max_angle` of its centre and at most
     # half their angle to any other identity (cleaning/denoise.EvaluationOverlap). 0: the
     # farthest kept face's angle. A fixed 30 let 3 look-alikes in at 50% noise; a radius
     # alone (the kept faces' 90th percentile) missed one of 3 after a second round.
-    overlap_max_angle: float = 0.0
-    overlap_min_faces: int = 3
-    # Optional file of identity ids (one per line) known to be in the evaluation sets.
-    exclude_identities: str = ""
+    overlap_max_angle: float = setting(0.0, range=_ANGLE, doc=(
+        "most angle of an evaluation face to an identity's centre to count for it (0: the farthest kept face's)"))
+    overlap_min_faces: int = setting(3, range="[1, inf)", doc=(
+        "evaluation faces nearest an identity that make it an evaluation person (removed)"))
+    exclude_identities: str = setting("", doc=(
+        "optional file of identity ids (one per line) known to be in the evaluation sets: removed"))
     # `arcface refine`: epochs of the bootstrap model trained on stage-1 data (the rest of
     # its recipe is [train]); then retrain on the refined data when `retrain` is set.
-    bootstrap_epochs: int = 2
+    bootstrap_epochs: int = setting(2, range="[1, inf)", doc="`arcface refine`: epochs of each bootstrap model")
     # Sub-centres per class of the bootstrap model (sub-centre ArcFace, Deng et al. 2020):
     # a mislabelled face can sit at a sub-centre of its own instead of pulling the identity's
     # embedding towards it. Demo at 50% label noise, threshold 50 deg: recall 0.90 with one
     # centre per class, 0.975 with three (benchmarks/results/refinement_sweep.md).
-    bootstrap_subcentres: int = 3
+    bootstrap_subcentres: int = setting(3, range="[1, inf)", doc="sub-centres per class of the bootstrap model")
     # Refinement rounds of `arcface refine` (at most). In round 2 a second bootstrap model is
     # trained on round 1's output - labels mostly clean - and judges the stage-1 faces again:
     # a model trained on data that is largely wrong embeds poorly. 40 small identities at 40%
     # noise: recall 0.92 after one round, 0.99 after two (tests/test_denoise.py).
-    rounds: int = 2
-    # ... run only while the last round found at least this share of the judged faces
-    # mislabelled: its model was trained on that much wrong (demo: 10% label noise -> 10.5%
-    # found, one round; 40% -> 37%, two). 0: always `rounds` rounds.
-    another_round_above: float = 0.2
-    retrain: bool = False
+    rounds: int = setting(2, range="[1, inf)", doc="refinement rounds of `arcface refine` (at most)")
+    # The last round's model was trained on that much wrong (demo: 10% label noise -> 10.5%
+    # found, one round; 40% -> 37%, two).
+    another_round_above: float = setting(0.2, range="[0, 1]", doc=(
+        "another round only while the last found at least this share of the judged faces mislabelled "
+        "(0: always `rounds` rounds)"))
+    retrain: bool = setting(False, doc="`arcface refine`: train on the refined data at the end ([train] recipe)")

@@ -61,12 +61,25 @@ def test_config_show_round_trips_and_names_each_values_origin(tmp_path):
     assert to_toml(again) == to_toml(cfg)
 
 
-def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
-    from pipelines.config import RANGES, Config, numeric_settings, validate
+def test_every_setting_declares_its_values_and_meaning_beside_its_field_and_the_defaults_lie_in_them():
+    """One declaration per setting, beside its dataclass field: a doc for every one, a range
+    for every number, the choices of every value from a fixed set; no table elsewhere."""
+    import pipelines.config as config
+    from pipelines.config import Config, declared_settings, numeric_settings, validate
 
-    names = set(numeric_settings(Config()))
-    assert names - set(RANGES) == set(), "numeric settings without a range in pipelines/config.RANGES"
-    assert set(RANGES) - names == set(), "ranges for settings that do not exist"
+    settings = declared_settings(Config())
+    assert len(settings) > 100 and "margin.arcface.m" in settings and "origins" not in settings
+    for name, (value, declared) in settings.items():
+        assert declared.get("doc"), f"{name} has no doc beside its field"
+        if name in numeric_settings(Config()):
+            assert "range" in declared, f"{name} is a number without a range beside its field"
+        if "choices" in declared:
+            assert value in declared["choices"], f"{name}'s default is not one of its choices"
+    choice_settings = {name for name, (_, declared) in settings.items() if "choices" in declared}
+    assert {"train.amp", "train.channels_last", "train.optimizer", "margin.type", "demo.rec_order"} <= choice_settings
+    assert not hasattr(config, "RANGES")
+    for table in (v for v in vars(config).values() if isinstance(v, dict)):
+        assert not set(table) & set(settings), "a table of settings kept apart from their fields"
     validate(Config())
 
 
@@ -77,6 +90,8 @@ def test_every_numeric_setting_has_a_range_and_the_defaults_lie_in_it():
     ("train.momentum=1", r"train.momentum must be in \[0, 1\)"),
     ("denoise.max_angle=181", r"denoise.max_angle must be in \[0, 180\]"),
     ("margin.arcface.m=-0.1", "margin.arcface.m"),
+    ("margin.combined.m2=3.1416", r"margin.combined.m2 must be in \[0, pi\)"),
+    ("demo.workers=1025", r"demo.workers must be in \[1, 1024\]"),
     ("clean.min_blur=nan", "finite"),
 ])
 def test_values_out_of_range_are_named_with_their_range(override, message):
@@ -91,23 +106,60 @@ def test_values_out_of_range_are_named_with_their_range(override, message):
      "does not split into 8 workers x 4 micro-batches"),
     (["margin.interclass_filtering_threshold=1.0"], r"margin.interclass_filtering_threshold must be in \[0, 1\)"),
     (["train.num_classes=-1"], r"train.num_classes must be in \[0, inf\)"),
+    (["train.epochs=0"], r"train.epochs must be >= 1 \(or set train.max_steps\)"),
+    (["train.compile=true"], "inductor backend crashed on CPU.*aot_eager"),
 ])
 def test_recipe_options_are_checked(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, overrides, environ={})
 
 
+@pytest.mark.parametrize("overrides", [
+    ["train.epochs=0", "train.max_steps=10"],
+    ["train.compile=true", "train.gpu=true"],
+    ["train.compile=true", "train.compile_backend=aot_eager"],
+])
+def test_what_the_rules_between_settings_allow_is_taken(overrides):
+    load_config(None, overrides, environ={})
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.amp=fp8", "train.amp must be one of auto, bf16, fp16, off, got 'fp8'"),
+    ("train.channels_last=yes", "train.channels_last must be one of auto, on, off, got 'yes'"),
+    ("train.optimizer=adam", "train.optimizer must be one of sgd, adamw, got 'adam'"),
+    ("margin.type=arcfce", "margin.type must be one of arcface, cosface, sphereface, combined, got 'arcfce'"),
+    ("demo.rec_order=sorted", "demo.rec_order must be one of index, face2rec2, got 'sorted'"),
+])
+def test_values_out_of_their_choices_are_refused_naming_the_choices(override, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(None, [override], environ={})
+
+
+def test_origins_are_bookkeeping_not_a_setting(tmp_path):
+    from pipelines.config import Config, to_toml
+
+    cfg = load_config(None, ["train.lr=0.05"], environ={})
+    assert cfg.origins == {"train.lr": "--set", "train.storage": "derived from services.state_dir"}
+    assert "origins" not in cfg.to_dict() and "origins" not in to_toml(cfg)
+    assert Config().origins == {} and Config().origins is not Config().origins
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["origins.train=x"], environ={})
+    path = tmp_path / "c.toml"
+    path.write_text('[origins]\n"train.lr" = "x"\n')
+    with pytest.raises(ValueError, match="unknown config section"):
+        load_config(path, environ={})
+
+
 def test_recipe_options_declare_range_and_meaning_beside_the_field():
     import dataclasses
 
-    from pipelines.config import RANGES
     from pipelines.training.config import MarginConfig, TrainConfig
 
     fields = {f"train.{f.name}": f for f in dataclasses.fields(TrainConfig)}
     fields.update({f"margin.{f.name}": f for f in dataclasses.fields(MarginConfig)})
     for name in ("train.warmup_epochs", "train.gradient_accumulation", "train.num_classes", "train.num_images",
                  "margin.interclass_filtering_threshold"):
-        assert RANGES[name] == fields[name].metadata["range"] and fields[name].metadata["doc"]
+        assert fields[name].metadata["range"] and fields[name].metadata["doc"]
     cfg = load_config(None, ["train.warmup_epochs=2", "train.gradient_accumulation=2"], environ={})
     assert cfg.train.warmup_steps_for(100) == 200 and cfg.train.warmup_epochs == 2.0
 

@@ -7,42 +7,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from arcface_core.settings import WORKERS, setting
+
+_SHARE = "[0, 1]"
+_COUNT = "[0, inf)"
+
 
 @dataclass
 class DemoConfig:
-    identities: int = 300
-    images_per_identity: int = 30
-    seed: int = 0
-    image_size: int = 250
-    # Share of images filed under the wrong identity (MS-Celeb-1M has far more; 10% is enough
-    # to measure whether de-noising finds it).
-    label_noise: float = 0.10
-    # Where a mislabelled image comes from: 0 = any other identity (uniform noise); k = one of
-    # the k identities that look most like the filed one (concentrated, confusable noise: the
-    # look-alikes and co-stars of web-crawled celebrity photos).
-    noise_sources: int = 0
-    # Identity sizes: each identity gets a number of image slots drawn uniformly from
-    # [images_per_identity_min, images_per_identity]; 0 = every identity gets
-    # images_per_identity. Web datasets mix many small identities with a few large ones.
-    images_per_identity_min: int = 0
-    exact_duplicate: float = 0.02
-    near_duplicate: float = 0.02
-    undecodable: float = 0.01
-    zero_byte: float = 0.005
-    no_face: float = 0.01
-    tiny_face: float = 0.01
-    blurred: float = 0.01
-    # Identities filed twice under two ids (the paper merges such identities).
-    duplicate_identities: int = 2
-    # Training identities that also appear in the evaluation pair set (must be removed).
-    eval_overlap_identities: int = 3
-    # Held-out identities used to build the evaluation pair set.
-    eval_identities: int = 40
-    eval_pairs: int = 600
-    # Subjects of the synthetic IJB-C-style set written beside the raw data (ijb/IJBC; 0: none).
-    ijb_subjects: int = 24
-    # How the insightface-rec layout lists its records: "index" (header, images, identity
-    # records) or "face2rec2" (images, then header and identity records, as insightface's
-    # face2rec2.py writes train.rec/.idx).
-    rec_order: str = "index"
-    workers: int = 2
+    identities: int = setting(300, range="[1, inf)", doc="identities of the training part")
+    images_per_identity: int = setting(30, range="[1, inf)", doc=(
+        "image slots per identity (the most, with images_per_identity_min)"))
+    seed: int = setting(0, range=_COUNT, doc="random seed: the same seed writes the same dataset")
+    image_size: int = setting(250, range="[64, 4096]", doc="side of each rendered photo, in pixels")
+    # MS-Celeb-1M has far more; 10% is enough to measure whether de-noising finds it.
+    label_noise: float = setting(0.10, range=_SHARE, doc="share of images filed under the wrong identity")
+    # Uniform noise vs the look-alikes and co-stars of web-crawled celebrity photos.
+    noise_sources: int = setting(0, range=_COUNT, doc=(
+        "where a mislabelled image comes from: 0 = any other identity; k = one of the k identities "
+        "that look most like the filed one (concentrated, confusable noise)"))
+    # Web datasets mix many small identities with a few large ones.
+    images_per_identity_min: int = setting(0, range=_COUNT, doc=(
+        "each identity gets a number of image slots drawn uniformly from [images_per_identity_min, "
+        "images_per_identity]; 0 = every identity gets images_per_identity"))
+    exact_duplicate: float = setting(0.02, range=_SHARE, doc=(
+        "share of images that are byte-identical copies of another"))
+    near_duplicate: float = setting(0.02, range=_SHARE, doc=(
+        "share of images that are re-encoded, rescaled or shifted copies"))
+    undecodable: float = setting(0.01, range=_SHARE, doc="share of files that are not decodable images")
+    zero_byte: float = setting(0.005, range=_SHARE, doc="share of empty files")
+    no_face: float = setting(0.01, range=_SHARE, doc="share of photos without a face")
+    tiny_face: float = setting(0.01, range=_SHARE, doc="share of photos whose face is too small to keep")
+    blurred: float = setting(0.01, range=_SHARE, doc="share of photos blurred (too blurred to keep)")
+    # The paper merges such identities.
+    duplicate_identities: int = setting(2, range=_COUNT, doc="identities filed twice, under two ids")
+    eval_overlap_identities: int = setting(3, range=_COUNT, doc=(
+        "training identities that also appear in the evaluation pair set (must be removed)"))
+    eval_identities: int = setting(40, range=_COUNT, doc="held-out identities the evaluation pair set is built from")
+    eval_pairs: int = setting(600, range=_COUNT, doc="pairs in the evaluation pair set")
+    ijb_subjects: int = setting(24, range=_COUNT, doc=(
+        "subjects of the synthetic IJB-C-style set written beside the raw data (ijb/IJBC; 0: none)"))
+    # As cleaning/formats/recordio.ORDERS (which imports numpy: too heavy to load here).
+    rec_order: str = setting("index", choices=("index", "face2rec2"), doc=(
+        "how the insightface-rec layout lists its records: index (header, images, identity records) "
+        "or face2rec2 (images, then header and identity records, as insightface's face2rec2.py writes)"))
+    workers: int = setting(2, range=WORKERS, doc="processes rendering the photos")

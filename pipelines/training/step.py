@@ -34,7 +34,6 @@ INIT_BLOCK = 4096  # centre initialisation is seeded per block of classes: same 
 
 def build_margin(cfg: MarginConfig) -> MarginSoftmax:
     """The one place a margin is built from config: each margin from its own section."""
-    cfg.validate()
     s, st, fil = cfg.scale, cfg.straight_through, cfg.interclass_filtering_threshold
     if cfg.type == "arcface":
         return ArcFace(s, cfg.arcface.m, straight_through=st, interclass_filtering_threshold=fil)
@@ -163,9 +162,7 @@ class Trainee:
         self.ddp = self.model if world > 1 else None  # its no_sync() skips the all-reduce of early micro-batches
         # Compiled lazily on the first step; that step's wall time is reported as compile time.
         if cfg.compile:
-            if device.type == "cpu" and cfg.compile_backend == "inductor":
-                raise ValueError("train.compile with the inductor backend crashed on CPU builds of torch 2.13 "
-                                 "(double free); on CPU set train.compile_backend = \"aot_eager\", or compile on GPUs")
+            cfg.check_compile_backend(on_cpu=device.type == "cpu")
             self.model = torch.compile(self.model, backend=cfg.compile_backend)
         self.compile_seconds: float | None = None
         self.opt_backbone = make_optimizer(cfg, [p for p in self.backbone.parameters() if p.requires_grad], device)
