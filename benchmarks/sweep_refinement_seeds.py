@@ -102,7 +102,8 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     return {"demo": dataclasses.asdict(demo), "times": times, "summary": summarise(score, truth, result),
             "stage2_score": score, "counts": manifest["counts"], "stage2": stage2,
             "rounds": rounds_run(work / "refined"),
-            "mistakes": mistakes(result, truth, cfg.denoise, stage2["angle_histogram"]["threshold_deg"])}
+            "mistakes": mistakes(result, truth, cfg.denoise, stage2["angle_histogram"]["threshold_deg"],
+                                 stage2["steps"].get("evaluation_overlap", {}))}
 
 
 def rounds_run(refined: Path) -> dict:
@@ -132,7 +133,7 @@ def summarise(score: dict, truth: dict, result) -> dict:
             "clean_kept": score["clean_kept"]}
 
 
-def mistakes(result, truth: dict, denoise_cfg, threshold: float) -> dict:
+def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: dict) -> dict:
     """Where stage 2 went wrong, per identity: mislabelled faces kept (recall), clean faces
     dropped as noise (precision), with each one's angle to its identity's centre as the final
     model judged it, and which person the identity's kept faces mostly show (an identity whose
@@ -196,6 +197,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float) -> dict:
                      "clean_dropped_angles": sorted(ident["clean_dropped_angles"]),
                      "overlap": name in overlap, "duplicate": name in dups})
     rows.sort(key=lambda r: -(r["noise_kept"] + r["clean_dropped"]))
+    evidence = overlap_evidence(result, judged, sorted(overlap), overlap_step)
     kept_angles = [a for r in rows for a in r["noise_kept_angles"]]
     return {"recomputed_threshold_deg": round(float(step.threshold), 2), "manifest_threshold_deg": threshold,
             "noise_kept_total": sum(r["noise_kept"] for r in rows),
@@ -203,7 +205,44 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float) -> dict:
             "noise_kept_within_5deg_of_threshold": sum(1 for a in kept_angles if a >= threshold - 5),
             "noise_kept_angle_quartiles": [round(q, 1) for q in (statistics.quantiles(kept_angles, n=4)
                                                                  if len(kept_angles) >= 2 else kept_angles)],
-            "identities": rows}
+            "identities": rows, "overlap_evidence": evidence}
+
+
+def overlap_evidence(result, judged, overlap_ids: list[str], overlap_step: dict) -> dict:
+    """Per evaluation-overlap identity, the evidence EvaluationOverlap weighs (the manifest
+    keeps only the identities it found): of the evaluation faces nearest its centre, how many
+    lie within the step's angle, how many pass the ratio test, both (>= min_faces removes it).
+    Approximate: centres of the faces kept by the intra-class step, before merges."""
+    import numpy as np
+    import torch
+
+    from cleaning.denoise import group_centres, nearest
+    from pipelines.denoise import evaluation_faces
+    from pipelines.models import load_embedder
+
+    faces = evaluation_faces(result.stage1)
+    if not len(faces) or not overlap_step:
+        return {}
+    eval_emb = load_embedder(result.bootstrap_checkpoint).embedder(faces, True)
+    num = int(judged.groups.max()) + 1
+    centres, counts = group_centres(judged.embeddings, torch.from_numpy(judged.groups.astype(np.int64)),
+                                    torch.from_numpy(judged.kept), num)
+    present = np.flatnonzero(counts.numpy() > 0)
+    closest, angle, second = nearest(eval_emb, centres.numpy()[present], second=True)
+    group_of = dict(zip(judged.identities.tolist(), judged.groups.tolist()))
+    max_angle, max_ratio = overlap_step["max_angle"], overlap_step["max_ratio"]
+    out = {}
+    for name in overlap_ids:
+        hit = np.flatnonzero(present[closest] == group_of.get(name, -1))
+        ratio = angle[hit] / np.maximum(second[hit], 1e-6)
+        out[name] = {"nearest": int(len(hit)), "within_angle": int((angle[hit] <= max_angle).sum()),
+                     "pass_ratio": int((ratio <= max_ratio).sum()),
+                     "counted": int(((angle[hit] <= max_angle) & (ratio <= max_ratio)).sum()),
+                     # the 8 faces that speak most for it (lowest ratio): angle, ratio
+                     "best_faces": [[round(float(angle[hit][i]), 1), round(float(ratio[i]), 2)]
+                                    for i in np.argsort(ratio)[:8]],
+                     "found_by_stage2": name in overlap_step.get("identities_by_embedding", [])}
+    return out
 
 
 
