@@ -78,7 +78,11 @@ def test_sphereface_lambda_follows_the_schedule():
 
 
 @pytest.mark.parametrize("override, message", [
-    (["margin.type=arcfce"], "margin.type must be one of"),
+    (["margin.type=arcfce"], "margin.type must be one of arcface, cosface, sphereface, combined, got 'arcfce'"),
+    (["margin.arcface.m=3.2"], r"margin.arcface.m must be in \[0, pi\), got 3.2"),
+    (["margin.cosface.m=2"], r"margin.cosface.m must be in \[0, 2\)"),
+    (["margin.sphereface.m=11"], r"margin.sphereface.m must be in \[1, 10\]"),
+    (["margin.combined.m1=0.5"], r"margin.combined.m1 must be in \[1, 10\]"),
     (["margin.arcface.x=1"], "unknown key 'margin.arcface.x'"),
     (["margin.sphereface.m=0.5"], "should be int"),
     (["margin.scale=nan"], "finite"),
