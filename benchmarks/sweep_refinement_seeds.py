@@ -39,8 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cleaning.synthetic.score import _norm_key, outcomes, score_stage2  # noqa: E402
-from pipelines.config import load_config  # noqa: E402
+from cleaning.synthetic.score import _norm_key, outcomes, score_stage2
+from pipelines.config import load_config
 
 # Seeds the committed refinement sweeps (benchmarks/results/refinement_sweep*.json: 0, 1) and
 # tests/test_denoise.py (5) were tuned on: a sweep of unseen draws leaves them out.
@@ -68,9 +68,9 @@ def source_commit() -> str:
     if stamp.exists():
         return stamp.read_text().strip()
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "cleaning", "pipelines",
-                                "dataset", "arcface_core", "configs"], capture_output=True, text=True).stdout
+                                "dataset", "arcface_core", "configs"], capture_output=True, text=True, check=False).stdout
         return head.strip() + (" + uncommitted changes" if dirty.strip() else "")
     except OSError:
         return "unknown"
@@ -181,6 +181,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
             ident["clean_dropped"] += 1
             ident["clean_dropped_angles"].append(a)
     overlap, dups = set(truth["eval_overlap_identities"]), {i for p in truth["duplicate_identities"] for i in p}
+    same_person = {frozenset(p) for p in truth["duplicate_identities"]}
     rows = []
     for name, ident in sorted(per_id.items()):
         if not (ident["noise_kept"] or ident["clean_dropped"] or name in overlap):
@@ -191,7 +192,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
                      "kept": sum(ident["kept_people"].values()),
                      "kept_mostly": top[0][0] if top else None,
                      "kept_mostly_share": round(top[0][1] / sum(ident["kept_people"].values()), 3) if top else 0,
-                     "taken_over": bool(top) and top[0][0] != name,
+                     "taken_over": bool(top) and top[0][0] != name and frozenset((name, top[0][0])) not in same_person,
                      "noise_kept_from": dict(ident["noise_kept_from"].most_common()),
                      "noise_kept_angles": sorted(ident["noise_kept_angles"]),
                      "clean_dropped_angles": sorted(ident["clean_dropped_angles"]),
@@ -235,7 +236,7 @@ def overlap_evidence(result, judged, overlap_ids: list[str], overlap_step: dict)
     for name in overlap_ids:
         hit = np.flatnonzero(present[closest] == group_of.get(name, -1))
         ratio = angle[hit] / np.maximum(second[hit], 1e-6)
-        out[name] = {"nearest": int(len(hit)), "within_angle": int((angle[hit] <= max_angle).sum()),
+        out[name] = {"nearest": len(hit), "within_angle": int((angle[hit] <= max_angle).sum()),
                      "pass_ratio": int((ratio <= max_ratio).sum()),
                      "counted": int(((angle[hit] <= max_angle) & (ratio <= max_ratio)).sum()),
                      # the 8 faces that speak most for it (lowest ratio): angle, ratio
@@ -259,16 +260,20 @@ def sweep(args, command: str) -> None:
     for identities, per_identity, level, kind, seed in planned(args):
         name = case_name(identities, per_identity, level, kind, seed)
         record_path = work / f"{name}.json"
-        if record_path.exists() and "error" not in json.loads(record_path.read_text()):
-            print(f"{name}: done before, skipped", flush=True)
-            continue
+        if record_path.exists():
+            before = json.loads(record_path.read_text())
+            if before.get("overrides", []) != args.set:  # case names do not carry the overrides
+                sys.exit(f"{record_path} was made with --set {before.get('overrides')}: give this sweep its own --work")
+            if "error" not in before:
+                print(f"{name}: done before, skipped", flush=True)
+                continue
         record_path.parent.mkdir(parents=True, exist_ok=True)
         record = {"identities": identities, "images_per_identity": per_identity, "label_noise": level,
                   "kind": kind, "seed": seed, "overrides": args.set, "command": command, "code": source_commit()}
         started = time.perf_counter()
         try:
             record.update(run_case(args, level, kind, seed, work / name))
-        except Exception:  # a crash on one draw is a finding: recorded, the sweep goes on
+        except Exception:  # noqa: BLE001 - a crash on one draw is a finding: recorded, the sweep goes on
             record["error"] = traceback.format_exc()
         record["wall_s"] = round(time.perf_counter() - started, 1)
         record_path.write_text(json.dumps(record, indent=1))
@@ -306,7 +311,7 @@ def tabulate(cases: list[dict]) -> list[dict]:
             groups[(c["identities"], c["images_per_identity"], c["label_noise"], c["kind"])].append(c)
     rows = []
     for (identities, per_identity, level, kind), group in sorted(groups.items()):
-        def values(f):
+        def values(f, group=group):
             return [(f(c["summary"]), c["seed"]) for c in group]
         rows.append({
             "identities": identities, "images_per_identity": per_identity, "label_noise": level, "kind": kind,
@@ -316,6 +321,7 @@ def tabulate(cases: list[dict]) -> list[dict]:
             "false_merges": _spread(values(lambda s: s["false_merges"]), "max"),
             "missed_merges": _spread(values(lambda s: s["missed_merges"]), "max"),
             "overlap_kept": _spread(values(lambda s: len(s["overlap_kept"])), "max"),
+            "one_round_seeds": sorted(c["seed"] for c in group if c["rounds"]["rounds"] == 1),
         })
     return rows
 
@@ -332,14 +338,20 @@ def _case_row(c: dict) -> str:
         return (f"| {c['identities']}x{c['images_per_identity']} | {c['label_noise']:g} | {c['kind']} | {c['seed']} "
                 f"| failed: {c['error'].strip().splitlines()[-1][:80]} | | | | | | | | |")
     s, m = c["summary"], c["mistakes"]
-    taken = [r["identity"] for r in m["identities"] if r["taken_over"]]
+    same_person = {frozenset(p) for p in c["stage2_score"]["duplicate_identities"]["truth"]}
+    # A duplicate identity's faces show the person it duplicates: not a take-over.
+    taken = [r["identity"] for r in m["identities"]
+             if r["taken_over"] and frozenset((r["identity"], r["kept_mostly"])) not in same_person]
+    rows = {r["identity"]: r for r in m["identities"]}
+    # An overlap identity whose kept faces are all a look-alike's leaks no evaluation person.
+    overlap = [f"{i} ({rows[i]['kept'] - rows[i]['noise_kept']} own)" if i in rows else i for i in s["overlap_kept"]]
     rounds = c["rounds"]
     shares = ", ".join(f"{r['share_found']:.2f}" for r in rounds["earlier_rounds"]) or "-"
     return (f"| {c['identities']}x{c['images_per_identity']} | {c['label_noise']:g} | {c['kind']} | {c['seed']} "
             f"| {s['precision']:.4f} | {s['recall']:.4f} ({s['noise_reached'] - s['noise_caught']} kept) "
             f"| {s['false_merges']}" + (f" ({s['false_merges_of_one_person']} of one person)"
                                         if s['false_merges_of_one_person'] else "")
-            + f" | {s['missed_merges']} | {', '.join(s['overlap_kept']) or '-'} "
+            + f" | {s['missed_merges']} | {', '.join(overlap) or '-'} "
             f"| {c['stage2']['angle_histogram']['threshold_deg']:.1f} | {rounds['rounds']} ({shares}) "
             f"| {', '.join(taken) or '-'} | {c['wall_s']:.0f} |")
 
@@ -350,6 +362,8 @@ def _cell(spread: dict, digits: int) -> str:
 
 
 def _worst(spread: dict, digits: int) -> str:
+    if not digits and spread["worst"] == 0:
+        return "0"  # no seed went wrong: no seeds to name
     v = f"{spread['worst']:.{digits}f}" if digits else f"{spread['worst']:g}"
     return f"{v} (seed {', '.join(map(str, spread['worst_seeds']))})"
 
@@ -385,29 +399,31 @@ def report(args, command: str) -> None:
           f"Table command: `{command}`  ",
           f"Code: {', '.join(codes)}; machine: {record['machine']}; config overrides: {', '.join(args.set) or 'none'}.",
           "", status, "",
-          "Each case: `arcface demo-data --identities I --images-per-identity P --seed S --set demo.label_noise=L` "
-          "(confusable: `--set demo.noise_sources=3`, each mislabelled face shows one of the identity's 3 look-alikes; "
-          "uniform: anyone), then `arcface refine --config configs/demo-train.toml`, scored by "
-          "cleaning/synthetic/score.py. Precision and recall of label noise over the faces that reached stage 2; "
-          "false merges: merged label groups that are not an injected duplicate pair; missed merges: injected "
-          "duplicate pairs left apart; overlap kept: evaluation-overlap identities with kept faces. "
-          "Cells: min / median / max over seeds; worst: the worst value and the seeds that gave it.", "",
-          "| size | noise | kind | seeds | precision | worst precision | recall | worst recall | false merges "
-          "| worst | missed merges | worst | overlap kept | worst | issue bar |",
-          "|---|---:|---|---:|---|---|---|---|---|---|---|---|---|---|---|"]
+          ("Each case: `arcface demo-data --identities I --images-per-identity P --seed S --set demo.label_noise=L` "
+           "(confusable: `--set demo.noise_sources=3`, each mislabelled face shows one of the identity's 3 look-alikes; "
+           "uniform: anyone), then `arcface refine --config configs/demo-train.toml`, scored by "
+           "cleaning/synthetic/score.py. Precision and recall of label noise over the faces that reached stage 2; "
+           "false merges: merged label groups that are not an injected duplicate pair; missed merges: injected "
+           "duplicate pairs left apart; overlap kept: evaluation-overlap identities with kept faces. "
+           "Cells: min / median / max over seeds; worst: the worst value and the seeds that gave it."), "",
+          ("| size | noise | kind | seeds | precision | worst precision | recall | worst recall | false merges "
+           "| worst | missed merges | worst | overlap kept | worst | one round only | issue bar |"),
+          "|---|---:|---|---:|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['identities']}x{r['images_per_identity']} | {r['label_noise']:g} | {r['kind']} "
                   f"| {len(r['seeds'])} | {_cell(r['precision'], 4)} | {_worst(r['precision'], 4)} "
                   f"| {_cell(r['recall'], 4)} | {_worst(r['recall'], 4)} | {_cell(r['false_merges'], 0)} "
                   f"| {_worst(r['false_merges'], 0)} | {_cell(r['missed_merges'], 0)} | {_worst(r['missed_merges'], 0)} "
                   f"| {_cell(r['overlap_kept'], 0)} | {_worst(r['overlap_kept'], 0)} "
+                  f"| {', '.join(f'seed {x}' for x in r['one_round_seeds']) or '-'} "
                   f"| {'met' if meets_bar(r) else 'not met'} |")
     md += ["", "## Every case", "",
-           "Threshold: stage 2's intra-class angle (deg); rounds: how many ran (the share of judged faces each "
-           "earlier round found mislabelled, which decided another round); taken over: identities whose kept faces "
-           "mostly show another person.", "",
-           "| size | noise | kind | seed | precision | recall (mislabelled kept) | false merges | missed merges "
-           "| overlap kept | threshold | rounds | taken over | wall s |",
+           ("Threshold: stage 2's intra-class angle (deg); rounds: how many ran (the share of judged faces each "
+            "earlier round found mislabelled, which decided another round); taken over: identities whose kept faces "
+            "mostly show another person; overlap kept: each with how many of its kept faces show its own person "
+            "(0: taken over by a look-alike, no evaluation person leaks)."), "",
+           ("| size | noise | kind | seed | precision | recall (mislabelled kept) | false merges | missed merges "
+            "| overlap kept | threshold | rounds | taken over | wall s |"),
            "|---|---:|---|---:|---:|---|---|---:|---|---:|---|---|---:|",
            *[_case_row(c) for c in sorted(cases, key=lambda c: (c["identities"], c["label_noise"], c["kind"],
                                                                   c["seed"]))], ""]
@@ -436,7 +452,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every case (demo.*, denoise.*, train.*), as `arcface --set`")
     ap.add_argument("--work", default="/tmp/refinement_seed_sweep",
-                    help="one JSON per finished case (resume), and the running case's data")
+                    help="one JSON per finished case (resume), and the running case's data; one folder per --set")
     ap.add_argument("--results-name", default="refinement_seed_sweep", help="file stem under --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished cases under --work")
