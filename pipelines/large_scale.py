@@ -298,12 +298,12 @@ def verify(spaces: list[PairSpace], fars, runner=None, topk_limit: int = TOPK_LI
     def run(pass_plan):
         jobs = [(a, la, b, lb, pass_plan, diagonal, s.impostors, tile_elements)
                 for s in spaces for a, la, b, lb, diagonal in s.block_pairs()]
-        merged = core.VerificationPartial()
+        merged = core.VerificationMerge(pass_plan.top_k)
         for part in runner.map(_verification_task, jobs):
-            merged.merge(part, pass_plan.top_k)
+            merged.add(part)
         stats.tasks += len(jobs)
         stats.passes += 1
-        return merged
+        return merged.partial()
 
     merged = run(plan)
     if merged.impostors != impostors:
