@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_large_scale_memory import Sampler  # noqa: E402
 from scaling import growth_exponents, measure_in_process, report  # noqa: E402
 
 TRILLION_PAIRS_IMAGES = 1_580_000
@@ -80,11 +81,12 @@ def run_one(n: int, workers: int, block: int, dim: int, fars: list[float], work:
                           fmt="npy", first_shard=start // block)
     _reset_peak_rss()
     fs = ls.open_features(str(work), block)
-    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:
         stats = ls.EngineStats()
         start = time.perf_counter()
-        result = ls.verify([ls.PairSpace(fs)], fars, runner=ls.RayRunner(cpus=1), stats=stats)
+        with Sampler() as sampler:  # the driver's heap apart from the object-store pages it maps
+            result = ls.verify([ls.PairSpace(fs)], fars, runner=ls.RayRunner(cpus=1), stats=stats)
         seconds = time.perf_counter() - start
         workers_peak = max((peak_rss_mib(c.pid) for c in psutil.Process().children(recursive=True)), default=0)
     finally:
@@ -92,6 +94,9 @@ def run_one(n: int, workers: int, block: int, dim: int, fars: list[float], work:
     return {"n": n, "workers": workers, "block": block, "pairs": stats.pairs, "tasks": stats.tasks,
             "passes": stats.passes, "seconds": round(seconds, 2), "pairs_per_s": stats.pairs / seconds,
             "pairs_per_s_per_worker": stats.pairs / seconds / workers, "driver_peak_mib": peak_rss_mib(),
+            "driver_anon_peak_mib": round(sampler.peak["RssAnon"]),
+            "driver_shmem_peak_mib": round(sampler.peak["RssShmem"]),
+            "object_store_peak_mib": sampler.store_peak[0],
             "worker_peak_mib": workers_peak, "impostors": result.impostors, "genuine": result.genuine,
             "tar": {f"{k:g}": v for k, v in result.tar.items()}}
 
@@ -153,16 +158,22 @@ def markdown(s: dict, args) -> str:
              f"Blocks of {args.block} rows as .npy shards on local disk; one Ray task per block pair (i <= j), one "
              f"CPU and one torch thread each; FARs {', '.join(f'{f:g}' for f in args.far)} (one pass: every order "
              "statistic within the top-k limit). Peak RSS is VmHWM: the driver's after the features were written, "
-             "and the largest of any Ray process.", "",
-             "| N | workers | pairs | tasks | seconds | pairs/s | pairs/s/worker | driver peak MiB | worker peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "and the largest of any Ray process. VmHWM counts the pages of Ray's object store a process has "
+             "mapped (results are read zero-copy), so the driver's own memory is given apart: its RssAnon (heap) "
+             "and RssShmem (object-store pages) peaks, sampled every 20 ms, and the most the store held "
+             "(benchmarks/bench_large_scale_memory.py).", "",
+             "| N | workers | pairs | tasks | seconds | pairs/s | pairs/s/worker | driver peak MiB | "
+             "driver heap / store pages MiB | store peak MiB | worker peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in s["rows"]:
         if "failed" in r:
-            lines.append(f"| {r['n']:,} | {r['workers']} | failed: {r['failed'][:120]} | | | | | | |")
+            lines.append(f"| {r['n']:,} | {r['workers']} | failed: {r['failed'][:120]} | | | | | | | | |")
             continue
+        split = (f"{r['driver_anon_peak_mib']} / {r['driver_shmem_peak_mib']} | {r['object_store_peak_mib']:.0f}"
+                 if "driver_anon_peak_mib" in r else "not measured | not measured")
         lines.append(f"| {r['n']:,} | {r['workers']} | {r['pairs']:.3g} | {r['tasks']} | {r['seconds']:.1f} | "
                      f"{r['pairs_per_s']:.3g} | {r['pairs_per_s_per_worker']:.3g} | {r['driver_peak_mib']} | "
-                     f"{r['worker_peak_mib']} |")
+                     f"{split} | {r['worker_peak_mib']} |")
     lines += ["", f"This machine's one-thread float32 matmul (4096x512 by 512x4096): "
                   f"{s['matmul_pairs_per_s_one_thread']:.3g} scores/s.", ""]
     for w, g in s["growth"].items():

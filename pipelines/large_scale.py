@@ -6,10 +6,11 @@ into blocks of at most `block_size` rows that never straddle a shard. Verificati
 task per block pair (i <= j all-to-all; every pair probes x gallery): the task reads its two
 blocks, scores them in tiles (`arcface_core.large_scale.reduce_verification_block`) and
 returns the block's genuine scores, its impostor top-k and, for FARs whose k is too large
-to keep, a 65,536-bin histogram; the driver merges as results arrive. A second pass runs
-only when a FAR needs the histogram refined. Identification runs one task per (probe block,
-gallery block) and merges per-probe top-k lists. Memory per task: two blocks plus one tile
-of scores, whatever N is. Tasks are Ray tasks (`num_gpus=1` with `gpu=True`) when Ray is
+to keep, a 65,536-bin histogram; the driver merges as results arrive (`core.VerificationMerge`,
+whose memory is one top-k buffer and the genuine scores, whatever the number of tasks). A
+second pass runs only when a FAR needs the histogram refined. Identification runs one task
+per (probe block, gallery block) and merges per-probe top-k lists. Memory per task: two
+blocks plus one tile of scores, whatever N is. Tasks are Ray tasks (`num_gpus=1` with `gpu=True`) when Ray is
 initialised, or run in the driver (`LocalRunner`) otherwise.
 
 The protocol adapters read each release's layout (see `load_megaface`, `load_trillion_pairs`,
