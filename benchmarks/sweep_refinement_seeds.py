@@ -28,6 +28,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -381,7 +382,7 @@ def report(args, command: str) -> None:
     record = {"report_command": command, "sweep_commands": commands, "code": codes,
               "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, {platform.python_version()}, "
                          f"torch {torch.__version__}",
-              "overrides": args.set, "planned": [list(p) for p in planned(args)],
+              "overrides": args.set, "note": args.note, "planned": [list(p) for p in planned(args)],
               "missing": [list(p) for p in missing], "table": rows,
               "cases": [{k: c[k] for k in ("identities", "images_per_identity", "label_noise", "kind", "seed",
                                            "summary", "rounds", "times", "wall_s") if k in c}
@@ -398,7 +399,7 @@ def report(args, command: str) -> None:
           *[f"Sweep command: `{c}`  " for c in commands],
           f"Table command: `{command}`  ",
           f"Code: {', '.join(codes)}; machine: {record['machine']}; config overrides: {', '.join(args.set) or 'none'}.",
-          "", status, "",
+          "", status, "", *([args.note, ""] if args.note else []),
           ("Each case: `arcface demo-data --identities I --images-per-identity P --seed S --set demo.label_noise=L` "
            "(confusable: `--set demo.noise_sources=3`, each mislabelled face shows one of the identity's 3 look-alikes; "
            "uniform: anyone), then `arcface refine --config configs/demo-train.toml`, scored by "
@@ -456,8 +457,9 @@ def main():
     ap.add_argument("--results-name", default="refinement_seed_sweep", help="file stem under --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished cases under --work")
+    ap.add_argument("--note", default="", help="a paragraph for the table's page: why this sweep, what it left out")
     args = ap.parse_args()
-    command = "python benchmarks/sweep_refinement_seeds.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/sweep_refinement_seeds.py " + shlex.join(sys.argv[1:])
     if not args.report_only:
         sweep(args, command)
     report(args, command)
