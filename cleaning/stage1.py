@@ -52,6 +52,33 @@ class PartitionSettings:
     config_digest: str = ""
 
 
+@dataclass
+class PartitionCounts:
+    """What stage 1 made of one partition. The worker writes it last (as JSON: its presence
+    marks the partition done) and returns it; the driver sums them into the manifest."""
+
+    partition: int
+    read: int
+    kept: int
+    rejected: int  # read == kept + rejected
+    reasons: dict[str, int]  # "stage/reason" -> records rejected for it
+    steps: dict[str, dict]  # step name -> {"kept": n, "dropped": {reason: n}}
+    worker: str  # the Dask worker that made it ("driver" for a partition rejected whole)
+    fingerprint: str  # what made it (see `fingerprint`): a rerun reuses it only when equal
+    peak_rss_mib: int = 0  # the worker process's peak resident memory when it finished
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PartitionCounts | None":
+        """None for a file this code did not write (an older layout): the partition is redone."""
+        try:
+            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        except TypeError:
+            return None
+
+
 def get_detector(min_face: int, device: str):
     """One MTCNN per worker process (weights load once)."""
     import torch
@@ -229,12 +256,13 @@ def fingerprint(part: Partition, cfg: PartitionSettings) -> str:
     return hashlib.sha256(f"{spec}|{input_stamp(part)}|{cfg.config_digest}".encode()).hexdigest()
 
 
-def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings, out: RefinedDataset) -> dict:
+def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
+                      out: RefinedDataset) -> PartitionCounts:
     uris = staged_uris(out, part.index)
     stamp = fingerprint(part, cfg)
     if storage.exists(uris["counts"]):  # finished on an earlier run: reused only if made from the same
-        done = shards.read_json(uris["counts"])
-        if done.get("fingerprint") == stamp:
+        done = PartitionCounts.from_json(shards.read_json(uris["counts"]))
+        if done is not None and done.fingerprint == stamp:
             return done
     chain = copy.deepcopy(steps)
     tables = _Tables(cfg.jpeg_quality)
@@ -261,22 +289,17 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
                 chunk, pixels = [], 0
         _finish_chunk(chunk, chain, cfg, tables)
     kept, rejects = tables.tables()
-    counts = {
-        "partition": part.index, "read": read, "kept": kept.num_rows, "rejected": rejects.num_rows,
-        "reasons": dict(Counter(zip(rejects.column("stage").to_pylist(), rejects.column("reason").to_pylist()))
-                        .most_common()) if rejects.num_rows else {},
-        "steps": {s.name: s.counts() for s in chain.all()},
-        "worker": _worker_name(),
-        "fingerprint": stamp,
-        "peak_rss_mib": peak_rss_mib(),
-    }
-    counts["reasons"] = {f"{stage}/{reason}": n for (stage, reason), n in counts["reasons"].items()}
+    reasons = Counter(f"{stage}/{reason}" for stage, reason in zip(rejects.column("stage").to_pylist(),
+                                                                    rejects.column("reason").to_pylist()))
+    counts = PartitionCounts(partition=part.index, read=read, kept=kept.num_rows, rejected=rejects.num_rows,
+                             reasons=dict(reasons.most_common()), steps={s.name: s.counts() for s in chain.all()},
+                             worker=_worker_name(), fingerprint=stamp, peak_rss_mib=peak_rss_mib())
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
         raise RuntimeError(f"partition {part.index}: read {read} != kept {kept.num_rows} + rejected {rejects.num_rows}")
     shards.write_table(uris["kept"], kept, cfg.row_group_rows)
     # Small row groups: a rejects file holds raw photos, and the report reads a few rows of it.
     shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
-    shards.write_json(uris["counts"], counts)  # last: marks the partition done
+    shards.write_json(uris["counts"], counts.to_json())  # last: marks the partition done
     return counts
 
 
@@ -286,7 +309,7 @@ def count_records(part: Partition) -> int:
 
 
 def reject_partition(part: Partition, cfg: PartitionSettings, out: RefinedDataset, stage: str, reason: str,
-                     detail: str) -> dict:
+                     detail: str) -> PartitionCounts:
     """Stage a partition whose records are all rejected without being processed (the
     record a worker died on, once bisection has isolated it); its bytes are kept as any
     reject's are (capped)."""
@@ -299,10 +322,10 @@ def reject_partition(part: Partition, cfg: PartitionSettings, out: RefinedDatase
         face.detail = f"{raw.source}: {detail}"
         tables.reject(face, stage, reason)
     kept, rejects = tables.tables()
-    counts = {"partition": part.index, "read": read, "kept": 0, "rejected": rejects.num_rows,
-              "reasons": {f"{stage}/{reason}": rejects.num_rows} if read else {}, "steps": {}, "worker": "driver",
-              "fingerprint": fingerprint(part, cfg)}
+    counts = PartitionCounts(partition=part.index, read=read, kept=0, rejected=rejects.num_rows,
+                             reasons={f"{stage}/{reason}": rejects.num_rows} if read else {}, steps={},
+                             worker="driver", fingerprint=fingerprint(part, cfg))
     shards.write_table(uris["kept"], kept, cfg.row_group_rows)
     shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
-    shards.write_json(uris["counts"], counts)
+    shards.write_json(uris["counts"], counts.to_json())
     return counts

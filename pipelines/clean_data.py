@@ -24,7 +24,9 @@ import pyarrow.compute as pc
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from cleaning import readers
-from cleaning.stage1 import PartitionSettings, process_partition, staged_uris
+from cleaning.readers import Partition
+from cleaning.stage1 import (PartitionCounts, PartitionSettings, count_records, process_partition, reject_partition,
+                             staged_uris)
 from cleaning.steps import (INTERNAL_ERROR, Align, Blur, Decode, Detected, DetectionScore, ExactDuplicate, FaceSize,
                             NearDuplicate, RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
@@ -141,30 +143,15 @@ _FAILURE_DETAIL = {"worker_lost": "the worker processing this record died or fai
                    "stalled": "the worker processing this record made no progress"}
 
 
-def _bisect(part, out: RefinedDataset, settings, error: Exception, next_index: int,
-            reason_code: str = "worker_lost"):
-    """A partition whose worker died (or stalled): its two halves to run again, or, when it is
-    down to one record, that record rejected as `resource/<reason_code>` (a dict of counts).
-    Every record still ends in a shard or in rejects/, and one poison record costs itself."""
-    import dataclasses
-
-    from cleaning.stage1 import count_records, reject_partition
-
-    # Counted here, not on the cluster: a cluster that just lost a task is not to be waited on.
-    lo, hi = part.subset or (0, count_records(part))
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+def halves(part: Partition, records: int | None, next_index: int) -> list[Partition]:
+    """A failed partition's two halves (new indices from `next_index`), to run again; or,
+    when it holds a single record, that record's partition alone (to reject)."""
+    lo, hi = part.subset or (0, records)  # records: counted, for a partition not yet split
     if hi - lo <= 1:
-        log.error("record %d of partition %s was rejected: its worker failed on it (%s)", lo, part.index, reason)
-        single = dataclasses.replace(part, subset=(lo, hi), index=next_index)
-        counts = reject_partition(single, settings, out, "resource", reason_code,
-                                  f"{_FAILURE_DETAIL[reason_code]} ({reason})")
-        return [counts | {"part": single}], next_index + 1
+        return [dataclasses.replace(part, subset=(lo, hi), index=next_index)]
     mid = (lo + hi) // 2
-    log.warning("partition %s (records %d-%d) failed (%s); retrying its halves to isolate the record",
-                part.index, lo, hi, reason)
-    halves = [dataclasses.replace(part, subset=(lo, mid), index=next_index),
-              dataclasses.replace(part, subset=(mid, hi), index=next_index + 1)]
-    return halves, next_index + 2
+    return [dataclasses.replace(part, subset=(lo, mid), index=next_index),
+            dataclasses.replace(part, subset=(mid, hi), index=next_index + 1)]
 
 
 # How many times a run replaces workers whose nannies gave up before it takes the cluster
@@ -246,137 +233,175 @@ def plan_after_stall(pending: dict, executing: dict, assigned: dict, strikes: di
     return StallPlan(split=split, again=again, suspects=suspects, counted=counted)
 
 
-def _run_on_dask(parts, out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
-    from dask.distributed import KilledWorker
+class Stage1Schedule:
+    """Runs stage 1's partitions on a Dask client until every record is in a staged table:
+    one method per event (a partition finished, failed, stalled; the workers were lost).
 
-    from cleaning.stage1 import count_records
+    A partition whose worker dies (memory, a crashing decoder) or stalls is split in halves
+    and run again, until the record to blame is alone and rejected as `resource/<reason>`;
+    one poison record costs itself. Futures are polled rather than waited on: a task Dask
+    lost with a dead worker (dask/distributed#4001) would otherwise leave the driver
+    waiting forever."""
 
+    def __init__(self, client, cluster, out: RefinedDataset, cfg: CleanConfig):
+        self.client, self.cluster, self.out, self.cfg = client, cluster, out, cfg
+        self.steps, self.settings = build_steps(cfg), partition_settings(cfg)
+        self.run_id = id(self)  # task keys of this run
+        self.running: dict = {}  # future -> its partition
+        self.finished: list[tuple[Partition, PartitionCounts]] = []
+        self.next_index = 0  # for the partitions splitting makes
+        self.strikes: dict[str, int] = {}  # key -> stalls a lone record has been pending through
+        self.replaced = 0  # workers started again after their nannies gave up
+        self.bar = Progress("stage 1", unit="record")
+
+    def run(self, parts: list[Partition]) -> list[tuple[Partition, PartitionCounts]]:
+        """Every partition's counts, in partition order."""
+        self.next_index = max((p.index for p in parts), default=-1) + 1
+        for part in parts:
+            self.submit(part, retries=1)
+        last_progress = time.monotonic()
+        while self.running:
+            done = [f for f in self.running if f.done()]
+            if done:
+                last_progress = time.monotonic()
+                for future in done:
+                    self.on_finished(future)
+            elif time.monotonic() - last_progress > self.cfg.stall_seconds:
+                self.on_stall()
+                last_progress = time.monotonic()
+            else:
+                time.sleep(0.2)
+        self.bar.close()
+        return sorted(self.finished, key=lambda pc: pc[0].index)
+
+    def submit(self, part: Partition, retries: int = 0):
+        future = self.client.submit(process_partition, part, self.steps, self.settings, self.out,
+                                    key=f"stage1-{part.index}-{self.run_id}", retries=retries, pure=False)
+        self.running[future] = part
+        return future
+
+    def record(self, part: Partition, counts: PartitionCounts) -> None:
+        self.finished.append((part, counts))
+        self.bar.update(counts.read, partitions=f"{len(self.finished)}/{len(self.finished) + len(self.running)}",
+                        kept=sum(c.kept for _, c in self.finished))
+
+    def on_finished(self, future) -> None:
+        from dask.distributed import KilledWorker
+
+        part = self.running.pop(future)
+        try:
+            counts = future.result()
+        except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
+            # A step that raises on a record has already rejected it (internal_error); what
+            # raises out of a partition (storage, an input that cannot be listed or opened)
+            # fails the job with its message: splitting would hide it.
+            self.on_failed(part, exc, "worker_lost")
+        else:
+            self.record(part, counts)
+        finally:
+            future.release()
+
+    def on_failed(self, part: Partition, error: Exception, reason_code: str) -> None:
+        """Its halves run again; a single record is rejected as `resource/<reason_code>`."""
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+        # Counted here, not on a cluster that has just lost a task.
+        records = None if part.subset else count_records(part)
+        pieces = halves(part, records, self.next_index)
+        self.next_index += len(pieces)
+        if len(pieces) == 2:
+            log.warning("partition %s (records %d-%d) failed (%s); retrying its halves to isolate the record",
+                        part.index, pieces[0].subset[0], pieces[1].subset[1], reason)
+            for piece in pieces:
+                self.submit(piece)
+            return
+        [single] = pieces
+        log.error("record %d of partition %s was rejected: its worker failed on it (%s)",
+                  single.subset[0], part.index, reason)
+        self.record(single, reject_partition(single, self.settings, self.out, "resource", reason_code,
+                                             f"{_FAILURE_DETAIL[reason_code]} ({reason})"))
+
+    def on_stall(self) -> None:
+        """No partition finished for clean.stall_seconds: see plan_after_stall."""
+        executing, assigned, paused = self.client.run_on_scheduler(_running_tasks)
+        log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s, "
+                    "paused for memory: %s", self.cfg.stall_seconds, len(executing), executing, assigned, paused)
+        if not executing:
+            self.on_workers_lost()
+            return
+        if paused and not any(executing.values()):
+            # Nothing runs because the workers are paused (a user's cluster with
+            # distributed.worker.memory.pause on; ours never pauses): the records are not to
+            # blame, and the job cannot go on until the cluster is given more memory.
+            raise RuntimeError(f"stage 1 stalled: Dask workers {paused} are paused for memory and run no task; "
+                               "give them more memory or set distributed.worker.memory.pause to False")
+        by_key = {future.key: (future, part) for future, part in self.running.items()}
+        pending = {k: (part.subset[1] - part.subset[0] if part.subset else None) for k, (_, part) in by_key.items()}
+        plan = plan_after_stall(pending, executing, assigned, self.strikes,
+                                count=lambda k: count_records(by_key[k][1]))
+        for key, records in plan.counted.items():  # so that splitting does not count them again
+            future, part = by_key[key]
+            by_key[key] = future, dataclasses.replace(part, subset=(0, records))
+        # Workers running a suspect, or still running a partition we no longer hold (a
+        # cancelled task whose thread is stuck): a thread stuck in native code can only be
+        # freed with its process.
+        busy = [w for w in executing
+                if set(executing[w] + assigned.get(w, [])) & set(plan.suspects) or set(executing[w]) - set(pending)]
+        if busy:
+            self.client.restart_workers(busy, timeout=120, raise_for_error=False)
+        stalled = PartitionStalled(f"no partition finished in {self.cfg.stall_seconds:.0f} s")
+        for key in plan.split + plan.again:
+            future, part = by_key[key]
+            del self.running[future]
+            future.cancel()
+            if key in plan.split:
+                self.on_failed(part, stalled, "stalled")
+            else:
+                again = self.submit(dataclasses.replace(part, index=self.next_index))
+                self.next_index += 1
+                self.strikes[again.key] = self.strikes.pop(key, 0)
+
+    def on_workers_lost(self) -> None:
+        """The cluster has no worker. Ours gets new ones (a bounded number of times: a worker
+        that cannot start at all must not be replaced forever); the pending partitions wait,
+        unassigned, and no record is blamed. A user's cluster fails the job."""
+        limit = MAX_WORKER_REPLACEMENTS * self.cfg.workers
+        if self.cluster is None or self.replaced >= limit:
+            raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
+                               f"in {self.cfg.stall_seconds:.0f} s)")
+        self.replaced += max(1, _replace_lost_workers(self.client, self.cluster, self.cfg.workers,
+                                                      timeout=max(120.0, self.cfg.stall_seconds)))
+        log.warning("stage 1: the cluster had no worker left; %d started again (%d of at most %d so far)",
+                    self.cfg.workers, self.replaced, limit)
+
+
+def contiguous_labels(out: RefinedDataset, parts: list[Partition]) -> dict[str, int]:
+    """Contiguous labels over the identities that kept at least one face, in sorted order."""
+    kept_ids: set[str] = set()
+    for part in parts:
+        staged = shards.read_table(staged_uris(out, part.index)["kept"], columns=["identity"])
+        kept_ids.update(pc.unique(staged.column("identity")).to_pylist())
+    return {identity: n for n, identity in enumerate(sorted(kept_ids))}
+
+
+def _run_on_dask(parts: list[Partition], out: RefinedDataset, cfg: CleanConfig, scheduler: str | None):
+    """Stage 1 on Dask: every partition staged (Stage1Schedule), the identities labelled,
+    then each partition's final shard written (Dask tasks)."""
     client, cluster = _client(scheduler, cfg)
-    steps, settings = build_steps(cfg), partition_settings(cfg)
     try:
         client.register_plugin(_OneTorchThread())
-        run_id = id(parts)
-
-        def submit(p, retries: int):
-            return client.submit(process_partition, p, steps, settings, out, key=f"stage1-{p.index}-{run_id}",
-                                 retries=retries, pure=False)
-
-        futures = {submit(p, 1): p for p in parts}
-        done_parts: list = []
-        next_index = max((p.index for p in parts), default=-1) + 1
-        counts = []
-        strikes: dict[str, int] = {}  # key -> stalls a lone record has been pending through
-        replaced = 0  # workers replaced after their nannies gave up
-        bar = Progress("stage 1", unit="record")
-
-        def failed(part, error: Exception, reason_code: str) -> None:
-            nonlocal next_index
-            halves, next_index = _bisect(part, out, settings, error, next_index, reason_code)
-            for half in halves:
-                if isinstance(half, dict):  # the isolated record, rejected
-                    counts.append(half)
-                    done_parts.append(half["part"])
-                    bar.update(half["read"])
-                else:
-                    futures[submit(half, 0)] = half
-
-        def unstick() -> None:
-            """Nothing finished for clean.stall_seconds: see plan_after_stall."""
-            nonlocal next_index, replaced
-            executing, assigned, paused = client.run_on_scheduler(_running_tasks)
-            log.warning("stage 1: no partition finished in %.0f s; %d workers, executing: %s, assigned: %s, "
-                        "paused for memory: %s", cfg.stall_seconds, len(executing), executing, assigned, paused)
-            if not executing and cluster is not None and replaced < MAX_WORKER_REPLACEMENTS * cfg.workers:
-                # No record is to blame yet: the pending partitions wait, unassigned, for workers.
-                replaced += max(1, _replace_lost_workers(client, cluster, cfg.workers, timeout=max(120.0, cfg.stall_seconds)))
-                log.warning("stage 1: the cluster had no worker left; %d started again (%d of at most %d so far)",
-                            cfg.workers, replaced, MAX_WORKER_REPLACEMENTS * cfg.workers)
-                return
-            if not executing:
-                raise RuntimeError(f"stage 1 stalled: the Dask cluster has no workers (none finished a partition "
-                                   f"in {cfg.stall_seconds:.0f} s)")
-            if paused and not any(executing.values()):
-                # Nothing runs because the workers are paused (a user's cluster with
-                # distributed.worker.memory.pause on; ours never pauses): the records are not to
-                # blame, and the job cannot go on until the cluster is given more memory.
-                raise RuntimeError(f"stage 1 stalled: Dask workers {paused} are paused for memory and run no task; "
-                                   "give them more memory or set distributed.worker.memory.pause to False")
-            by_key = {fut.key: (fut, part) for fut, part in futures.items()}
-            pending = {k: (part.subset[1] - part.subset[0] if part.subset else None) for k, (_, part) in by_key.items()}
-            plan = plan_after_stall(pending, executing, assigned, strikes, count=lambda k: count_records(by_key[k][1]))
-            for key, records in plan.counted.items():  # so that splitting does not count them again
-                fut, part = by_key[key]
-                by_key[key] = fut, dataclasses.replace(part, subset=(0, records))
-            # Workers running a suspect, or still running a partition we no longer hold (a
-            # cancelled task whose thread is stuck): a thread stuck in native code can only be
-            # freed with its process.
-            busy = [w for w in executing
-                    if set(executing[w] + assigned.get(w, [])) & set(plan.suspects) or set(executing[w]) - set(pending)]
-            if busy:
-                client.restart_workers(busy, timeout=120, raise_for_error=False)
-            stalled = PartitionStalled(f"no partition finished in {cfg.stall_seconds:.0f} s")
-            for key in plan.split + plan.again:
-                fut, part = by_key[key]
-                del futures[fut]
-                fut.cancel()
-                if key in plan.split:
-                    failed(part, stalled, "stalled")
-                else:
-                    again = dataclasses.replace(part, index=next_index)
-                    fut = submit(again, 0)
-                    futures[fut] = again
-                    strikes[fut.key] = strikes.pop(key, 0)
-                    next_index += 1
-
-        # Futures are polled rather than waited on: a task Dask lost with a dead worker
-        # (dask/distributed#4001) would otherwise leave the driver waiting forever.
-        last_progress = time.monotonic()
-        while futures:
-            finished = [f for f in futures if f.done()]
-            if not finished:
-                if time.monotonic() - last_progress > cfg.stall_seconds:
-                    unstick()
-                    last_progress = time.monotonic()
-                time.sleep(0.2)
-                continue
-            last_progress = time.monotonic()
-            for fut in finished:
-                part = futures.pop(fut)
-                try:
-                    counts.append(fut.result())
-                except (KilledWorker, MemoryError) as exc:  # a worker died on it (memory, a crashing decoder)
-                    # A step that raises on a record has already rejected it (internal_error);
-                    # what raises out of a partition (storage, an input that cannot be listed
-                    # or opened) fails the job with its message: bisecting would hide it.
-                    failed(part, exc, "worker_lost")
-                    fut.release()
-                    continue
-                done_parts.append(part)
-                fut.release()
-                bar.update(counts[-1]["read"], partitions=f"{len(done_parts)}/{len(done_parts) + len(futures)}",
-                           kept=sum(c["kept"] for c in counts))
-        bar.close()
-        for c in counts:
-            c.pop("part", None)
-        parts = sorted(done_parts, key=lambda p: p.index)
-        counts.sort(key=lambda c: c["partition"])
-        # Contiguous labels over identities that kept at least one face, in sorted order.
-        kept_ids: set[str] = set()
-        for p in parts:
-            staged = shards.read_table(staged_uris(out, p.index)["kept"], columns=["identity"])
-            kept_ids.update(pc.unique(staged.column("identity")).to_pylist())
-        labels = {ident: n for n, ident in enumerate(sorted(kept_ids))}
+        finished = Stage1Schedule(client, cluster, out, cfg).run(parts)
+        labels = contiguous_labels(out, [part for part, _ in finished])
         # One future holding the whole map (a dict passed bare would be scattered key by key).
         [label_future] = client.scatter([labels], broadcast=True)
-        final = client.map(finalize_partition, [out] * len(parts), [p.index for p in parts],
-                           [label_future] * len(parts), [cfg.row_group_rows] * len(parts), pure=False)
-        shard_uris = client.gather(final)
-        del final
+        indices = [part.index for part, _ in finished]
+        shard_uris = client.gather(client.map(finalize_partition, [out] * len(indices), indices,
+                                              [label_future] * len(indices), [cfg.row_group_rows] * len(indices),
+                                              pure=False))
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
-    return shard_uris, counts, labels
+    return shard_uris, [counts for _, counts in finished], labels
 
 
 class OutputRefused(ValueError):
@@ -410,9 +435,9 @@ def check_output(input_uri: str, out: RefinedDataset, overwrite: bool = False) -
                                 "choose another folder or pass --overwrite")
 
 
-def _drop_stale(out: RefinedDataset, counts: list[dict]) -> None:
+def _drop_stale(out: RefinedDataset, counts: list[PartitionCounts]) -> None:
     """Per-partition files of partitions this run does not have (an earlier plan's)."""
-    current = {shards.part_name(c["partition"]) for c in counts}
+    current = {shards.part_name(c.partition) for c in counts}
     for uri in out.partition_files():
         if storage.name(uri).split(".")[0] not in current:
             storage.delete(uri)
@@ -458,9 +483,9 @@ class TooManyInternalErrors(ValueError):
     ValueError for the CLI's one-line error, as OutputRefused)."""
 
 
-def _check_internal_errors(counts: list[dict], cfg: CleanConfig) -> None:
-    read = sum(c["read"] for c in counts)
-    errors = Counter({k: n for c in counts for k, n in c["reasons"].items() if k.endswith(f"/{INTERNAL_ERROR}")})
+def _check_internal_errors(counts: list[PartitionCounts], cfg: CleanConfig) -> None:
+    read = sum(c.read for c in counts)
+    errors = Counter({k: n for c in counts for k, n in c.reasons.items() if k.endswith(f"/{INTERNAL_ERROR}")})
     total = sum(errors.values())
     if total >= 10 and total > cfg.max_internal_error_share * read:
         raise TooManyInternalErrors(
@@ -470,15 +495,16 @@ def _check_internal_errors(counts: list[dict], cfg: CleanConfig) -> None:
             "log; no manifest was written. To accept them, raise clean.max_internal_error_share")
 
 
-def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris, seconds) -> dict:
-    read = sum(c["read"] for c in counts)
-    kept = sum(c["kept"] for c in counts)
-    rejected = sum(c["rejected"] for c in counts)
+def build_manifest(input_uri, fmt, cfg: CleanConfig, counts: list[PartitionCounts], labels, shard_uris,
+                   seconds) -> dict:
+    read = sum(c.read for c in counts)
+    kept = sum(c.kept for c in counts)
+    rejected = sum(c.rejected for c in counts)
     reasons: Counter = Counter()
     steps: dict[str, dict] = {}
     for c in counts:
-        reasons.update(c["reasons"])
-        for name, s in c["steps"].items():
+        reasons.update(c.reasons)
+        for name, s in c.steps.items():
             agg = steps.setdefault(name, {"kept": 0, "dropped": Counter()})
             agg["kept"] += s["kept"]
             agg["dropped"].update(s["dropped"])
@@ -493,9 +519,9 @@ def build_manifest(input_uri, fmt, cfg: CleanConfig, counts, labels, shard_uris,
         "num_images": kept,
         "identity_to_label": labels,
         "shards": [storage.name(u) for u in sorted(shard_uris)],
-        "executed_by": {str(c["partition"]): c.get("worker", "") for c in counts},
+        "executed_by": {str(c.partition): c.worker for c in counts},
         # The largest resident memory any worker process reached (MiB), against clean.memory_limit.
-        "worker_peak_rss_mib": max((c.get("peak_rss_mib", 0) for c in counts), default=0),
+        "worker_peak_rss_mib": max((c.peak_rss_mib for c in counts), default=0),
         "clean_config": dataclasses.asdict(cfg),
         "content_hash": shards.content_hash(shard_uris),
         "seconds": round(seconds, 1),
