@@ -604,6 +604,39 @@ class _IndexScan:
     header_run: int | None  # the run record 0 starts (it is the smallest index)
     identity_records: tuple[int, int] | None  # [first, end) from insightface's header record
     identity_offsets: dict[int, int]  # offsets of the identity records listed after record 0
+    last_offset: int = -1  # the largest record offset listed (see check_index_reaches_the_end)
+
+
+def record_end(fh, offset: int) -> int | None:
+    """Where the record at `offset` ends (its parts' headers read, not their data), or None
+    when its framing is broken (the reader rejects that record with the reason)."""
+    position = offset
+    for _ in range(1 << 16):  # parts of one record: bounded, a corrupt chain must not loop
+        fh.seek(position)
+        head = fh.read(8)
+        if len(head) < 8:
+            return None
+        magic, lrec = struct.unpack("<II", head)
+        if magic != REC_MAGIC:
+            return None
+        cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+        position += 8 + ((length + 3) & ~3)
+        if cflag in (0, 3):
+            return position
+    return None
+
+
+def check_index_reaches_the_end(fh, last_offset: int, idx_uri: str, rec_uri: str) -> None:
+    """The record listed last in train.rec must end where the file ends: records after it are
+    in no index line, and would be lost without a trace (an index cut short read 43 of 70
+    records with only a warning). Gaps inside are face2rec2's way (an image it could not
+    read is neither written nor listed) and cost nothing."""
+    size = regular_file_size(rec_uri)
+    end = record_end(fh, last_offset) if last_offset >= 0 else 0
+    if end is not None and end < size:
+        raise RecordIOError(f"{idx_uri} lists records up to byte {end} of {rec_uri}, which holds {size} bytes: the "
+                            f"records after byte {end} are in no index line (an index cut short, or records appended "
+                            "after it was written); rebuild train.idx with the tool that wrote train.rec")
 
 
 def _header_range(fh, offset: int, idx_uri: str, rec_uri: str) -> tuple[int, int] | None:
@@ -643,6 +676,7 @@ def _scan_index(idx_uri: str, fh, rec_uri: str) -> _IndexScan:
         if parsed is None:
             continue
         key, offset = parsed
+        scan.last_offset = max(scan.last_offset, offset)
         if current is not None and key == current.last_key + 1:
             current.last_key = key
         else:
@@ -694,6 +728,7 @@ def plan_insightface_rec(root: str, records_per_partition: int) -> list[Partitio
 
 def _plan_rec_streamed(root: str, idx_uri: str, fh, per_partition: int) -> list[Partition]:
     scan = _scan_index(idx_uri, fh, storage.join(root, "train.rec"))
+    check_index_reaches_the_end(fh, scan.last_offset, idx_uri, storage.join(root, "train.rec"))
     by_key = sorted(scan.runs, key=lambda r: r.first_key)
     for a, b in zip(by_key, by_key[1:]):
         if a.last_key >= b.first_key:  # runs hold every index in their range: a true repeat
@@ -798,6 +833,7 @@ def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list
     offsets = {i: off for i, off, _ in entries}
     if 0 not in offsets:
         raise RecordIOError(f"{idx_uri}: no entry for record 0 (an insightface .idx starts there)")
+    check_index_reaches_the_end(fh, max(offsets.values()), idx_uri, storage.join(root, "train.rec"))
     entries.sort()
     flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
     groups: list[list[tuple[int, int, int]]] = []

@@ -48,6 +48,35 @@ def _rewrite_header(root, first: float, end: float) -> None:
         fh.write(np.array([first, end], np.float32).tobytes())
 
 
+@pytest.mark.parametrize("order", ["index", "face2rec2"])
+@pytest.mark.parametrize("scrambled", [False, True])
+def test_an_index_cut_short_is_refused(tmp_path, order, scrambled):
+    # Before: a train.idx missing its last lines read 43 of 70 records with only a warning.
+    from cleaning import readers
+
+    root = _rec_folder(tmp_path, order)
+    lines = (root / "train.idx").read_text().splitlines()
+    by_offset = sorted(lines, key=lambda line: int(line.split("\t")[1]))
+    kept = [line for line in lines if line not in by_offset[-3:]]  # the last three records in train.rec
+    if scrambled:  # the in-memory planner checks the same
+        kept = kept[::-1]
+    (root / "train.idx").write_text("".join(line + "\n" for line in kept))
+    with pytest.raises(readers.RecordIOError, match=r"lists records up to byte \d+ of .*train.rec, which holds "
+                                                    r"\d+ bytes: the records after byte"):
+        readers.plan("insightface-rec", str(root), 4)
+
+
+def test_an_index_with_records_left_out_inside_still_plans(tmp_path):
+    """face2rec2 leaves out an image it cannot read: a gap inside is no cut-short index."""
+    from cleaning import readers
+
+    root = _rec_folder(tmp_path, "index")
+    lines = (root / "train.idx").read_text().splitlines()
+    (root / "train.idx").write_text("".join(line + "\n" for line in lines if not line.startswith("5\t")))
+    records = [s for p in readers.plan("insightface-rec", str(root), 4) for s in readers.read_partition(p)]
+    assert len(records) == 11  # 12 images, one left out of the index
+
+
 PLAN_CODE = """
 from cleaning import readers
 try:
