@@ -80,7 +80,7 @@ def run_one(root: str, planner: str) -> dict:
     peak = peak_rss_mib()
     return {"seconds": seconds, "driver_peak_rss_mib": peak, "after_imports_mib": baseline,
             "plan_mib": peak - baseline, "partitions": len(parts),
-            "byte_ranges": all(p.byte_range is not None and not p.records for p in parts),
+            "byte_ranges": all("byte_range" in p.detail and "records" not in p.detail for p in parts),
             "digest": partition_digest(parts) if planner == "streamed" else ""}
 
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from cleaning.formats import RAW_FORMATS
+from cleaning.formats import RAW_FORMATS, format_help
 from pipelines.protocols import DEFAULT_BLOCK, PROTOCOLS
 from pipelines.logs import progress, report_result, setup_logging
 
@@ -418,9 +418,16 @@ def _check_train_input(args, cfg) -> None:
 
 # -- the command table: each command's options, its handler, and what `submit` needs to know --
 
+def _format_option(p, **kwargs) -> None:
+    """--format, its choices and their one-line help from the format registry (cleaning/formats)."""
+    described = "; ".join(f"{name}: {text}" for name, text in format_help().items())
+    p.add_argument("--format", choices=kwargs.pop("choices", RAW_FORMATS),
+                   help=f"{kwargs.pop('help', 'raw layout')} ({described})", **kwargs)
+
+
 def _args_run(p) -> None:
     p.add_argument("--input", default="data/demo/raw", help="raw dataset (default: the demo, generated if missing)")
-    p.add_argument("--format", dest="input_format", default="vggface2", choices=RAW_FORMATS)
+    _format_option(p, dest="input_format", default="vggface2")
     p.add_argument("--out", default="data/demo/refined", help="folder for stage1/, runs/, stage2/")
     p.add_argument("--model", default=None, help="registered model to promote (default: train.registered_model)")
     p.add_argument("--demo-raw", default="data/demo/raw", help=argparse.SUPPRESS)
@@ -442,7 +449,7 @@ def _args_services(p) -> None:
 
 def _args_demo_data(p) -> None:
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--format", action="append", choices=[*RAW_FORMATS, "all"], default=None,
+    _format_option(p, action="append", choices=[*RAW_FORMATS, "all"], default=None,
                    help="raw layout; repeatable; 'all' writes each into a subfolder (default vggface2)")
     p.add_argument("--identities", type=int, help="number of training identities (config demo.identities)")
     p.add_argument("--images-per-identity", type=int, help="images per identity (config demo.images_per_identity)")
@@ -465,7 +472,7 @@ def _args_copy(p) -> None:
 
 def _args_clean_data(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
-    p.add_argument("--format", required=True, choices=RAW_FORMATS)
+    _format_option(p, required=True)
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
     p.add_argument("--overwrite", action="store_true",
@@ -510,7 +517,7 @@ def _trust(p) -> None:
 
 def _args_refine(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
-    p.add_argument("--format", required=True, choices=RAW_FORMATS)
+    _format_option(p, required=True)
     p.add_argument("--out", required=True, help="folder (or s3:// URI) for stage1/, runs/, stage2/ (the refined dataset)")
     p.add_argument("--scheduler", help="address of an existing Dask scheduler for stage 1")
     p.add_argument("--overwrite", action="store_true",
