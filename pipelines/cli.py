@@ -157,6 +157,9 @@ def _train_overrides(args, cfg) -> None:
         t.max_steps = args.max_steps
     if args.init_backbone:
         t.init_backbone = args.init_backbone
+    from pipelines.config import validate
+
+    validate(cfg)  # the options' values meet the same ranges as --set's (--workers 0 must not pass)
 
 
 def cmd_train(args, cfg) -> int:
