@@ -43,6 +43,8 @@ def build_margin(cfg: MarginConfig) -> MarginSoftmax:
         p = cfg.sphereface
         return SphereFace(s, p.m, lambda_base=p.lambda_base, lambda_min=p.lambda_min, gamma=p.gamma, power=p.power,
                           interclass_filtering_threshold=fil)
+    if cfg.type != "combined":  # the config refuses it at load; a direct caller gets the same line
+        raise ValueError(f"margin.type must be one of arcface, cosface, sphereface, combined, got {cfg.type!r}")
     c = cfg.combined
     return CombinedMargin(s, c.m1, c.m2, c.m3, straight_through=st, interclass_filtering_threshold=fil)
 
