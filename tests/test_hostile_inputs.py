@@ -265,23 +265,29 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     assert c["by_reason"].get("resource/worker_lost", 0) + c["by_reason"].get("resource/stalled", 0) == 1
 
 
+def _inject_into_workers(monkeypatch, plugin) -> None:
+    """Stage 1's Dask workers get `plugin` (a fault of tests/stage1_hooks.py), restarted ones too."""
+    from pipelines import clean_data
+
+    make_client = clean_data._client
+
+    def client_with_the_fault(scheduler, cfg):
+        client, cluster = make_client(scheduler, cfg)
+        client.register_plugin(plugin)
+        return client, cluster
+
+    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+
+
 @pytest.mark.timeout(300)
 def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch):
     """A decoder that never returns on one file (injected into the workers): when no partition
     finishes for clean.stall_seconds, the stuck partition's worker is restarted and the
     partition split, until the record is alone and, at its second stall, rejected as
     `resource/stalled`."""
-    from pipelines import clean_data
     from stage1_hooks import DecoderHangsOn
 
-    make_client = clean_data._client
-
-    def client_with_the_fault(scheduler, cfg):
-        client, cluster = make_client(scheduler, cfg)
-        client.register_plugin(DecoderHangsOn("hangs.jpg"))
-        return client, cluster
-
-    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    _inject_into_workers(monkeypatch, DecoderHangsOn("hangs.jpg"))
     raw = tmp_path / "raw"
     _folder_dataset(raw, {"a": 6, "b": 3})
     (raw / "a" / "003.jpg").rename(raw / "a" / "003hangs.jpg")
@@ -301,17 +307,9 @@ def test_a_cluster_left_with_no_worker_gets_new_ones(tmp_path, monkeypatch):
     """A worker whose nanny gives up (it died while the nanny was restarting it: a CI run lost
     its only worker so) leaves our cluster with none. At the next stall the driver starts new
     workers; the pending partition runs again on them and no record is blamed."""
-    from pipelines import clean_data
     from stage1_hooks import NannyGivesUpOn
 
-    make_client = clean_data._client
-
-    def client_with_the_fault(scheduler, cfg):
-        client, cluster = make_client(scheduler, cfg)
-        client.register_plugin(NannyGivesUpOn("gone.jpg", str(tmp_path / "it-happened")))
-        return client, cluster
-
-    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    _inject_into_workers(monkeypatch, NannyGivesUpOn("gone.jpg", str(tmp_path / "it-happened")))
     raw = tmp_path / "raw"
     _folder_dataset(raw, {"a": 4, "b": 2})
     (raw / "a" / "001.jpg").rename(raw / "a" / "001gone.jpg")
@@ -365,18 +363,10 @@ def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
     record is rejected as internal_error with the error in its detail, and every other record
     of its partition and its detection batch is processed. When many records raise, it is a
     bug: the job fails with one clear error and writes no manifest."""
-    from pipelines import clean_data
     from pipelines.clean_data import TooManyInternalErrors
     from stage1_hooks import StepRaisesOn
 
-    make_client = clean_data._client
-
-    def client_with_the_fault(scheduler, cfg):
-        client, cluster = make_client(scheduler, cfg)
-        client.register_plugin(StepRaisesOn("raises.jpg", width=77))
-        return client, cluster
-
-    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    _inject_into_workers(monkeypatch, StepRaisesOn("raises.jpg", width=77))
     raw = tmp_path / "raw"
     _folder_dataset(raw, {"a": 6, "b": 3})
     (raw / "a" / "002.jpg").rename(raw / "a" / "002raises.jpg")
