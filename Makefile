@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(ARCFACE) fetch-weights
 	touch $@
 
-# The main job on its embedded default: demo data -> refine -> train (ray job submit) ->
+# The main job on its embedded default: demo data -> clean-data -> train (ray job submit) ->
 # promote, with progress and a summary; each phase's full output in .arcface/logs/.
 run: setup
 	@$(ARCFACE) run --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --config $(TRAIN_CONFIG)
@@ -34,11 +34,11 @@ run: setup
 # -> stage 2 on Ray; on the demo raw data unless INPUT/FORMAT say otherwise. The bootstrap
 # model follows TRAIN_CONFIG's [train] recipe for denoise.bootstrap_epochs epochs.
 clean-data: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
-	$(ARCFACE) refine --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --config $(TRAIN_CONFIG)
+	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT) --config $(TRAIN_CONFIG)
 
 # Stage 1 alone.
 stage1: setup $(if $(filter $(DEMO_RAW),$(INPUT)),demo-data)
-	$(ARCFACE) clean-data --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT)/stage1
+	$(ARCFACE) stage1 --input $(INPUT) --format $(FORMAT) --out $(REFINE_OUT)/stage1
 
 $(CLEAN_OUT)/manifest.json:
 	$(MAKE) clean-data

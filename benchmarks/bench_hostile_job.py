@@ -40,7 +40,7 @@ def main():
 
     from cleaning.synthetic.demo import DemoConfig, generate, input_root
     from dataset import RefinedDataset
-    from pipelines.clean_data import CleanConfig, run_clean_data
+    from pipelines.stage1_dask import CleanConfig, run_stage1
     from test_hostile_inputs import big_png, camera_photo, png_bomb, radiance_hdr
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def main():
         hostile = 8 + 9  # the camera photos; the bombs, odd entries and the root file
         cfg = CleanConfig(workers=2, memory_limit=args.memory_limit, max_pixels=200_000_000)
         started = time.perf_counter()
-        out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp / "out"), cfg)
+        out = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp / "out"), cfg)
         seconds = time.perf_counter() - started
         m = out.manifest
         c = m.counts

@@ -12,7 +12,7 @@ Usage (writes benchmarks/results/<results-name>.{json,md}):
 For every (noise level, seed):
 1. Render the demo raw data (VGGFace2 layout; label noise, duplicate identities, identities
    that also appear in the evaluation pairs, ...).
-2. `run_refine`: stage 1 (Dask) -> bootstrap model (Ray Train, `denoise.bootstrap_epochs`)
+2. `run_clean_data`: stage 1 (Dask) -> bootstrap model (Ray Train, `denoise.bootstrap_epochs`)
    -> stage 2 (Ray). Score stage 2 against ground_truth.json.
 3. Train the same recipe (configs/demo-train.toml) for the same number of steps on the stage-1
    and on the stage-2 output, then evaluate both on the demo's held-out pairs: all of them,
@@ -39,7 +39,7 @@ from cleaning.synthetic.score import score_stage2  # noqa: E402
 from cleaning.synthetic.demo import DemoConfig  # noqa: E402
 from dataset.refined import RefinedDataset, eval_folder  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
-from pipelines.denoise import run_refine  # noqa: E402
+from pipelines.clean_data import run_clean_data  # noqa: E402
 from pipelines.evaluate import evaluate  # noqa: E402
 from pipelines.models import load_embedder  # noqa: E402
 from pipelines.training.driver import run_training  # noqa: E402
@@ -66,7 +66,7 @@ def run_case(args, noise: float, seed: int, work: Path) -> dict:
     times["demo_data_s"] = time.perf_counter() - t
     truth = json.loads((work / "raw" / "ground_truth.json").read_text())
     t = time.perf_counter()
-    summary = run_refine(str(work / "raw"), "vggface2", str(work / "refined"), cfg)
+    summary = run_clean_data(str(work / "raw"), "vggface2", str(work / "refined"), cfg)
     times["refine_s"] = time.perf_counter() - t
     manifest = summary.stage2.manifest.to_dict()
     results["stage2_score"] = score_stage2(summary.stage2.uri, str(work / "raw" / "ground_truth.json"))
@@ -99,7 +99,7 @@ def rejudge(args) -> None:
     """Stage 2 again, with the current rules, on the cases a --keep run left: each case's
     stage-1 data and last bootstrap model are reused (embeddings cached), so only the
     decisions are new; the training columns are not recomputed."""
-    from pipelines.denoise import run_denoise
+    from pipelines.stage2_ray import run_stage2
 
     cfg = load_config(ROOT / "configs" / "demo-train.toml", overrides=args.set)
     cases = []
@@ -109,7 +109,7 @@ def rejudge(args) -> None:
         model = json.loads(markers[-1].read_text())["checkpoint"]
         stage1 = RefinedDataset.open(str(refined / "stage1"))
         out = RefinedDataset.create(str(refined / "stage2_rejudged"))
-        run_denoise(stage1, out, model, cfg.denoise)
+        run_stage2(stage1, out, model, cfg.denoise)
         noise, seed = work.name[5:].split("_seed")
         score = score_stage2(out.uri, str(work / "raw" / "ground_truth.json"))
         cases.append({"label_noise": float(noise), "seed": int(seed), "model": markers[-1].name,

@@ -3,7 +3,7 @@
 Usage (writes benchmarks/results/stage1_cpu.{json,md}):
     .venv/bin/python benchmarks/bench_stage1.py [--identities 60 --images-per-identity 20 --photos 240]
 
-Cases, each a full `run_clean_data` on a local Dask cluster of `--workers` single-threaded
+Cases, each a full `run_stage1` on a local Dask cluster of `--workers` single-threaded
 workers (so cores = workers):
   demo/vggface2      landmarks come with the data: decode, align, filters
   demo/image-folder  the same images through MTCNN detection
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cleaning.synthetic.demo import generate  # noqa: E402
 from cleaning.synthetic.demo import DemoConfig  # noqa: E402
 from dataset import RefinedDataset  # noqa: E402
-from pipelines.clean_data import CleanConfig, run_clean_data  # noqa: E402
+from pipelines.stage1_dask import CleanConfig, run_stage1  # noqa: E402
 
 
 def make_photos(root: Path, count: int, seed: int = 0) -> None:
@@ -54,7 +54,7 @@ def make_photos(root: Path, count: int, seed: int = 0) -> None:
 def run_case(name: str, src: str, fmt: str, workers: int, out_root: Path) -> dict:
     cfg = CleanConfig(workers=workers, records_per_partition=200)
     start = time.perf_counter()
-    manifest = run_clean_data(src, fmt, RefinedDataset.create(out_root / name.replace("/", "_")),
+    manifest = run_stage1(src, fmt, RefinedDataset.create(out_root / name.replace("/", "_")),
                               cfg).manifest.to_dict()
     seconds = time.perf_counter() - start
     read = manifest["counts"]["read"]

@@ -7,7 +7,7 @@ Usage (writes benchmarks/results/stage1_scale.{json,md}):
 Input: insightface RecordIO (train.rec/.idx with its header and identity records: the format
 MS1M ships in), 68 pre-aligned 112x112 faces per identity, JPEG bytes drawn from a pool of
 4,000 synthetic faces, each from its own random field (benchmarks/synthetic_refined.py) so that writing 1M records
-takes a minute; no identity holds the same bytes twice. Each size runs `run_clean_data` in a
+takes a minute; no identity holds the same bytes twice. Each size runs `run_stage1` in a
 fresh process on a local Dask cluster of `--workers` single-threaded workers (the default
 config otherwise: 2,000 records per partition). Peak memory: the driver's from the OS, each
 worker's as stage 1 records it (`worker_peak_rss_mib` in the manifest).
@@ -45,11 +45,11 @@ def write_input(dest: Path, records: int) -> None:
 
 def run_one(input_dir: str, out_dir: str, workers: int) -> dict:
     from dataset import RefinedDataset
-    from pipelines.clean_data import CleanConfig, run_clean_data
+    from pipelines.stage1_dask import CleanConfig, run_stage1
 
     cfg = CleanConfig(workers=workers)
     t = time.perf_counter()
-    out = run_clean_data(input_dir, "insightface-rec", RefinedDataset.create(out_dir), cfg)
+    out = run_stage1(input_dir, "insightface-rec", RefinedDataset.create(out_dir), cfg)
     seconds = time.perf_counter() - t
     m = out.manifest.to_dict()
     manifest_bytes = os.path.getsize(os.path.join(out_dir, "manifest.json"))

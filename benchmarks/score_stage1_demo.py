@@ -3,7 +3,7 @@
 Usage (writes benchmarks/results/stage1_quality.{json,md}):
     .venv/bin/python benchmarks/score_stage1_demo.py [--identities 80 --images-per-identity 25 --seed 3]
 
-Renders the demo in all three raw layouts, runs `run_clean_data` on each, and scores the
+Renders the demo in all three raw layouts, runs `run_stage1` on each, and scores the
 outcome against ground_truth.json with `cleaning.synthetic.score.score_stage1`.
 """
 
@@ -21,7 +21,7 @@ from cleaning.synthetic.demo import FORMATS, generate  # noqa: E402
 from cleaning.synthetic.score import score_stage1  # noqa: E402
 from cleaning.synthetic.demo import DemoConfig, input_root  # noqa: E402
 from dataset import RefinedDataset  # noqa: E402
-from pipelines.clean_data import CleanConfig, run_clean_data  # noqa: E402
+from pipelines.stage1_dask import CleanConfig, run_stage1  # noqa: E402
 
 
 def main():
@@ -38,7 +38,7 @@ def main():
                                          seed=args.seed, workers=2), list(FORMATS))
         for fmt in FORMATS:
             src = input_root(tmp / "raw" / fmt, fmt)
-            run_clean_data(str(src), fmt, RefinedDataset.create(tmp / fmt), CleanConfig())
+            run_stage1(str(src), fmt, RefinedDataset.create(tmp / fmt), CleanConfig())
             results[fmt] = score_stage1(str(tmp / fmt), str(tmp / "raw" / fmt / "ground_truth.json"))
     command = "python " + " ".join(sys.argv)
     out = Path(args.out)

@@ -1,4 +1,4 @@
-"""Refinement judged by its worst seed (issue 29): the whole `arcface refine` loop on many demo
+"""Refinement judged by its worst seed (issue 29): the whole `arcface clean-data` loop on many demo
 draws per label-noise level, noise kind and size, scored against the generator's truth.
 
 Usage (per-case records under --work; the table in benchmarks/results/<results-name>.{json,md}):
@@ -11,7 +11,7 @@ Usage (per-case records under --work; the table in benchmarks/results/<results-n
 Each case is what a user does: `arcface demo-data --identities I --images-per-identity P
 --seed S --set demo.label_noise=L [--set demo.noise_sources=3]` (confusable noise: each
 mislabelled face shows one of the identity's 3 look-alikes, as bench_refinement's
---noise-sources 3), then `arcface refine --config configs/demo-train.toml`; stage 2 is scored
+--noise-sources 3), then `arcface clean-data --config configs/demo-train.toml`; stage 2 is scored
 with cleaning/synthetic/score.py. One JSON per case under --work (an interrupted sweep resumes
 and skips the finished cases; a case's data is deleted once its JSON is written), with what
 explains its mistakes: the stage-2 summary of the manifest (threshold, steps, merges), the
@@ -81,7 +81,7 @@ def source_commit() -> str:
 
 def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     from cleaning.synthetic.demo import generate
-    from pipelines.denoise import run_refine
+    from pipelines.clean_data import run_clean_data
 
     cfg = load_config(ROOT / "configs" / "demo-train.toml", overrides=args.set)
     demo = dataclasses.replace(cfg.demo, identities=args.identities, images_per_identity=args.images_per_identity,
@@ -93,7 +93,7 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     generate(work / "raw", demo, ["vggface2"])
     times["demo_data_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    result = run_refine(str(work / "raw"), "vggface2", str(work / "refined"), cfg)
+    result = run_clean_data(str(work / "raw"), "vggface2", str(work / "refined"), cfg)
     times["refine_s"] = round(time.perf_counter() - t, 1)
     truth_path = work / "raw" / "ground_truth.json"
     score = score_stage2(result.stage2.uri, str(truth_path))
@@ -141,7 +141,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     own person was outnumbered in its folder keeps a look-alike's faces)."""
     from cleaning.denoise import EmbeddedSet, IntraClassOutliers
     from dataset import shards
-    from pipelines.denoise import _embedded
+    from pipelines.stage2_ray import embed_dataset
     from pipelines.training import checkpoint
 
     # The final judgement's angles again (the manifest keeps only their histogram): the same
@@ -151,7 +151,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     stage1, model = result.stage1, result.bootstrap_checkpoint
     later_round = Path(stage1.uri).parent.joinpath("round1").exists()
     centres = (checkpoint.read_all_centres(model) if denoise_cfg.use_model_centres and not later_round else None)
-    embedded, _ = _embedded(stage1, model, denoise_cfg, "")
+    embedded, _ = embed_dataset(stage1, model, denoise_cfg, "")
     judged = EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities)
     step = IntraClassOutliers(denoise_cfg.max_angle, denoise_cfg.min_images_to_judge, model_centres=centres)
     step(judged)
@@ -219,7 +219,7 @@ def overlap_evidence(result, judged, overlap_ids: list[str], overlap_step: dict)
     import torch
 
     from cleaning.denoise import group_centres, nearest
-    from pipelines.denoise import evaluation_faces
+    from pipelines.stage2_ray import evaluation_faces
     from pipelines.models import load_embedder
 
     faces = evaluation_faces(result.stage1)
@@ -402,7 +402,7 @@ def report(args, command: str) -> None:
           "", status, "", *([args.note, ""] if args.note else []),
           ("Each case: `arcface demo-data --identities I --images-per-identity P --seed S --set demo.label_noise=L` "
            "(confusable: `--set demo.noise_sources=3`, each mislabelled face shows one of the identity's 3 look-alikes; "
-           "uniform: anyone), then `arcface refine --config configs/demo-train.toml`, scored by "
+           "uniform: anyone), then `arcface clean-data --config configs/demo-train.toml`, scored by "
            "cleaning/synthetic/score.py. Precision and recall of label noise over the faces that reached stage 2; "
            "false merges: merged label groups that are not an injected duplicate pair; missed merges: injected "
            "duplicate pairs left apart; overlap kept: evaluation-overlap identities with kept faces. "

@@ -111,12 +111,12 @@ def cmd_fetch_weights(args, cfg) -> int:
     return 0
 
 
-def cmd_clean_data(args, cfg) -> int:
+def cmd_stage1(args, cfg) -> int:
     from dataset import RefinedDataset
-    from pipelines.clean_data import run_clean_data
+    from pipelines.stage1_dask import run_stage1
 
-    out = run_clean_data(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler,
-                         overwrite=args.overwrite)
+    out = run_stage1(args.input, args.format, RefinedDataset.create(args.out), cfg.clean, scheduler=args.scheduler,
+                     overwrite=args.overwrite)
     _print_counts(out.manifest)
     print(f"shards, rejects and manifest in {out.uri} ({out.manifest.extra.get('seconds')} s)")
     return _report_status(out)
@@ -194,31 +194,31 @@ def _print_counts(manifest) -> None:
 
 def cmd_denoise(args, cfg) -> int:
     from dataset import RefinedDataset
-    from pipelines.denoise import run_denoise
+    from pipelines.stage2_ray import run_stage2
 
     mlflow_uri = _use_tracking_server(cfg) if args.model.startswith(("models:/", "runs:/")) \
         else cfg.services.mlflow_tracking_uri
     from pipelines.models import require_trusted
 
     require_trusted(args.model, args.trust_model_code)
-    out = run_denoise(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
-                      ray_address=cfg.services.ray_address, mlflow_uri=mlflow_uri)
+    out = run_stage2(RefinedDataset.open(args.data), RefinedDataset.create(args.out), args.model, cfg.denoise,
+                     ray_address=cfg.services.ray_address, mlflow_uri=mlflow_uri)
     _print_counts(out.manifest)
     print(f"shards, rejects and manifest in {out.uri}")
     return _report_status(out)
 
 
-def cmd_refine(args, cfg) -> int:
-    from pipelines.denoise import run_refine
+def cmd_clean_data(args, cfg) -> int:
+    from pipelines.clean_data import run_clean_data
 
     if args.retrain:
         cfg.denoise.retrain = True
-    result = run_refine(args.input, args.format, args.out, cfg, scheduler=args.scheduler, overwrite=args.overwrite)
+    result = run_clean_data(args.input, args.format, args.out, cfg, scheduler=args.scheduler, overwrite=args.overwrite)
     _print_counts(result.stage2.manifest)
     print(f"bootstrap model: {result.bootstrap_checkpoint}")
     print(f"refined dataset: {result.stage2.uri} (report: {result.stage2.report_index})")
     c = result.stage2.manifest.counts
-    report_result(kind="refine", read=c["read"], kept=c["kept"], rejected=c["rejected"],
+    report_result(kind="clean-data", read=c["read"], kept=c["kept"], rejected=c["rejected"],
                   identities=result.stage2.num_classes, dataset=result.stage2.uri, report=result.stage2.report_index,
                   bootstrap=result.bootstrap_checkpoint)
     if result.refined_checkpoint:
@@ -473,7 +473,7 @@ def _args_copy(p) -> None:
     p.add_argument("destination", help="s3:// URI, or local folder")
 
 
-def _args_clean_data(p) -> None:
+def _args_stage1(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
     _format_option(p, required=True)
     p.add_argument("--out", required=True, help="output folder or s3:// URI")
@@ -518,7 +518,7 @@ def _trust(p) -> None:
                    help="allow --model to be an MLflow model folder, whose Python code runs when it is loaded")
 
 
-def _args_refine(p) -> None:
+def _args_clean_data(p) -> None:
     p.add_argument("--input", required=True, help="raw dataset folder or s3:// URI")
     _format_option(p, required=True)
     p.add_argument("--out", required=True, help="folder (or s3:// URI) for stage1/, runs/, stage2/ (the refined dataset)")
@@ -618,10 +618,12 @@ class Command:
     paths: tuple[str, ...] = ()
     submittable: bool = False
     check_before_submit: Callable | None = None  # what would fail in the job on every attempt
+    # Other names that run the same command (older names users' scripts may still call).
+    aliases: tuple[str, ...] = ()
 
 
 COMMANDS = (
-    Command("run", "the main job: demo data -> refine -> train -> promote, with progress and a summary",
+    Command("run", "the main job: demo data -> clean-data -> train -> promote, with progress and a summary",
             _args_run, cmd_run),
     Command("config", "show the effective config", _args_config, cmd_config_show),
     Command("services", "start, stop or inspect the local Ray head, MLflow server and S3 endpoint", _args_services,
@@ -631,15 +633,16 @@ COMMANDS = (
             cmd_fetch_weights),
     Command("copy", "copy a folder (raw data, evaluation sets) to S3 or back: what a cluster reads",
             _args_copy, cmd_copy),
-    Command("clean-data", "stage 1 on Dask: raw dataset -> aligned, filtered Parquet shards", _args_clean_data,
-            cmd_clean_data, paths=("--input", "--out"), submittable=True),
+    Command("clean-data", "the paper's refinement loop (make clean-data): stage 1 -> bootstrap model -> stage 2 "
+            "(-> retrain)", _args_clean_data, cmd_clean_data, paths=("--input", "--out"), submittable=True,
+            aliases=("refine",)),
+    Command("stage1", "stage 1 alone, on Dask: raw dataset -> aligned, filtered Parquet shards", _args_stage1,
+            cmd_stage1, paths=("--input", "--out"), submittable=True),
     Command("train", "train on Ray Train (what a submitted training job runs)", _args_train, cmd_train,
             paths=("--data", "--storage", "--resume", "--init-backbone"), submittable=True,
             check_before_submit=_check_train_input),
-    Command("denoise", "stage 2 on Ray: de-noise a stage-1 dataset with a model's embeddings", _args_denoise,
-            cmd_denoise, paths=("--data", "--model", "--out"), submittable=True),
-    Command("refine", "the paper's loop: stage 1 -> bootstrap model -> stage 2 (-> retrain)", _args_refine, cmd_refine,
-            paths=("--input", "--out"), submittable=True),
+    Command("denoise", "stage 2 alone, on Ray: de-noise a stage-1 dataset with a model's embeddings", _args_denoise,
+            cmd_denoise, paths=("--data", "--model", "--out"), submittable=True, aliases=("stage2",)),
     Command("holdout", "move identities out of a refined dataset into evaluation sets", _args_holdout, cmd_holdout),
     Command("evaluate", "verification (10-fold, TAR@FAR, ROC) and 1:N identification of a model", _args_evaluate,
             cmd_evaluate, paths=("--model", "--pairs", "--data", "--ijb", "--out", "--release", "--features", "--work"),
@@ -650,7 +653,7 @@ COMMANDS = (
     Command("rollback", "move the champion alias back to the version it replaced", _args_name, cmd_rollback),
     Command("lineage", "a registered version's run, config, dataset and evaluation", _args_lineage, cmd_lineage),
 )
-COMMANDS_BY_NAME = {c.name: c for c in COMMANDS}
+COMMANDS_BY_NAME = {name: c for c in COMMANDS for name in (c.name, *c.aliases)}
 SUBMITTABLE = tuple(c.name for c in COMMANDS if c.submittable)
 # `submit-train ARGS` is `submit train ARGS`, with submit's own options taken from anywhere in ARGS.
 SUBMIT_OPTIONS = {"--working-dir": 1, "--cluster-path": 0, "--no-wait": 0, "--no-mlflow": 0}
@@ -660,7 +663,8 @@ def _args_submit(p) -> None:
     from pipelines.submit import add_options
 
     add_options(p)
-    p.add_argument("target", metavar="COMMAND", choices=SUBMITTABLE, help=f"one of {', '.join(SUBMITTABLE)}")
+    p.add_argument("target", metavar="COMMAND", choices=[name for name, c in COMMANDS_BY_NAME.items() if c.submittable],
+                   help=f"one of {', '.join(SUBMITTABLE)}")
     p.add_argument("argv", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="COMMAND's own options, as for `arcface COMMAND` (--config and --set included)")
 
@@ -670,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help)
+        p = sub.add_parser(command.name, help=command.help, aliases=list(command.aliases))
         command.arguments(p)
         _common(p)
         p.set_defaults(func=command.run)

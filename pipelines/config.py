@@ -4,7 +4,7 @@ that reads them:
     [services]   infra/local_services.py            ServicesConfig
     [demo]       cleaning/synthetic/demo_config.py  DemoConfig
     [clean]      pipelines/clean_config.py          CleanConfig  (stage 1)
-    [denoise]    pipelines/denoise_config.py        DenoiseConfig (stage 2, `arcface refine`)
+    [denoise]    pipelines/denoise_config.py        DenoiseConfig (stage 2, `arcface clean-data`)
     [train]      pipelines/training/config.py       TrainConfig
     [margin]     pipelines/training/config.py       MarginConfig (+ [margin.arcface] ... per margin)
     [reference]  free-form, informational: the published figures a recipe (configs/*.toml)

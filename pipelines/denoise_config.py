@@ -1,4 +1,4 @@
-"""The [denoise] config section: stage 2 and the `arcface refine` loop (pipelines/denoise.py).
+"""The [denoise] config section: stage 2 and the `arcface clean-data` loop (pipelines/clean_data.py, pipelines/stage2_ray.py).
 
 Its own module, free of the job's imports, so the config (and `arcface --help`) loads
 without Ray or torch."""
@@ -14,7 +14,7 @@ _ANGLE = "[0, 180]"
 
 @dataclass
 class DenoiseConfig:
-    """Stage 2 (Ray): de-noise with embeddings; and the `arcface refine` loop. Angles in
+    """Stage 2 (Ray): de-noise with embeddings; and the `arcface clean-data` loop. Angles in
     degrees. Defaults argued from measurements on the demo data (benchmarks/results/
     stage2_quality.md): they depend on the model that embeds, so check the angle histogram
     in the report (sub-centre ArcFace used 75 deg with a ResNet-100 trained on MS1M)."""
@@ -70,22 +70,22 @@ class DenoiseConfig:
         "evaluation faces nearest an identity that make it an evaluation person (removed)"))
     exclude_identities: str = setting("", doc=(
         "optional file of identity ids (one per line) known to be in the evaluation sets: removed"))
-    # `arcface refine`: epochs of the bootstrap model trained on stage-1 data (the rest of
+    # `arcface clean-data`: epochs of the bootstrap model trained on stage-1 data (the rest of
     # its recipe is [train]); then retrain on the refined data when `retrain` is set.
-    bootstrap_epochs: int = setting(2, range="[1, inf)", doc="`arcface refine`: epochs of each bootstrap model")
+    bootstrap_epochs: int = setting(2, range="[1, inf)", doc="`arcface clean-data`: epochs of each bootstrap model")
     # Sub-centres per class of the bootstrap model (sub-centre ArcFace, Deng et al. 2020):
     # a mislabelled face can sit at a sub-centre of its own instead of pulling the identity's
     # embedding towards it. Demo at 50% label noise, threshold 50 deg: recall 0.90 with one
     # centre per class, 0.975 with three (benchmarks/results/refinement_sweep.md).
     bootstrap_subcentres: int = setting(3, range="[1, inf)", doc="sub-centres per class of the bootstrap model")
-    # Refinement rounds of `arcface refine` (at most). In round 2 a second bootstrap model is
+    # Refinement rounds of `arcface clean-data` (at most). In round 2 a second bootstrap model is
     # trained on round 1's output - labels mostly clean - and judges the stage-1 faces again:
     # a model trained on data that is largely wrong embeds poorly. 40 small identities at 40%
     # noise: recall 0.92 after one round, 0.99 after two (tests/test_denoise.py).
-    rounds: int = setting(2, range="[1, inf)", doc="refinement rounds of `arcface refine` (at most)")
+    rounds: int = setting(2, range="[1, inf)", doc="refinement rounds of `arcface clean-data` (at most)")
     # The last round's model was trained on that much wrong (demo: 10% label noise -> 10.5%
     # found, one round; 40% -> 37%, two).
     another_round_above: float = setting(0.2, range="[0, 1]", doc=(
         "another round only while the last found at least this share of the judged faces mislabelled "
         "(0: always `rounds` rounds)"))
-    retrain: bool = setting(False, doc="`arcface refine`: train on the refined data at the end ([train] recipe)")
+    retrain: bool = setting(False, doc="`arcface clean-data`: train on the refined data at the end ([train] recipe)")

@@ -1,6 +1,6 @@
 """`arcface run`: the main job as a person watches it.
 
-Four phases, each one `arcface` command run as a child process: demo data -> refine
+Four phases, each one `arcface` command run as a child process: demo data -> clean-data
 (stage 1, bootstrap model, stage 2) -> training (`ray job submit`) -> promotion through the
 registry's gate. The terminal gets one line per phase, a progress bar per long piece of work
 and a closing summary; everything the phase prints (Dask, Ray, MLflow, our own INFO logs)
@@ -117,8 +117,8 @@ def main_job(args, cfg) -> int:
     phases = [
         Phase("demo-data", "demo data", ["demo-data", "--out", raw, "--format", args.format, *common],
               skip_reason="already there" if not demo or Path(raw, "ground_truth.json").exists() else ""),
-        Phase("refine", "refine: stage 1 (Dask) -> bootstrap model (Ray Train) -> stage 2 (Ray)",
-              ["refine", "--input", str(input_root(raw, args.format)) if demo else raw, "--format", args.format,
+        Phase("clean-data", "clean data: stage 1 (Dask) -> bootstrap model (Ray Train) -> stage 2 (Ray)",
+              ["clean-data", "--input", str(input_root(raw, args.format)) if demo else raw, "--format", args.format,
                "--out", refined, *common]),
         Phase("train", "train on the refined data (ray job submit)",
               ["submit", "train", "--data", storage.join(refined, "stage2"), *common]),
@@ -157,8 +157,8 @@ def _describe(phase: str, outcome: Outcome) -> str:
     if phase == "demo-data":
         r = _result(outcome, "demo-data")
         return f"{r.get('records', '?')} raw records in {r.get('path', '?')}"
-    if phase == "refine":
-        r = _result(outcome, "refine")
+    if phase == "clean-data":
+        r = _result(outcome, "clean-data")
         return (f"kept {r.get('kept')} of {r.get('read')} faces, {r.get('identities')} identities -> "
                 f"{r.get('dataset')}")
     if phase == "train":
@@ -173,12 +173,12 @@ def _describe(phase: str, outcome: Outcome) -> str:
 
 
 def _summary(outcomes: dict[str, Outcome], services, cfg, seconds: float) -> str:
-    refine, promote = _result(outcomes.get("refine"), "refine"), _result(outcomes.get("promote"), "promote")
+    cleaned, promote = _result(outcomes.get("clean-data"), "clean-data"), _result(outcomes.get("promote"), "promote")
     lines = ["", f"Done in {_duration(seconds)}."]
-    if refine:
-        lines += [f"  refined dataset  {refine['dataset']}: {refine['kept']} faces kept, {refine['rejected']} "
-                  f"rejected of {refine['read']}; {refine['identities']} identities",
-                  f"  report           {refine['report']}"]
+    if cleaned:
+        lines += [f"  refined dataset  {cleaned['dataset']}: {cleaned['kept']} faces kept, {cleaned['rejected']} "
+                  f"rejected of {cleaned['read']}; {cleaned['identities']} identities",
+                  f"  report           {cleaned['report']}"]
     if promote:
         lines += [f"  model            {promote.get('name')} v{promote.get('version')}: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in promote.get("figures", {}).items()),

@@ -35,7 +35,7 @@ REMOTE_PREFIXES = ("s3://", "models:/", "runs:/")
 KEYWORDS = {"--resume": {"latest"}}
 # Config settings that hold paths, by the command that reads them.
 CONFIG_PATHS = {"train": ("train.storage", "train.init_backbone"),
-                "refine": ("denoise.exclude_identities", "train.init_backbone"),
+                "clean-data": ("denoise.exclude_identities", "train.init_backbone"),
                 "denoise": ("denoise.exclude_identities",)}
 
 

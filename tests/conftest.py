@@ -59,10 +59,10 @@ def demo_raw(tmp_path_factory):
 def demo_shards(demo_raw, tmp_path_factory):
     """Stage-1 output of the tiny demo (VGGFace2 layout: landmarks given, no detector needed)."""
     from dataset import RefinedDataset
-    from pipelines.clean_data import CleanConfig, run_clean_data
+    from pipelines.stage1_dask import CleanConfig, run_stage1
 
     out = tmp_path_factory.mktemp("demo_shards")
-    run_clean_data(str(demo_raw / "vggface2"), "vggface2", RefinedDataset.create(out),
+    run_stage1(str(demo_raw / "vggface2"), "vggface2", RefinedDataset.create(out),
                    CleanConfig(records_per_partition=120))
     return out
 

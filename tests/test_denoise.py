@@ -139,7 +139,7 @@ def refined(tmp_path_factory, mlflow_server):
 
     from cleaning.synthetic.demo import DemoConfig, generate
     from pipelines.config import load_config
-    from pipelines.denoise import run_refine
+    from pipelines.clean_data import run_clean_data
 
     root = tmp_path_factory.mktemp("refine")
     generate(root / "raw", DemoConfig(identities=40, images_per_identity=16, seed=5, label_noise=0.4,
@@ -153,7 +153,7 @@ def refined(tmp_path_factory, mlflow_server):
     cfg.clean.records_per_partition = 200
     cfg.services.mlflow_tracking_uri = mlflow_server  # the refinement is logged when tracking is on
     try:
-        summary = run_refine(str(root / "raw"), "vggface2", str(root / "out"), cfg)
+        summary = run_clean_data(str(root / "raw"), "vggface2", str(root / "out"), cfg)
     finally:
         ray.shutdown()
     return root, summary

@@ -337,7 +337,7 @@ def test_clean_output_holding_a_foreign_shard_or_manifest_is_refused(shard_copy,
     import json
 
     from dataset import RefinedDataset
-    from pipelines.clean_data import OutputRefused, check_output
+    from pipelines.stage1_dask import OutputRefused, check_output
 
     source = json.loads((shard_copy / "manifest.json").read_text())["source"]["uri"]
     check_output(source, RefinedDataset.create(str(shard_copy)))  # our own run of this input: resumable
@@ -359,7 +359,7 @@ def test_clean_output_holding_a_foreign_shard_or_manifest_is_refused(shard_copy,
 
 def test_overwrite_names_what_it_replaces(tmp_path, demo_raw, caplog):
     from dataset import RefinedDataset
-    from pipelines.clean_data import check_output
+    from pipelines.stage1_dask import check_output
 
     out = tmp_path / "out"
     out.mkdir()
@@ -372,7 +372,7 @@ def test_overwrite_names_what_it_replaces(tmp_path, demo_raw, caplog):
 def test_output_reached_through_a_link_into_the_input_is_refused(tmp_path, demo_raw):
     # Before: --out link/out, link pointing into the input, wrote inside the input.
     from dataset import RefinedDataset
-    from pipelines.clean_data import OutputRefused, check_output
+    from pipelines.stage1_dask import OutputRefused, check_output
 
     link = tmp_path / "link"
     os.symlink(demo_raw / "vggface2", link)
@@ -382,8 +382,8 @@ def test_output_reached_through_a_link_into_the_input_is_refused(tmp_path, demo_
 
 def test_denoise_output_inside_its_data_or_model_is_refused(demo_shards, tmp_path):
     from dataset import RefinedDataset
-    from pipelines.clean_data import OutputRefused
-    from pipelines.denoise import check_denoise_output
+    from pipelines.stage1_dask import OutputRefused
+    from pipelines.stage2_ray import check_denoise_output
 
     data = RefinedDataset.open(str(demo_shards))
     model = tmp_path / "runs" / "model"

@@ -79,7 +79,7 @@ def test_dataset_too_small_fails_once_before_any_worker(tmp_path, demo_shards):
 
 def test_missing_bucket_and_missing_dataset_are_one_line(tmp_path, demo_raw, s3_endpoint):
     env = clean_env(tmp_path, AWS_ENDPOINT_URL=s3_endpoint)
-    proc, seconds = run(["clean-data", "--input", str(demo_raw / "vggface2"), "--format", "vggface2",
+    proc, seconds = run(["stage1", "--input", str(demo_raw / "vggface2"), "--format", "vggface2",
                          "--out", "s3://no-such-bucket/stage1"], env)
     line = one_line_error(proc)
     assert seconds < 10 and "bucket 'no-such-bucket' does not exist" in line

@@ -19,7 +19,7 @@ from PIL import Image
 
 from cleaning.detect.weights import have_weights
 from dataset import RefinedDataset, storage
-from pipelines.clean_data import CleanConfig, run_clean_data
+from pipelines.stage1_dask import CleanConfig, run_stage1
 
 ASTRONAUT = Path(skimage.__file__).parent / "data" / "astronaut.png"
 
@@ -73,7 +73,7 @@ def test_formats_decoded_outside_the_cap_are_refused_on_their_header(tmp_path):
     (person / "anim.jpg").write_bytes(buf.getvalue())  # a GIF named .jpg
     started = time.perf_counter()
     cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="1GiB")
-    manifest = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    manifest = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     assert time.perf_counter() - started < 120
     got = reasons(tmp_path / "out")
     assert got == {"someone/bomb.jpg": "undecodable", "someone/float.jpg": "undecodable",
@@ -95,7 +95,7 @@ def test_an_identity_of_camera_photos_finishes_under_a_worker_memory_limit(tmp_p
     (tmp_path / "raw" / "other").mkdir()
     (tmp_path / "raw" / "other" / "bomb.jpg").write_bytes(radiance_hdr(9000, 9000))
     cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="1.5GiB")
-    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    out = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 9 == c["kept"] + c["rejected"]
     assert 0 < out.manifest.extra["worker_peak_rss_mib"] < 1536  # the worker's peak, under its limit
@@ -122,7 +122,7 @@ def test_the_report_never_decodes_a_bomb_it_shows(tmp_path):
     person.mkdir(parents=True)
     (person / "bomb.png").write_bytes(bomb)
     started = time.perf_counter()
-    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(records_per_partition=50, workers=1))
     assert reasons(tmp_path / "out") == {"someone/bomb.png": "too_many_pixels"}
     assert storage.exists(out.report_index) and time.perf_counter() - started < 120
@@ -137,7 +137,7 @@ def test_a_failed_report_is_an_error_not_a_success(tmp_path, monkeypatch, capsys
     person.mkdir(parents=True)
     (person / "text.jpg").write_text("not an image")
     out_dir = tmp_path / "out"
-    first = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
+    first = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
                            CleanConfig(records_per_partition=50, workers=1))
     assert storage.exists(first.report_index) and _report_status(first) == 0
 
@@ -145,7 +145,7 @@ def test_a_failed_report_is_an_error_not_a_success(tmp_path, monkeypatch, capsys
         raise RuntimeError("no room for the report")
 
     monkeypatch.setattr(cleaning.report, "write_report", broken)
-    again = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
+    again = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(out_dir),
                            CleanConfig(records_per_partition=50, workers=1))
     assert not storage.exists(again.report_index)  # the earlier run's report does not pass for this one's
     assert _report_status(again) == 1
@@ -175,20 +175,20 @@ def test_a_rerun_after_a_config_or_input_change_equals_a_fresh_run(tmp_path):
     _folder_dataset(raw, {"a": 3, "b": 3})
     cfg = CleanConfig(records_per_partition=1, workers=1)  # one identity per partition
     out = tmp_path / "out"
-    first = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg)
+    first = run_stage1(str(raw), "image-folder", RefinedDataset.create(out), cfg)
     assert first.manifest.counts["read"] == 6
     # input change: identity c added, a photo of a removed
     _folder_dataset(raw, {"c": 2}, seed=1)
     (raw / "a" / "000.jpg").unlink()
-    again = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg)
-    fresh = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "fresh"), cfg)
+    again = run_stage1(str(raw), "image-folder", RefinedDataset.create(out), cfg)
+    fresh = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "fresh"), cfg)
     assert again.manifest.counts == fresh.manifest.counts and again.manifest.counts["read"] == 7
     assert again.content_hash == fresh.content_hash
     assert _reject_rows(out) == _reject_rows(tmp_path / "fresh")
     # config change: the new recipe is in every partition
     cfg2 = CleanConfig(records_per_partition=1, workers=1, max_pixels=1000)  # 60x60 = 3600 pixels: over it
     (out / "staging" / "part-00000.parquet.tmp-0123abcd").write_bytes(b"cut short by a kill")
-    changed = run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
+    changed = run_stage1(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
     assert not list(out.rglob("*.tmp-*")), "a killed write's temp file is cleaned on the next run"
     assert set(r for _, r in _reject_rows(out)) == {"too_many_pixels"}
     assert changed.manifest.counts["by_reason"] == {"decode/too_many_pixels": 7}
@@ -197,7 +197,7 @@ def test_a_rerun_after_a_config_or_input_change_equals_a_fresh_run(tmp_path):
         for f in (raw / ident).iterdir():
             f.unlink()
         (raw / ident).rmdir()
-    run_clean_data(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
+    run_stage1(str(raw), "image-folder", RefinedDataset.create(out), cfg2)
     assert sorted(p.name for p in (out / "rejects").iterdir()) == ["part-00000.parquet"]
 
 
@@ -206,7 +206,7 @@ def test_output_folder_hazards_are_refused_in_one_line(tmp_path):
 
     raw = tmp_path / "raw"
     _folder_dataset(raw, {"a": 2})
-    cmd = ["clean-data", "--input", str(raw), "--format", "image-folder", "--set", "clean.workers=1"]
+    cmd = ["stage1", "--input", str(raw), "--format", "image-folder", "--set", "clean.workers=1"]
     assert main(cmd + ["--out", str(raw / "out")]) == 1  # inside the input: the next run would read it
     assert main(cmd + ["--out", str(tmp_path)]) == 1  # holding the input
     foreign = tmp_path / "documents"
@@ -217,9 +217,9 @@ def test_output_folder_hazards_are_refused_in_one_line(tmp_path):
     assert main(cmd + ["--out", str(tmp_path / "ok")]) == 0
     other = tmp_path / "raw2"
     _folder_dataset(other, {"z": 2}, seed=3)
-    assert main(["clean-data", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
+    assert main(["stage1", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
                  "--out", str(tmp_path / "ok")]) == 1  # a dataset refined from other input
-    assert main(["clean-data", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
+    assert main(["stage1", "--input", str(other), "--format", "image-folder", "--set", "clean.workers=1",
                  "--out", str(tmp_path / "ok"), "--overwrite"]) == 0
     assert RefinedDataset.open(str(tmp_path / "ok")).manifest.source["uri"] == str(other)
 
@@ -255,7 +255,7 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
     # Each lost level costs one stall, so 25 s (the test's record takes up to 5 of them).
     cfg = CleanConfig(records_per_partition=50, workers=1, memory_limit="900MiB", max_pixels=200_000_000,
                       stall_seconds=25)
-    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    out = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 6 == c["kept"] + c["rejected"]
     got = reasons(tmp_path / "out")
@@ -267,16 +267,16 @@ def test_a_record_that_kills_its_worker_costs_only_itself(tmp_path):
 
 def _inject_into_workers(monkeypatch, plugin) -> None:
     """Stage 1's Dask workers get `plugin` (a fault of tests/stage1_hooks.py), restarted ones too."""
-    from pipelines import clean_data
+    from pipelines import stage1_dask
 
-    make_client = clean_data._client
+    make_client = stage1_dask._client
 
     def client_with_the_fault(scheduler, cfg):
         client, cluster = make_client(scheduler, cfg)
         client.register_plugin(plugin)
         return client, cluster
 
-    monkeypatch.setattr(clean_data, "_client", client_with_the_fault)
+    monkeypatch.setattr(stage1_dask, "_client", client_with_the_fault)
 
 
 @pytest.mark.timeout(300)
@@ -294,7 +294,7 @@ def test_a_record_that_hangs_its_worker_costs_only_itself(tmp_path, monkeypatch)
     # Long enough for a partition of good records on a freshly restarted worker (it loads torch
     # and the detector first: 4 s failed once here beside other tests), short for the test.
     cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=20)
-    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    out = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 9 == c["kept"] + c["rejected"]
     got = reasons(tmp_path / "out")
@@ -314,7 +314,7 @@ def test_a_cluster_left_with_no_worker_gets_new_ones(tmp_path, monkeypatch):
     _folder_dataset(raw, {"a": 4, "b": 2})
     (raw / "a" / "001.jpg").rename(raw / "a" / "001gone.jpg")
     cfg = CleanConfig(records_per_partition=50, workers=1, stall_seconds=10)
-    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    out = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     assert (tmp_path / "it-happened").exists()
     c = out.manifest.counts
     assert c["read"] == 6 == c["kept"] + c["rejected"]
@@ -332,7 +332,7 @@ def test_workers_paused_for_memory_are_not_blamed_on_records(tmp_path):
     import dask
     from dask.distributed import LocalCluster
 
-    from pipelines.clean_data import _client
+    from pipelines.stage1_dask import _client
 
     client, cluster = _client(None, CleanConfig(workers=1, memory_limit="1GiB"))
     try:
@@ -351,7 +351,7 @@ def test_workers_paused_for_memory_are_not_blamed_on_records(tmp_path):
                                host="127.0.0.1", memory_limit="4GiB", config=copy.deepcopy(dask.config.config))
     try:
         with pytest.raises(RuntimeError, match="are paused for memory"):
-            run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
+            run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
                            CleanConfig(stall_seconds=5), scheduler=cluster.scheduler_address)
     finally:
         cluster.close()
@@ -363,7 +363,7 @@ def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
     record is rejected as internal_error with the error in its detail, and every other record
     of its partition and its detection batch is processed. When many records raise, it is a
     bug: the job fails with one clear error and writes no manifest."""
-    from pipelines.clean_data import TooManyInternalErrors
+    from pipelines.stage1_dask import TooManyInternalErrors
     from stage1_hooks import StepRaisesOn
 
     _inject_into_workers(monkeypatch, StepRaisesOn("raises.jpg", width=77))
@@ -373,7 +373,7 @@ def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
     odd = np.random.default_rng(1).integers(0, 255, (61, 77, 3), np.uint8)  # the detector raises on it
     (raw / "b" / "001.jpg").write_bytes(cv2.imencode(".jpg", odd)[1].tobytes())
     cfg = CleanConfig(records_per_partition=50, workers=1)
-    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
+    out = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"), cfg)
     c = out.manifest.counts
     assert c["read"] == 9 == c["kept"] + c["rejected"]
     assert c["by_reason"] == {"detect/no_face": 7, "decode/internal_error": 1, "detect/internal_error": 1}
@@ -387,7 +387,7 @@ def test_a_record_a_step_raises_on_costs_only_itself(tmp_path, monkeypatch):
     for f in sorted((many / "c").iterdir()):
         f.rename(f.with_name(f.stem + "raises.jpg"))
     with pytest.raises(TooManyInternalErrors, match=r"12 of 12 records \(100.0%\).*decode/internal_error: 12"):
-        run_clean_data(str(many), "image-folder", RefinedDataset.create(tmp_path / "out2"), cfg)
+        run_stage1(str(many), "image-folder", RefinedDataset.create(tmp_path / "out2"), cfg)
     assert not (tmp_path / "out2" / "manifest.json").exists()
 
 
@@ -395,7 +395,7 @@ def test_a_stall_always_splits_or_strikes_a_partition():
     """The watchdog's plan: the partitions a worker runs are split, the queued ones go again;
     when Dask runs none of ours (a lost task), all are split; a lone record goes again once
     before it is split (rejected). Repeated stalls therefore always end."""
-    from pipelines.clean_data import plan_after_stall
+    from pipelines.stage1_dask import plan_after_stall
 
     strikes: dict = {}
     plan = plan_after_stall({"a": None, "b": 4, "c": 1}, {"w1": ["a"], "w2": []}, {"w1": ["a"], "w2": ["b"]}, strikes)
@@ -456,7 +456,7 @@ def test_every_directory_entry_is_accounted_for(tmp_path):
     os.mkfifo(a / "pipe.jpg")
     (a / ".DS_Store").write_bytes(b"junk")
     (raw / "loose.jpg").write_bytes((a / "001.jpg").read_bytes())
-    out = run_clean_data(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(raw), "image-folder", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(records_per_partition=50, workers=1))
     got = reasons(tmp_path / "out")
     assert {k: v for k, v in got.items() if k in {"a/dangling.jpg", "a/outside.jpg", "a/folder.jpg", "a/nested",
@@ -482,7 +482,7 @@ def test_vggface2_files_sharing_a_key_are_ambiguous(tmp_path):
     (root / "bb_landmark" / "loose_landmark_train.csv").write_text(
         "NAME_ID," + ",".join(f"P{k}{a}" for k in range(1, 6) for a in "XY") + "\n"
         "n000001/0001_01,30,35,50,35,40,45,32,55,48,55\n")
-    out = run_clean_data(str(root), "vggface2", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(root), "vggface2", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(records_per_partition=50, workers=1))
     assert reasons(tmp_path / "out") == {"n000001/0001_01.jpg": "ambiguous_key", "n000001/0001_01.png": "ambiguous_key"}
     assert out.manifest.counts["read"] == 2

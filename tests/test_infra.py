@@ -204,7 +204,7 @@ def test_runbook_commands_are_the_real_cli():
     for command in rehearsed:
         verb, flags = _shape(command)
         assert any(v == verb and flags <= f for v, f in documented), f"not in infra/README.md: {command}"
-    assert {"submit refine", "submit train", "submit evaluate", "promote", "copy"} <= {_shape(c)[0] for c in rehearsed}
+    assert {"submit clean-data", "submit train", "submit evaluate", "promote", "copy"} <= {_shape(c)[0] for c in rehearsed}
 
 
 @pytest.mark.services
@@ -221,7 +221,7 @@ def test_shared_nothing_rehearsal(tmp_path):
                           text=True, timeout=1500)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    for command in ("refine", "train", "evaluate"):
+    for command in ("clean-data", "train", "evaluate"):
         assert re.search(rf"job arcface-{command}-\S+ succeeded", out), command
     # The cluster ran its own install: no path of this checkout in any job's entrypoint.
     entries = re.findall(r"Running entrypoint for job \S+: (.*)", out)
@@ -256,3 +256,19 @@ def test_the_rayjob_head_is_reachable_only_by_its_own_pods_submitter_and_operato
     sources = [peer["podSelector"]["matchLabels"] for r in rules for peer in r["from"]]
     assert {"batch.kubernetes.io/job-name": name} in sources
     assert "rayjob-networkpolicy.yaml" in (INFRA / "k8s" / "rayjob.yaml").read_text()
+
+
+def test_make_targets_run_the_cli_command_of_the_same_name():
+    """`make clean-data` is `arcface clean-data` (the whole refinement), `make stage1` is
+    `arcface stage1`; the older names still run the same commands."""
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("clean-data", "stage1"):
+        recipe = re.search(rf"^{target}:.*\n\t(.*)$", makefile, re.M).group(1)
+        assert recipe.split()[:2] == ["$(ARCFACE)", target], recipe
+    parser = build_parser()
+    for alias, name in (("refine", "clean-data"), ("stage2", "denoise")):
+        args = ["--input", "raw", "--format", "vggface2", "--out", "out"] if name == "clean-data" else ["--data", "d", "--model", "m",
+                                                                                 "--out", "o"]
+        assert parser.parse_args([alias, *args]).func is parser.parse_args([name, *args]).func
+    assert parser.parse_args(["clean-data", "--input", "raw", "--format", "vggface2", "--out", "o"]).func.__name__ == "cmd_clean_data"
+    assert parser.parse_args(["stage1", "--input", "raw", "--format", "vggface2", "--out", "o"]).func.__name__ == "cmd_stage1"

@@ -36,7 +36,7 @@ def test_main_job_is_short_shows_progress_and_ends_with_a_champion(tmp_path):
         assert proc.returncode == 0, text[-4000:]
         lines = text.splitlines()
         assert len(lines) <= 60, "\n".join(lines)
-        for n, phase in enumerate(("demo data", "refine", "train on the refined data", "evaluate and promote"), 1):
+        for n, phase in enumerate(("demo data", "clean data", "train on the refined data", "evaluate and promote"), 1):
             assert any(line.startswith(f"[{n}/4] {phase}") for line in lines), text
         # Progress of the long work, the training's from rank 0 of a `ray job submit` job.
         assert any(line.startswith("stage 1:") for line in lines)
@@ -50,12 +50,12 @@ def test_main_job_is_short_shows_progress_and_ends_with_a_champion(tmp_path):
             assert key in summary, summary
         # What was kept off the terminal is in the phase logs.
         logs = tmp_path / "state" / "logs"
-        assert {"demo-data.log", "refine.log", "train.log", "promote.log"} <= {p.name for p in logs.iterdir()}
+        assert {"demo-data.log", "clean-data.log", "train.log", "promote.log"} <= {p.name for p in logs.iterdir()}
         # Ray's start-up banner and its workers' lines (Dask says nothing at INFO on a clean run).
-        refine_log = (logs / "refine.log").read_text()
+        refine_log = (logs / "clean-data.log").read_text()
         assert "Started a local Ray instance" in refine_log and "Started a local Ray instance" not in text
         assert "RayTrainWorker" in refine_log and "RayTrainWorker" not in text
-        assert "PlacementGroupCleaner" not in text + (logs / "refine.log").read_text() + (logs / "train.log").read_text()
+        assert "PlacementGroupCleaner" not in text + (logs / "clean-data.log").read_text() + (logs / "train.log").read_text()
         # `make evaluate` works right after: the champion alias exists.
         evaluated = subprocess.run(CLI + ["evaluate", "--model", "models:/arcface@champion", "--data",
                                           str(out / "stage2")], env=env, cwd=ROOT, capture_output=True, text=True,

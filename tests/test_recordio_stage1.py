@@ -17,7 +17,7 @@ from cleaning.formats.recordio import pack_record, write_record, write_rec
 from cleaning import readers
 from cleaning.readers import IR_HEADER, REC_MAGIC, plan, read_partition
 from dataset import RefinedDataset
-from pipelines.clean_data import CleanConfig, run_clean_data
+from pipelines.stage1_dask import CleanConfig, run_stage1
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,7 +192,7 @@ def test_clean_data_on_recordio(tmp_path, rec_set):
     root, items = rec_set
     # 2 records per partition: a count-based cut would put records 4 and 6 (identity 1's
     # original and its copy) in different partitions.
-    out = run_clean_data(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(records_per_partition=2, workers=1, min_blur=0.0))
     m = out.manifest
     assert m.counts["read"] == 12 == m.counts["kept"] + m.counts["rejected"]
@@ -219,7 +219,7 @@ def test_other_sizes_converted_once_and_bad_records_rejected(tmp_path):
     root = tmp_path / "rec"
     root.mkdir()
     write_rec(root, items)
-    out = run_clean_data(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(workers=1, min_blur=0.0))
     got = pq.read_table(tmp_path / "out" / "rejects").to_pydict()
     assert dict(zip(got["key"], got["reason"])) == {"rec:3": "not_aligned_112", "rec:4": "empty_file",
@@ -235,7 +235,7 @@ def test_every_input_rejected_gives_a_valid_empty_dataset(tmp_path):
     raw = tmp_path / "raw" / "alice"
     raw.mkdir(parents=True)
     (raw / "a.jpg").write_bytes(b"")
-    out = run_clean_data(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(tmp_path / "raw"), "image-folder", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(workers=1))
     again = RefinedDataset.open(out.uri).manifest
     assert again.num_images == 0 and again.num_classes == 0
@@ -253,7 +253,7 @@ def test_a_broken_record_costs_one_reject(tmp_path):
     offsets = [int(line.split("\t")[1]) for line in (root / "train.idx").read_text().splitlines()]
     data[offsets[2]:offsets[2] + 4] = b"\0\0\0\0"  # record 2's magic word destroyed
     (root / "train.rec").write_bytes(bytes(data))
-    out = run_clean_data(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
+    out = run_stage1(str(root), "insightface-rec", RefinedDataset.create(tmp_path / "out"),
                          CleanConfig(workers=1, min_blur=0.0))
     got = pq.read_table(tmp_path / "out" / "rejects").to_pydict()
     assert dict(zip(got["key"], got["reason"])) == {"rec:2": "corrupt_record"}
@@ -287,7 +287,7 @@ def test_stage1_on_a_demo_in_either_record_order_gives_the_same_dataset(tmp_path
         images = json.loads((raw / "ground_truth.json").read_text())["num_records"]
         keys = _idx_keys(root)
         assert keys[0 if order == "index" else images] == 0 and sorted(keys) == list(range(len(keys)))
-        out = run_clean_data(str(root), "insightface-rec", RefinedDataset.create(tmp_path / f"out-{order}"),
+        out = run_stage1(str(root), "insightface-rec", RefinedDataset.create(tmp_path / f"out-{order}"),
                              CleanConfig(records_per_partition=15, workers=1))
         m = out.manifest
         assert m.source["eval_sets"] == [str(root / "demo_pairs.bin")]
@@ -302,7 +302,7 @@ def test_stage1_on_a_demo_in_either_record_order_gives_the_same_dataset(tmp_path
 
 
 def test_refine_on_a_demo_written_as_recordio(tmp_path):
-    """`arcface refine --format insightface-rec` on a demo in face2rec2's record order: stage 1
+    """`arcface clean-data --format insightface-rec` on a demo in face2rec2's record order: stage 1
     on the .rec, a bootstrap model, stage 2; every input accounted for, near duplicates of
     aligned faces found precisely, and the identities that overlap the pair set shipped
     beside train.rec (the only evaluation set here) removed."""
@@ -317,7 +317,7 @@ def test_refine_on_a_demo_written_as_recordio(tmp_path):
                              rec_order="face2rec2", workers=2), ["insightface-rec"])
     shutil.rmtree(raw / "eval")  # the demo's identification set: not part of insightface's layout
     try:
-        code = main(["refine", "--input", str(input_root(raw, "insightface-rec")), "--format", "insightface-rec",
+        code = main(["clean-data", "--input", str(input_root(raw, "insightface-rec")), "--format", "insightface-rec",
                      "--out", str(tmp_path / "out"), "--config", str(ROOT / "configs" / "demo-train.toml"),
                      "--set", "denoise.bootstrap_epochs=4", "--set", "clean.records_per_partition=100"])
     finally:

@@ -18,7 +18,7 @@ from cleaning.detect.weights import have_weights
 from cleaning.synthetic.demo import FORMATS, input_root
 from cleaning.synthetic.score import score_stage1
 from dataset import RefinedDataset
-from pipelines.clean_data import CleanConfig, run_clean_data
+from pipelines.stage1_dask import CleanConfig, run_stage1
 
 pytestmark = pytest.mark.skipif(not have_weights(), reason="MTCNN weights not fetched (make setup)")
 
@@ -29,7 +29,7 @@ def small_config() -> CleanConfig:
 
 def clean(src, fmt: str, out) -> dict:
     """Stage 1 of `src` into `out`; its manifest as a dict."""
-    return run_clean_data(str(src), fmt, RefinedDataset.create(out), small_config()).manifest.to_dict()
+    return run_stage1(str(src), fmt, RefinedDataset.create(out), small_config()).manifest.to_dict()
 
 
 def rows(out: Path, folder: str) -> int:

@@ -10,7 +10,7 @@
 #   the client    this checkout's `arcface`, the demo raw data and a local --config file
 #   shared        a local S3 endpoint (moto) and the services' addresses, nothing else
 #
-# The client: demo data -> `arcface copy` to S3 -> `arcface submit refine` (stage 1 on the
+# The client: demo data -> `arcface copy` to S3 -> `arcface submit clean-data` (stage 1 on the
 # cluster's Dask, bootstrap model and stage 2 on its Ray) -> `arcface submit train` with a
 # local --config file (2 workers, one per node) -> `arcface submit evaluate` on the cluster's
 # workers -> `arcface promote`.
@@ -133,7 +133,7 @@ sed '/^\[train\]$/a name = "rehearsal"\nregistered_model = "rehearsal-arcface"\n
 set -x
 arcface demo-data --out raw --identities 16 --images-per-identity 10 --workers 2 --set demo.ijb_subjects=8 > /dev/null
 arcface copy raw "s3://$BUCKET/raw"
-arcface submit refine --input "s3://$BUCKET/raw" --format vggface2 --out "s3://$BUCKET/refined" \
+arcface submit clean-data --input "s3://$BUCKET/raw" --format vggface2 --out "s3://$BUCKET/refined" \
     --scheduler "tcp://$HOST:$DASK_PORT" --config train.toml --set clean.records_per_partition=40 \
     --set denoise.workers=2
 arcface submit train --data "s3://$BUCKET/refined/stage2" --config train.toml --workers 2 --max-steps 12 \

@@ -1,14 +1,11 @@
-"""`arcface denoise`: refinement stage 2 on Ray, and `arcface refine`: the paper's loop.
+"""`arcface denoise` (alias `stage2`): refinement stage 2 on Ray.
 
-Stage 2: embed a stage-1 dataset with a model (Ray actors, pipelines/embed.py), then the
+Embed a stage-1 dataset with a model (Ray actors, pipelines/embed.py), then the
 cleaning/denoise.py steps in order: intra-class outliers (label noise) -> merge identities
 whose centres coincide -> drop identities that overlap the evaluation sets -> drop
 identities left too small; relabel contiguously and write a new refined dataset (shards,
 rejects of both stages, manifest, report). kept + rejected = read still holds.
-
-Refine: stage 1 (Dask) -> train a bootstrap model on it (Ray Train) -> stage 2 with that
-model -> optionally retrain on the refined data. Each step is skipped when its output
-exists, so a rerun continues where it stopped.
+The whole loop (stage 1 -> bootstrap model -> stage 2) is pipelines/clean_data.py.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import dataclasses
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -31,7 +27,6 @@ from pipelines.denoise_config import DenoiseConfig  # noqa: F401  (the section t
 log = logging.getLogger(__name__)
 
 STAGE = "stage2"
-REFINE_LAYOUT = {"stage1": "stage1", "stage2": "stage2", "runs": "runs", "bootstrap": "bootstrap.json"}
 
 
 def evaluation_faces(data: RefinedDataset) -> np.ndarray:
@@ -55,7 +50,7 @@ def _read_names(path: str) -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
-def _embedded(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str) -> tuple:
+def embed_dataset(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str) -> tuple:
     """(EmbeddedSet of every face in shard-row order, faces per shard); embeddings are
     computed once per model and reused (STAGE1/embeddings/<model hash>/), and read from
     there shard by shard by each pass of the steps, never held whole."""
@@ -93,19 +88,19 @@ def noise_share(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> fl
     return sum(step.dropped.values()) / max(1, step.figures["judged_faces"])
 
 
-def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
+def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
                 ray_address: str = "", mlflow_uri: str = "", drop_overlap: bool = True,
                 loaded: tuple | None = None) -> RefinedDataset:
     """Stage 2 of `data` into `out` with the model `model_uri`. `drop_overlap` False keeps the
     evaluation-overlap identities (an intermediate round: the next round's bootstrap must
     learn them like any other identity, or it cannot recognise them in the evaluation set).
-    `loaded`: what `_embedded` returned for this data and model, when the caller has it."""
+    `loaded`: what `embed_dataset` returned for this data and model, when the caller has it."""
     from pipelines.models import load_embedder
     from pipelines.training import checkpoint
 
     check_denoise_output(data, out, model_uri)  # before anything is computed or written
     started = time.perf_counter()
-    embedded, sizes = loaded or _embedded(data, model_uri, cfg, ray_address)
+    embedded, sizes = loaded or embed_dataset(data, model_uri, cfg, ray_address)
     eval_faces = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
@@ -164,7 +159,7 @@ def run_denoise(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: 
 def check_denoise_output(data: RefinedDataset, out: RefinedDataset, model_uri: str) -> None:
     """--out must be neither inside nor around the dataset or the model it reads (links
     resolved), and hold nothing that is not a dataset of ours."""
-    from pipelines.clean_data import OutputRefused
+    from pipelines.stage1_dask import OutputRefused
 
     inputs = [("--data", data.uri)]
     if storage.is_s3(model_uri) or "://" not in model_uri and not model_uri.startswith(("models:", "runs:")):
@@ -198,111 +193,3 @@ def _track(out: RefinedDataset, mlflow_uri: str) -> None:
         mlflow.log_dict(out.manifest.summary(), "manifest_summary.json")
         if storage.exists(out.report_index) and not storage.is_s3(out.uri):
             mlflow.log_artifacts(out.report_folder, "report")
-
-
-# -- the loop -------------------------------------------------------------------------------
-
-@dataclass
-class RefineResult:
-    stage1: RefinedDataset
-    stage2: RefinedDataset
-    bootstrap_checkpoint: str
-    refined_checkpoint: str = ""
-
-
-def _stage2_current(stage2: RefinedDataset, stage1: RefinedDataset, model: str, cfg: DenoiseConfig,
-                    drop_overlap: bool = True) -> bool:
-    """Whether a finished stage 2 was made from this stage 1, by this model, with this config."""
-    if not stage2.is_complete():
-        return False
-    m = stage2.manifest
-    made = m.extra.get(STAGE, {})
-    return ((m.parent or {}).get("content_hash") == stage1.content_hash and made.get("model") == model
-            and made.get("config") == dataclasses.asdict(cfg) and made.get("drop_overlap", True) == drop_overlap)
-
-
-def run_refine(input_uri: str, fmt: str, out: str, cfg, scheduler: str | None = None,
-               overwrite: bool = False) -> RefineResult:
-    """stage 1 -> bootstrap model -> stage 2 (-> retrain), under `out`:
-    stage1/ (a refined dataset), runs/ (checkpoints), bootstrap.json (which checkpoint the
-    bootstrap model is, written once it is complete), stage2/ (the refined dataset); with
-    `denoise.rounds` n > 1 also round1/ .. round{n-1}/ (each round's output, which trains the
-    next round's model: bootstrap2.json ..), and stage2/ is judged by the last model.
-    `cfg` is the whole Config: the loop runs every stage."""
-    from pipelines.clean_data import run_clean_data
-    from pipelines.training.driver import run_training
-
-    out = storage.absolute(out)
-    storage.check_bucket(out)
-    stage1 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage1"]))
-    stage2 = RefinedDataset.create(storage.join(out, REFINE_LAYOUT["stage2"]))
-    runs = storage.join(out, REFINE_LAYOUT["runs"])
-    services = cfg.services
-    # A rerun reuses each step's output only when it was made from the same inputs and
-    # config: stage 1 per partition (fingerprints), the bootstrap model and stage 2 by record.
-    stage1 = run_clean_data(input_uri, fmt, stage1, cfg.clean, scheduler=scheduler, overwrite=overwrite)
-    boot = dataclasses.replace(cfg.train, name="bootstrap", storage=runs, epochs=cfg.denoise.bootstrap_epochs,
-                               max_steps=0, registered_model="", eval_every=0,
-                               subcentres=cfg.denoise.bootstrap_subcentres)
-    denoise_cfg = cfg.denoise
-    stage1 = RefinedDataset.open(stage1.uri)
-    model = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
-    summary = RefineResult(stage1, stage2, model)
-    loaded = None  # the current model's embeddings, read once for its check and its stage 2
-    for later in range(2, cfg.denoise.rounds + 1):
-        loaded = _embedded(stage1, model, denoise_cfg, services.ray_address)
-        share = noise_share(loaded[0], model, denoise_cfg)
-        if share < cfg.denoise.another_round_above:
-            log.info("round %d found %.1f%% of the faces mislabelled (< %.0f%%): no further round", later - 1,
-                     100 * share, 100 * cfg.denoise.another_round_above)
-            break
-        log.info("round %d found %.1f%% of the faces mislabelled: a model trained on what it kept judges again",
-                 later - 1, 100 * share)
-        # Round n-1's output, judged by round n-1's model, trains round n's model; each
-        # round judges every stage-1 face again, so a face dropped wrongly can come back.
-        earlier = RefinedDataset.create(storage.join(out, f"round{later - 1}"))
-        if not _stage2_current(earlier, stage1, model, denoise_cfg, drop_overlap=False):
-            # Overlap identities stay in: dropped here, the next bootstrap would never learn
-            # them and would miss their evaluation faces (one of 3 missed at 20% noise).
-            run_denoise(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address, drop_overlap=False,
-                        loaded=loaded)
-        loaded = None  # the next model embeds anew
-        boot = dataclasses.replace(boot, name=f"bootstrap{later}")
-        # The new model's classes are round n-1's labels, not stage 1's: centres from embeddings.
-        denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)
-        model = _bootstrap(RefinedDataset.open(earlier.uri), boot, cfg, storage.join(out, f"bootstrap{later}.json"))
-    summary.bootstrap_checkpoint = model
-    if not _stage2_current(stage2, stage1, model, denoise_cfg):
-        run_denoise(stage1, stage2, model, denoise_cfg, ray_address=services.ray_address,
-                    mlflow_uri=services.mlflow_tracking_uri, loaded=loaded)
-    del loaded  # N x D: not held through the retraining below
-    summary.stage2 = RefinedDataset.open(stage2.uri)
-    if cfg.denoise.retrain:
-        final = dataclasses.replace(cfg.train, name="refined", storage=runs)
-        result = run_training(summary.stage2, final, cfg.margin, ray_address=services.ray_address,
-                              mlflow_uri=services.mlflow_tracking_uri)
-        if result.error:
-            raise RuntimeError(f"training on the refined data failed: {result.error}")
-        summary.refined_checkpoint = result.checkpoint.path
-    return summary
-
-
-def _bootstrap(data: RefinedDataset, boot, cfg, marker: str) -> str:
-    """The checkpoint of a bootstrap model trained on `data` with recipe `boot`: the one the
-    marker names when it was made from the same data and recipe, else a new one."""
-    from pipelines.training.driver import run_training
-
-    made_from = {"config": dataclasses.asdict(boot), "margin": dataclasses.asdict(cfg.margin),
-                 "dataset": data.content_hash}
-    earlier = shards.read_json(marker) if storage.exists(marker) else {}
-    if earlier and all(earlier.get(k) == v for k, v in made_from.items()):
-        log.info("%s model trained before on the same data and recipe: %s", boot.name, earlier["checkpoint"])
-        return earlier["checkpoint"]
-    result = run_training(data, boot, cfg.margin, ray_address=cfg.services.ray_address)
-    if result.error:
-        raise RuntimeError(f"{boot.name} training failed: {result.error}")
-    checkpoint = result.checkpoint.path
-    if storage.is_s3(boot.storage) and not checkpoint.startswith("s3://"):
-        checkpoint = "s3://" + checkpoint
-    shards.write_json(marker, {"checkpoint": checkpoint, **made_from})
-    return checkpoint
