@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from dataset import RefinedDataset, shards
 
-JPEG_QUALITY = 95  # stage 1's default (pipelines.clean_config.CleanConfig.jpeg_quality)
+JPEG_QUALITY = 95  # stage 1's default (cleaning.config.CleanConfig.jpeg_quality)
 
 
 def synthetic_face(base: np.ndarray, rng: np.random.Generator, size: int = 112) -> np.ndarray:

@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from cleaning.config import CleanConfig
 from cleaning.readers import Partition, input_stamp, read_partition
 from cleaning.steps import Face, Step, StepChain, internal_error
 from dataset import shards, storage
@@ -36,20 +37,11 @@ _DETECTOR = {}
 
 @dataclass(frozen=True)
 class PartitionSettings:
-    """What a stage-1 task needs besides its steps (the job fills it from its config, which
-    holds the defaults)."""
+    """What a stage-1 task needs besides its steps: the [clean] settings, and a digest of
+    them with the code version (the job makes it), part of every partition's fingerprint."""
 
-    detector_min_face: int
-    detector_device: str
-    detector_batch: int
-    redetect: bool  # ignore landmarks the source gives
-    jpeg_quality: int
-    row_group_rows: int
-    detect_max_side: int = 1280
-    decoded_pixels_per_chunk: int = 100_000_000
-    # What else decides a partition's output: a digest of the whole stage-1 config and the
-    # code version (the job fills both); part of every partition's fingerprint.
-    config_digest: str = ""
+    clean: CleanConfig
+    config_digest: str
 
 
 @dataclass
@@ -223,14 +215,14 @@ def _finish_chunk(chunk: list[Face], chain: StepChain, cfg: PartitionSettings, t
     need = [f for f in chunk if f.landmarks is None and f.aligned is None]
     failed: dict[int, tuple[str, str]] = {}  # id(face) -> (stage, reason): detection raised on it
     if need:
-        detector = get_detector(cfg.detector_min_face, cfg.detector_device)
+        detector = get_detector(cfg.clean.detector_min_face, cfg.clean.detector_device)
         try:
-            found = detect_bounded(detector, [f.image for f in need], cfg.detect_max_side)
+            found = detect_bounded(detector, [f.image for f in need], cfg.clean.detect_max_side)
         except Exception:  # one image broke the batch: detect one by one to find it
             found = []
             for face in need:
                 try:
-                    found += detect_bounded(detector, [face.image], cfg.detect_max_side)
+                    found += detect_bounded(detector, [face.image], cfg.clean.detect_max_side)
                 except Exception as exc:
                     failed[id(face)] = ("detect", internal_error(face, "detection", exc))
                     found.append(None)
@@ -265,7 +257,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
         if done is not None and done.fingerprint == stamp:
             return done
     chain = copy.deepcopy(steps)
-    tables = _Tables(cfg.jpeg_quality)
+    tables = _Tables(cfg.clean.jpeg_quality)
     read = 0
     for group in _by_identity(read_partition(part)):
         read += len(group)
@@ -275,7 +267,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
         pixels = 0
         for raw in group:
             face = Face(raw)
-            if cfg.redetect:
+            if cfg.clean.redetect:
                 raw.landmarks = None
             dropped = _run(chain.before_detection, face)
             if dropped:
@@ -284,7 +276,7 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
                 continue
             chunk.append(face)
             pixels += face.image.shape[0] * face.image.shape[1]
-            if pixels >= cfg.decoded_pixels_per_chunk or len(chunk) >= cfg.detector_batch:
+            if pixels >= cfg.clean.decoded_pixels_per_chunk or len(chunk) >= cfg.clean.detector_batch:
                 _finish_chunk(chunk, chain, cfg, tables)
                 chunk, pixels = [], 0
         _finish_chunk(chunk, chain, cfg, tables)
@@ -296,9 +288,9 @@ def process_partition(part: Partition, steps: StepChain, cfg: PartitionSettings,
                              worker=_worker_name(), fingerprint=stamp, peak_rss_mib=peak_rss_mib())
     if read != kept.num_rows + rejects.num_rows:  # an invariant, not an input problem
         raise RuntimeError(f"partition {part.index}: read {read} != kept {kept.num_rows} + rejected {rejects.num_rows}")
-    shards.write_table(uris["kept"], kept, cfg.row_group_rows)
+    shards.write_table(uris["kept"], kept, cfg.clean.row_group_rows)
     # Small row groups: a rejects file holds raw photos, and the report reads a few rows of it.
-    shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
+    shards.write_table(uris["rejects"], rejects, min(100, cfg.clean.row_group_rows))
     shards.write_json(uris["counts"], counts.to_json())  # last: marks the partition done
     return counts
 
@@ -314,7 +306,7 @@ def reject_partition(part: Partition, cfg: PartitionSettings, out: RefinedDatase
     record a worker died on, once bisection has isolated it); its bytes are kept as any
     reject's are (capped)."""
     uris = staged_uris(out, part.index)
-    tables = _Tables(cfg.jpeg_quality)
+    tables = _Tables(cfg.clean.jpeg_quality)
     read = 0
     for raw in read_partition(part):
         read += 1
@@ -325,7 +317,7 @@ def reject_partition(part: Partition, cfg: PartitionSettings, out: RefinedDatase
     counts = PartitionCounts(partition=part.index, read=read, kept=0, rejected=rejects.num_rows,
                              reasons={f"{stage}/{reason}": rejects.num_rows} if read else {}, steps={},
                              worker="driver", fingerprint=fingerprint(part, cfg))
-    shards.write_table(uris["kept"], kept, cfg.row_group_rows)
-    shards.write_table(uris["rejects"], rejects, min(100, cfg.row_group_rows))
+    shards.write_table(uris["kept"], kept, cfg.clean.row_group_rows)
+    shards.write_table(uris["rejects"], rejects, min(100, cfg.clean.row_group_rows))
     shards.write_json(uris["counts"], counts.to_json())
     return counts

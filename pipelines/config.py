@@ -3,7 +3,7 @@ that reads them:
 
     [services]   infra/local_services.py            ServicesConfig
     [demo]       cleaning/synthetic/demo_config.py  DemoConfig
-    [clean]      pipelines/clean_config.py          CleanConfig  (stage 1)
+    [clean]      cleaning/config.py                 CleanConfig  (stage 1)
     [denoise]    pipelines/denoise_config.py        DenoiseConfig (stage 2, `arcface clean-data`)
     [train]      pipelines/training/config.py       TrainConfig
     [margin]     pipelines/training/config.py       MarginConfig (+ [margin.arcface] ... per margin)
@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from arcface_core.settings import problem
 from cleaning.synthetic.demo_config import DemoConfig
 from infra.local_services import ServicesConfig
-from pipelines.clean_config import CleanConfig
+from cleaning.config import CleanConfig
 from pipelines.denoise_config import DenoiseConfig
 from pipelines.training.config import MarginConfig, TrainConfig
 

@@ -31,7 +31,7 @@ from cleaning.steps import (INTERNAL_ERROR, Align, Blur, Decode, Detected, Detec
                             NearDuplicate, RecordCheck, SourceLandmarks, StepChain)
 from dataset import shards, storage
 from dataset.refined import RefinedDataset, describe_source, locations_overlap, real_location
-from pipelines.clean_config import CleanConfig  # noqa: F401  (the section this job reads)
+from cleaning.config import CleanConfig  # noqa: F401  (the section this job reads)
 from pipelines.logs import Progress
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,7 @@ def build_steps(cfg: CleanConfig) -> StepChain:
 
 
 def partition_settings(cfg: CleanConfig) -> PartitionSettings:
-    return PartitionSettings(detector_min_face=cfg.detector_min_face, detector_device=cfg.detector_device,
-                             detector_batch=cfg.detector_batch, redetect=cfg.redetect, jpeg_quality=cfg.jpeg_quality,
-                             row_group_rows=cfg.row_group_rows, detect_max_side=cfg.detect_max_side,
-                             decoded_pixels_per_chunk=cfg.decoded_pixels_per_chunk, config_digest=config_digest(cfg))
+    return PartitionSettings(clean=cfg, config_digest=config_digest(cfg))
 
 
 def config_digest(cfg: CleanConfig) -> str:

@@ -21,6 +21,12 @@ import functools
 import importlib
 from dataclasses import dataclass
 
+# How an insightface RecordIO file lists its records (cleaning/formats/recordio.py): index =
+# header, images, identity records; face2rec2 = images, then header and identity records, as
+# insightface's face2rec2.py writes. Here, not in recordio.py, so the config can name the
+# choices without importing numpy.
+RECORD_ORDERS = ("index", "face2rec2")
+
 
 @dataclass(frozen=True)
 class RawFormat:

@@ -35,6 +35,7 @@ import struct
 
 import numpy as np
 
+from cleaning.formats import RECORD_ORDERS
 from cleaning.readers import IR_HEADER, REC_MAGIC
 
 _MAGIC = struct.pack("<I", REC_MAGIC)
@@ -91,7 +92,7 @@ def _class_of(label, n: int) -> int:
     return int(value)
 
 
-ORDERS = ("index", "face2rec2")
+ORDERS = RECORD_ORDERS
 
 
 def write_rec(dest, items, *, header: bool | None = None, image_size: tuple[int, int] = (112, 112),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arcface_core.settings import WORKERS, setting
+from cleaning.formats import RECORD_ORDERS
 
 _SHARE = "[0, 1]"
 _COUNT = "[0, inf)"
@@ -47,8 +48,7 @@ class DemoConfig:
     eval_pairs: int = setting(600, range=_COUNT, doc="pairs in the evaluation pair set")
     ijb_subjects: int = setting(24, range=_COUNT, doc=(
         "subjects of the synthetic IJB-C-style set written beside the raw data (ijb/IJBC; 0: none)"))
-    # As cleaning/formats/recordio.ORDERS (which imports numpy: too heavy to load here).
-    rec_order: str = setting("index", choices=("index", "face2rec2"), doc=(
+    rec_order: str = setting("index", choices=RECORD_ORDERS, doc=(
         "how the insightface-rec layout lists its records: index (header, images, identity records) "
         "or face2rec2 (images, then header and identity records, as insightface's face2rec2.py writes)"))
     workers: int = setting(2, range=WORKERS, doc="processes rendering the photos")

@@ -14,6 +14,7 @@ into another (ArcFace m = 0.5 rad is not a CosFace m, and SphereFace's m is an i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from arcface_core.settings import WORKERS, setting
@@ -196,3 +197,13 @@ def check_recipe_matches(manifest, cfg: TrainConfig) -> list[str]:
         notes.append(f"the recipe's dataset has {cfg.num_images:,} images, this data {manifest.num_images:,} "
                      f"({manifest.num_images / cfg.num_images - 1:+.1%}); steps per epoch follow the data")
     return notes
+
+
+def config_section(kind, values: dict):
+    """A config dataclass (with nested sections) from its asdict() form."""
+    kwargs = {}
+    for f in dataclasses.fields(kind):
+        if f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = config_section(f.default_factory, value) if isinstance(value, dict) else value
+    return kind(**kwargs)

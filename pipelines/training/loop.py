@@ -19,7 +19,7 @@ import time
 import torch
 
 from dataset import storage
-from pipelines.training.config import MarginConfig, TrainConfig
+from pipelines.training.config import MarginConfig, TrainConfig, config_section
 from pipelines.training.step import Trainee, lr_at
 
 log = logging.getLogger(__name__)
@@ -253,12 +253,3 @@ def quiet_worker_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-
-def config_section(kind, values: dict):
-    """A config dataclass (with nested sections) from its asdict() form."""
-    kwargs = {}
-    for f in dataclasses.fields(kind):
-        if f.name in values:
-            value = values[f.name]
-            kwargs[f.name] = config_section(f.default_factory, value) if isinstance(value, dict) else value
-    return kind(**kwargs)

@@ -1,4 +1,5 @@
-"""The [clean] config section: stage 1 (`arcface clean-data`, pipelines/clean_data.py).
+"""The [clean] config section: stage 1 (`arcface stage1`, pipelines/stage1_dask.py; its tasks
+read it in cleaning/stage1.py).
 
 Its own module, free of the job's imports, so the config (and `arcface --help`) loads
 without Dask, OpenCV or torch."""
