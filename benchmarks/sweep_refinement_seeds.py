@@ -102,24 +102,30 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     stage2 = {k: v for k, v in manifest["stage2"].items() if k != "config"}
     return {"demo": dataclasses.asdict(demo), "times": times, "summary": summarise(score, truth, result),
             "stage2_score": score, "counts": manifest["counts"], "stage2": stage2,
-            "rounds": rounds_run(work / "refined"),
+            "rounds": rounds_run(work / "refined", stage2.get("loop")),
             "mistakes": mistakes(result, truth, cfg.denoise, stage2["angle_histogram"]["threshold_deg"],
                                  stage2["steps"].get("evaluation_overlap", {}))}
 
 
-def rounds_run(refined: Path) -> dict:
-    """How many rounds ran, and what each intermediate round found (the share that decided
-    whether another round runs is its intra-class drops over its judged faces)."""
+def rounds_run(refined: Path, loop: dict | None = None) -> dict:
+    """How many rounds ran, and what each intermediate round found. `loop` (the stage-2
+    manifest's record of the loop's choices, when the code writes one) adds how each round
+    was decided (the share that decided it, and by which rule) and the bootstrap lengths."""
     earlier = []
+    decided = {r["round"]: r for r in (loop or {}).get("rounds", [])}
     for folder in sorted(refined.glob("round*"), key=lambda p: int(p.name[5:])):
         m = json.loads((folder / "manifest.json").read_text())["stage2"]
         intra = m["steps"]["intra_class"]
         dropped = sum(intra["dropped"].values())
-        earlier.append({"round": int(folder.name[5:]), "threshold_deg": intra["max_angle"],
+        n = int(folder.name[5:])
+        earlier.append({"round": n, "threshold_deg": intra["max_angle"],
                         "threshold_from": intra["max_angle_from"], "dropped": dropped,
                         "judged_faces": intra["judged_faces"],
-                        "share_found": round(dropped / max(1, intra["judged_faces"]), 4)})
-    return {"rounds": len(earlier) + 1, "earlier_rounds": earlier}
+                        "share_found": round(dropped / max(1, intra["judged_faces"]), 4),
+                        **({"decision": decided[n]} if n in decided else {})})
+    last = [r for n, r in decided.items() if n > len(earlier)]  # the round that stopped the loop
+    return {"rounds": len(earlier) + 1, "earlier_rounds": earlier, **({"stopped_by": last[0]} if last else {}),
+            **({"bootstrap_steps": [b["steps"] for b in loop["bootstraps"]]} if loop else {})}
 
 
 def summarise(score: dict, truth: dict, result) -> dict:
@@ -337,7 +343,7 @@ def meets_bar(row: dict) -> bool:
 def _case_row(c: dict) -> str:
     if "summary" not in c:
         return (f"| {c['identities']}x{c['images_per_identity']} | {c['label_noise']:g} | {c['kind']} | {c['seed']} "
-                f"| failed: {c['error'].strip().splitlines()[-1][:80]} | | | | | | | | |")
+                f"| failed: {c['error'].strip().splitlines()[-1][:80]} | | | | | | | | | |")
     s, m = c["summary"], c["mistakes"]
     same_person = {frozenset(p) for p in c["stage2_score"]["duplicate_identities"]["truth"]}
     # A duplicate identity's faces show the person it duplicates: not a take-over.
@@ -347,14 +353,26 @@ def _case_row(c: dict) -> str:
     # An overlap identity whose kept faces are all a look-alike's leaks no evaluation person.
     overlap = [f"{i} ({rows[i]['kept'] - rows[i]['noise_kept']} own)" if i in rows else i for i in s["overlap_kept"]]
     rounds = c["rounds"]
-    shares = ", ".join(f"{r['share_found']:.2f}" for r in rounds["earlier_rounds"]) or "-"
+    shares = ", ".join(_decided_share(r) for r in rounds["earlier_rounds"]) or "-"
+    steps = "/".join(map(str, rounds.get("bootstrap_steps", []))) or "-"
     return (f"| {c['identities']}x{c['images_per_identity']} | {c['label_noise']:g} | {c['kind']} | {c['seed']} "
             f"| {s['precision']:.4f} | {s['recall']:.4f} ({s['noise_reached'] - s['noise_caught']} kept) "
             f"| {s['false_merges']}" + (f" ({s['false_merges_of_one_person']} of one person)"
                                         if s['false_merges_of_one_person'] else "")
             + f" | {s['missed_merges']} | {', '.join(overlap) or '-'} "
-            f"| {c['stage2']['angle_histogram']['threshold_deg']:.1f} | {rounds['rounds']} ({shares}) "
+            f"| {c['stage2']['angle_histogram']['threshold_deg']:.1f} | {rounds['rounds']} ({shares}) | {steps} "
             f"| {', '.join(taken) or '-'} | {c['wall_s']:.0f} |")
+
+
+def _decided_share(r: dict) -> str:
+    """An earlier round's share found; where the share beyond Otsu's split decided it (the
+    threshold came from a fallback rule: cleaning/denoise.round_decision), that share too."""
+    d = r.get("decision")
+    if d is None:
+        return f"{r['share_found']:.2f}"
+    if "Otsu's split" in d["decided_by"]:
+        return f"{d['share_found']:.2f}, Otsu {d['share_beyond_otsu']:.2f}"
+    return f"{d['share_found']:.2f}"
 
 
 def _cell(spread: dict, digits: int) -> str:
@@ -420,12 +438,14 @@ def report(args, command: str) -> None:
                   f"| {'met' if meets_bar(r) else 'not met'} |")
     md += ["", "## Every case", "",
            ("Threshold: stage 2's intra-class angle (deg); rounds: how many ran (the share of judged faces each "
-            "earlier round found mislabelled, which decided another round); taken over: identities whose kept faces "
+            "earlier round found mislabelled, which decided another round; \"Otsu x\": its threshold came from a "
+            "fallback rule, and the share x beyond Otsu's split decided); bootstrap steps: optimizer steps of each "
+            "round's bootstrap model (denoise.bootstrap_min_steps); taken over: identities whose kept faces "
             "mostly show another person; overlap kept: each with how many of its kept faces show its own person "
             "(0: taken over by a look-alike, no evaluation person leaks)."), "",
            ("| size | noise | kind | seed | precision | recall (mislabelled kept) | false merges | missed merges "
-            "| overlap kept | threshold | rounds | taken over | wall s |"),
-           "|---|---:|---|---:|---:|---|---|---:|---|---:|---|---|---:|",
+            "| overlap kept | threshold | rounds | bootstrap steps | taken over | wall s |"),
+           "|---|---:|---|---:|---:|---|---|---:|---|---:|---|---|---|---:|",
            *[_case_row(c) for c in sorted(cases, key=lambda c: (c["identities"], c["label_noise"], c["kind"],
                                                                   c["seed"]))], ""]
     (out / f"{args.results_name}.md").write_text("\n".join(md))

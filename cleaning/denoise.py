@@ -232,6 +232,44 @@ def valley_threshold(angles: np.ndarray, separation: float = 0.75) -> tuple[floa
                               "clean_mode_floor_deg": round(floor, 2), **figures}
 
 
+def round_decision(angles: np.ndarray, threshold: float, derived: dict, another_round_above: float) -> dict:
+    """Whether a model's judgement is evidence enough to stop refining (no further round), and
+    where an intermediate round cuts; from the judged faces' angles to their centres, the
+    threshold the intra-class step set and the figures that set it (`valley_threshold`'s).
+
+    A derived threshold is Otsu's valley only when the split saw two modes and the clean
+    mode's floor did not raise it. Otherwise it came from a fallback - the floor (Otsu's
+    low side is wide: mislabelled faces inside it) or the one-mode rule (no valley seen) -
+    and the few faces beyond it say the model could not separate the noise, not that there
+    is little: on the seed sweep's weak round-1 models those cuts lay at 61-141 deg where
+    Otsu's was 39-60, found 0-15% of the faces at 45-50% noise, and stopped after one round
+    (recall 0.00-0.40; benchmarks/results/refinement_seed_sweep_before.md). So then the share
+    that decides is the share beyond Otsu's split. An intermediate round's output only
+    trains the next model, and every stage-1 face is judged again by it: a clean face it
+    drops comes back, a mislabelled face it keeps teaches the next model the wrong person.
+    So it cuts at Otsu's split when that is lower than the threshold."""
+    angles = np.asarray(angles, np.float64)
+    angles = angles[np.isfinite(angles)]
+    judged = max(1, len(angles))
+    found = float((angles > threshold).sum() / judged)
+    otsu = derived.get("otsu_deg")
+    decision = {"threshold_deg": round(float(threshold), 2), "threshold_rule": derived.get("rule", "configured"),
+                "share_found": round(found, 4), "another_round_above": another_round_above}
+    if otsu is None:  # a configured angle, or nothing to split: its own share decides
+        share, cut = found, float(threshold)
+        decision["decided_by"] = "the share beyond the threshold"
+    else:
+        beyond = float((angles > otsu).sum() / judged)
+        valley = derived["rule"].startswith("otsu") and threshold <= otsu
+        share = found if valley else beyond
+        cut = min(float(threshold), float(otsu))
+        decision.update({"otsu_deg": round(float(otsu), 2), "share_beyond_otsu": round(beyond, 4),
+                         "decided_by": "the share beyond the threshold (Otsu's valley)" if valley else
+                         "the share beyond Otsu's split (the threshold came from a fallback rule)"})
+    decision.update({"another_round": share >= another_round_above, "intermediate_cut_deg": round(cut, 2)})
+    return decision
+
+
 class DenoiseStep:
     name = "step"
     reasons: tuple[str, ...] = ()

@@ -18,7 +18,7 @@ from dataset import shards, storage
 from dataset.refined import RefinedDataset
 from pipelines.denoise_config import DenoiseConfig
 from pipelines.stage1_dask import run_stage1
-from pipelines.stage2_ray import STAGE, embed_dataset, noise_share, run_stage2
+from pipelines.stage2_ray import STAGE, embed_dataset, judge_round, run_stage2
 
 log = logging.getLogger(__name__)
 
@@ -69,35 +69,44 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
                                subcentres=cfg.denoise.bootstrap_subcentres)
     denoise_cfg = cfg.denoise
     stage1 = RefinedDataset.open(stage1.uri)
-    model = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
+    model, length = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
+    # What the loop chose from this run's data, and why: into the stage-2 manifest.
+    loop = {"bootstraps": [{"model": model, **length}], "rounds": []}
     summary = RefineResult(stage1, stage2, model)
     loaded = None  # the current model's embeddings, read once for its check and its stage 2
     for later in range(2, cfg.denoise.rounds + 1):
         loaded = embed_dataset(stage1, model, denoise_cfg, services.ray_address)
-        share = noise_share(loaded[0], model, denoise_cfg)
-        if share < cfg.denoise.another_round_above:
-            log.info("round %d found %.1f%% of the faces mislabelled (< %.0f%%): no further round", later - 1,
-                     100 * share, 100 * cfg.denoise.another_round_above)
+        decision = judge_round(loaded[0], model, denoise_cfg)
+        loop["rounds"].append({"round": later - 1, **decision})
+        share = decision["share_found"]
+        if not decision["another_round"]:
+            log.info("round %d found %.1f%% of the faces mislabelled (%s < %.0f%%): no further round", later - 1,
+                     100 * share, decision["decided_by"], 100 * cfg.denoise.another_round_above)
             break
-        log.info("round %d found %.1f%% of the faces mislabelled: a model trained on what it kept judges again",
-                 later - 1, 100 * share)
+        log.info("round %d found %.1f%% of the faces mislabelled (%s): a model trained on what it kept judges again",
+                 later - 1, 100 * share, decision["decided_by"])
         # Round n-1's output, judged by round n-1's model, trains round n's model; each
         # round judges every stage-1 face again, so a face dropped wrongly can come back.
+        # It cuts at the valley (Otsu's split) even where a fallback rule set a higher
+        # threshold: what it keeps only trains the next model (round_decision).
+        round_cfg = dataclasses.replace(denoise_cfg, max_angle=decision["intermediate_cut_deg"])
         earlier = RefinedDataset.create(storage.join(out, f"round{later - 1}"))
-        if not _stage2_current(earlier, stage1, model, denoise_cfg, drop_overlap=False):
+        if not _stage2_current(earlier, stage1, model, round_cfg, drop_overlap=False):
             # Overlap identities stay in: dropped here, the next bootstrap would never learn
             # them and would miss their evaluation faces (one of 3 missed at 20% noise).
-            run_stage2(stage1, earlier, model, denoise_cfg, ray_address=services.ray_address, drop_overlap=False,
+            run_stage2(stage1, earlier, model, round_cfg, ray_address=services.ray_address, drop_overlap=False,
                         loaded=loaded)
         loaded = None  # the next model embeds anew
         boot = dataclasses.replace(boot, name=f"bootstrap{later}")
         # The new model's classes are round n-1's labels, not stage 1's: centres from embeddings.
         denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)
-        model = _bootstrap(RefinedDataset.open(earlier.uri), boot, cfg, storage.join(out, f"bootstrap{later}.json"))
+        model, length = _bootstrap(RefinedDataset.open(earlier.uri), boot, cfg,
+                                   storage.join(out, f"bootstrap{later}.json"))
+        loop["bootstraps"].append({"model": model, **length})
     summary.bootstrap_checkpoint = model
     if not _stage2_current(stage2, stage1, model, denoise_cfg):
         run_stage2(stage1, stage2, model, denoise_cfg, ray_address=services.ray_address,
-                    mlflow_uri=services.mlflow_tracking_uri, loaded=loaded)
+                    mlflow_uri=services.mlflow_tracking_uri, loaded=loaded, loop=loop)
     del loaded  # N x D: not held through the retraining below
     summary.stage2 = RefinedDataset.open(stage2.uri)
     if cfg.denoise.retrain:
@@ -110,22 +119,38 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
     return summary
 
 
-def _bootstrap(data: RefinedDataset, boot, cfg, marker: str) -> str:
-    """The checkpoint of a bootstrap model trained on `data` with recipe `boot`: the one the
-    marker names when it was made from the same data and recipe, else a new one."""
+def _bootstrap(data: RefinedDataset, boot, cfg, marker: str) -> tuple[str, dict]:
+    """The checkpoint of a bootstrap model trained on `data` with recipe `boot` (its epochs
+    raised by `bootstrap_length`): the one the marker names when it was made from the same
+    data and recipe, else a new one; and the length chosen, with its evidence."""
     from pipelines.training.driver import run_training
 
+    length = bootstrap_length(data.manifest.num_images, boot.batch_size, boot.epochs, cfg.denoise.bootstrap_min_steps)
+    boot = dataclasses.replace(boot, epochs=length["epochs"])
     made_from = {"config": dataclasses.asdict(boot), "margin": dataclasses.asdict(cfg.margin),
                  "dataset": data.content_hash}
     earlier = shards.read_json(marker) if storage.exists(marker) else {}
     if earlier and all(earlier.get(k) == v for k, v in made_from.items()):
         log.info("%s model trained before on the same data and recipe: %s", boot.name, earlier["checkpoint"])
-        return earlier["checkpoint"]
+        return earlier["checkpoint"], length
+    log.info("%s model: %d epochs of %d steps (%s)", boot.name, length["epochs"], length["steps_per_epoch"],
+             length["rule"])
     result = run_training(data, boot, cfg.margin, ray_address=cfg.services.ray_address)
     if result.error:
         raise RuntimeError(f"{boot.name} training failed: {result.error}")
     checkpoint = result.checkpoint.path
     if storage.is_s3(boot.storage) and not checkpoint.startswith("s3://"):
         checkpoint = "s3://" + checkpoint
-    shards.write_json(marker, {"checkpoint": checkpoint, **made_from})
-    return checkpoint
+    shards.write_json(marker, {"checkpoint": checkpoint, **made_from, "length": length})
+    return checkpoint, length
+
+
+def bootstrap_length(faces: int, batch: int, epochs: int, min_steps: int) -> dict:
+    """How long a bootstrap model trains on `faces`: `epochs`, raised until it takes at least
+    `min_steps` optimizer steps (a step per full global batch, as the training loop counts);
+    with the figures that chose it, for the marker and the manifest."""
+    per_epoch = max(1, faces // batch)
+    chosen = max(epochs, -(-min_steps // per_epoch))
+    return {"faces": faces, "batch": batch, "steps_per_epoch": per_epoch, "configured_epochs": epochs,
+            "min_steps": min_steps, "epochs": chosen, "steps": chosen * per_epoch,
+            "rule": "configured epochs" if chosen == epochs else "epochs raised to reach the minimum steps"}

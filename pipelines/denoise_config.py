@@ -73,6 +73,15 @@ class DenoiseConfig:
     # `arcface clean-data`: epochs of the bootstrap model trained on stage-1 data (the rest of
     # its recipe is [train]); then retrain on the refined data when `retrain` is set.
     bootstrap_epochs: int = setting(2, range="[1, inf)", doc="`arcface clean-data`: epochs of each bootstrap model")
+    # Epochs alone say nothing of how much a model learned: 2 epochs of a 1000-face demo at
+    # batch 64 are ~30 SGD steps (20 of them warm-up), and such a model embedded so poorly
+    # that the intra-class angles had no valley at 45-50% noise (one round, recall 0-0.40
+    # on 6 of 20 seeds: benchmarks/results/refinement_seed_sweep_before.md). The epochs are
+    # raised per run until the bootstrap takes this many optimizer steps (the choice and
+    # the data size it came from are in bootstrapN.json and the stage-2 manifest).
+    bootstrap_min_steps: int = setting(200, range="[0, inf)", doc=(
+        "`arcface clean-data`: each bootstrap model trains at least this many optimizer steps "
+        "(epochs raised to reach them; 0: `bootstrap_epochs` only)"))
     # Sub-centres per class of the bootstrap model (sub-centre ArcFace, Deng et al. 2020):
     # a mislabelled face can sit at a sub-centre of its own instead of pulling the identity's
     # embedding towards it. Demo at 50% label noise, threshold 50 deg: recall 0.90 with one
@@ -84,7 +93,10 @@ class DenoiseConfig:
     # noise: recall 0.92 after one round, 0.99 after two (tests/test_denoise.py).
     rounds: int = setting(2, range="[1, inf)", doc="refinement rounds of `arcface clean-data` (at most)")
     # The last round's model was trained on that much wrong (demo: 10% label noise -> 10.5%
-    # found, one round; 40% -> 37%, two).
+    # found, one round; 40% -> 37%, two). Where the round's threshold came from a fallback
+    # rule (the clean mode's floor above Otsu's split, or no valley seen) the share beyond
+    # Otsu's split decides, and an intermediate round cuts there (cleaning/denoise.
+    # round_decision; the decision and its figures are in the stage-2 manifest's "loop").
     another_round_above: float = setting(0.2, range="[0, 1]", doc=(
         "another round only while the last found at least this share of the judged faces mislabelled "
         "(0: always `rounds` rounds)"))

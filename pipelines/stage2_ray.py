@@ -19,7 +19,7 @@ import numpy as np
 
 from cleaning import rewrite
 from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities,
-                              contiguous_labels)
+                              contiguous_labels, round_decision)
 from dataset import shards, storage
 from dataset.refined import RefinedDataset, locations_overlap, real_location
 from pipelines.denoise_config import DenoiseConfig  # noqa: F401  (the section this job reads)
@@ -77,24 +77,28 @@ def embed_dataset(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_
     return EmbeddedSet(emb, groups, names), emb.sizes
 
 
-def noise_share(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> float:
-    """The share of the judged faces that `model_uri` (whose embeddings `embedded` holds)
-    finds mislabelled: the intra-class step alone, on a copy; nothing is written."""
+def judge_round(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> dict:
+    """What `model_uri` (whose embeddings `embedded` holds) finds mislabelled, and whether that
+    is evidence enough to stop refining (cleaning/denoise.round_decision): the intra-class
+    step alone, on a copy; nothing is written."""
     from pipelines.training import checkpoint
 
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
     step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
-    step(EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities))
-    return sum(step.dropped.values()) / max(1, step.figures["judged_faces"])
+    judged = step(EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities))
+    return {"judged_faces": step.figures["judged_faces"],
+            **round_decision(judged.angles, step.threshold, step.figures["max_angle_from"], cfg.another_round_above)}
 
 
 def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: DenoiseConfig,
                 ray_address: str = "", mlflow_uri: str = "", drop_overlap: bool = True,
-                loaded: tuple | None = None) -> RefinedDataset:
+                loaded: tuple | None = None, loop: dict | None = None) -> RefinedDataset:
     """Stage 2 of `data` into `out` with the model `model_uri`. `drop_overlap` False keeps the
     evaluation-overlap identities (an intermediate round: the next round's bootstrap must
     learn them like any other identity, or it cannot recognise them in the evaluation set).
-    `loaded`: what `embed_dataset` returned for this data and model, when the caller has it."""
+    `loaded`: what `embed_dataset` returned for this data and model, when the caller has it.
+    `loop`: what `arcface clean-data` chose from the data before this stage (bootstrap
+    lengths, rounds and the shares that decided them), recorded in the manifest."""
     from pipelines.models import load_embedder
     from pipelines.training import checkpoint
 
@@ -140,6 +144,8 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
                             "dropped_other_reasons": np.histogram(angles[judged & other], edges)[0].tolist(),
                             "threshold_deg": outliers.threshold},
     }
+    if loop is not None:
+        summary["loop"] = loop
     summary["seconds"] = round(time.perf_counter() - started, 1)  # embedding and decisions
     rewrite.rewrite_dataset(data, out, decide, id_map, stage=STAGE, extra={STAGE: summary})
     try:

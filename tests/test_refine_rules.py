@@ -1,0 +1,100 @@
+"""The rules `arcface clean-data` chooses its settings by, from what it measures on the data
+(no training here: the rules on their own figures)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cleaning.denoise import round_decision, valley_threshold
+from pipelines.clean_data import bootstrap_length
+from pipelines.denoise_config import DenoiseConfig
+
+
+def test_bootstrap_epochs_are_raised_until_the_minimum_steps():
+    # The demo at 50 x 20: ~930 faces after stage 1, batch 64 -> 14 steps an epoch; the
+    # configured 2 epochs would be 28 steps, most of them warm-up.
+    length = bootstrap_length(faces=932, batch=64, epochs=2, min_steps=200)
+    assert length["steps_per_epoch"] == 14
+    assert length["epochs"] == 15 and length["steps"] == 210 >= 200
+    assert length["rule"] == "epochs raised to reach the minimum steps"
+    assert length["configured_epochs"] == 2 and length["faces"] == 932
+
+
+def test_bootstrap_keeps_its_epochs_when_they_already_take_the_minimum_steps():
+    # A large dataset: one epoch is far more than the minimum; the configured epochs stand.
+    length = bootstrap_length(faces=5_800_000, batch=512, epochs=2, min_steps=200)
+    assert length["epochs"] == 2 and length["steps"] == 2 * (5_800_000 // 512)
+    assert length["rule"] == "configured epochs"
+
+
+def test_bootstrap_minimum_zero_is_the_configured_epochs():
+    assert bootstrap_length(faces=932, batch=64, epochs=2, min_steps=0)["epochs"] == 2
+
+
+def test_bootstrap_minimum_is_exact_at_a_multiple_of_the_epoch():
+    assert bootstrap_length(faces=640, batch=64, epochs=1, min_steps=200)["epochs"] == 20  # 10 steps an epoch
+
+
+def test_bootstrap_min_steps_is_a_declared_setting():
+    from dataclasses import fields
+
+    field = {f.name: f for f in fields(DenoiseConfig)}["bootstrap_min_steps"]
+    assert field.default == 200 and field.metadata["range"] == "[0, inf)"
+
+
+def _mixture(seed: int, clean: tuple, noisy: tuple, noise_share: float, n: int = 1000):
+    rng = np.random.default_rng(seed)
+    k = int(noise_share * n)
+    return np.concatenate([rng.normal(*clean, n - k), rng.normal(*noisy, k)]).clip(0, 180)
+
+
+def test_a_clear_valley_decides_by_its_own_share():
+    # A good model at 40% noise: clean faces ~25 deg from their centre, mislabelled ~70.
+    angles = _mixture(1, (25, 5), (70, 8), 0.4)
+    threshold, derived = valley_threshold(angles)
+    assert derived["rule"].startswith("otsu")
+    d = round_decision(angles, threshold, derived, another_round_above=0.2)
+    # With a clear valley, the threshold and Otsu's split find the same faces, whichever decides.
+    assert abs(d["share_found"] - d["share_beyond_otsu"]) < 0.01
+    assert d["another_round"] and 0.35 < d["share_found"] < 0.45
+    assert d["intermediate_cut_deg"] == round(min(threshold, derived["otsu_deg"]), 2)
+
+
+def test_a_fallback_threshold_does_not_stop_the_loop_on_its_few_drops():
+    # A weak round-1 model at 45% noise: the mislabelled faces' mode is broad and overlaps
+    # the clean one. The one-mode rule puts the cut far out (the sweep saw 61-141 deg) and
+    # finds a few percent: not evidence of little noise. The share beyond Otsu's split decides.
+    angles = _mixture(2, (30, 8), (60, 15), 0.4)
+    threshold, derived = valley_threshold(angles)
+    assert derived["rule"].startswith("one mode") and threshold > 90
+    d = round_decision(angles, threshold, derived, another_round_above=0.2)
+    assert d["share_found"] < 0.05  # what the old rule weighed: one round only
+    assert d["another_round"] and d["share_beyond_otsu"] >= 0.2
+    assert "fallback" in d["decided_by"]
+    # The intermediate round cuts at Otsu's split, so the next model trains on purer labels.
+    assert d["intermediate_cut_deg"] == round(derived["otsu_deg"], 2) < threshold
+
+
+def test_a_floor_above_otsu_is_a_fallback_too():
+    derived = {"rule": "otsu, floored at the clean mode's median + 4 robust sigmas", "otsu_deg": 50.0,
+               "clean_mode_floor_deg": 70.0}
+    angles = np.array([20.0] * 60 + [55.0] * 30 + [80.0] * 10)
+    d = round_decision(angles, 70.0, derived, another_round_above=0.2)
+    assert d["share_found"] == 0.1 and d["share_beyond_otsu"] == 0.4
+    assert d["another_round"] and d["intermediate_cut_deg"] == 50.0
+
+
+def test_little_noise_under_a_trusted_valley_stops_the_loop():
+    derived = {"rule": "otsu, floored at the clean mode's median + 4 robust sigmas", "otsu_deg": 50.0,
+               "clean_mode_floor_deg": 45.0}
+    angles = np.array([20.0] * 90 + [80.0] * 10 + [np.nan] * 5)  # NaN: unjudged faces
+    d = round_decision(angles, 50.0, derived, another_round_above=0.2)
+    assert d["share_found"] == 0.1 and not d["another_round"]
+
+
+def test_a_configured_angle_decides_by_its_own_share():
+    d = round_decision(np.array([10.0] * 7 + [60.0] * 3), 50.0, {"rule": "configured"}, another_round_above=0.2)
+    assert d["share_found"] == 0.3 and d["another_round"] and d["intermediate_cut_deg"] == 50.0
+    assert not round_decision(np.array([10.0] * 9 + [60.0]), 50.0, {"rule": "configured"}, 0.2)["another_round"]
+    # 0: always `rounds` rounds
+    assert round_decision(np.array([10.0] * 10), 50.0, {"rule": "configured"}, 0.0)["another_round"]
