@@ -307,10 +307,12 @@ class IntraClassOutliers(DenoiseStep):
     reasons = ("far_from_identity_centre",)
 
     def __init__(self, max_angle: float, min_images_to_judge: int, iterations: int = 3,
-                 model_centres: np.ndarray | None = None, densest_share: float = 0.4):
+                 model_centres: np.ndarray | None = None, densest_share: float = 0.4,
+                 nearer_another: bool = False, same_person_angle: float = 10.0):
         super().__init__()
         self.max_angle, self.min_judge, self.iterations = max_angle, min_images_to_judge, iterations
         self.model_centres, self.densest_share = model_centres, densest_share
+        self.nearer_another, self.same_person_angle = nearer_another, same_person_angle
 
     def apply(self, data: EmbeddedSet) -> None:
         emb = data.embeddings
@@ -345,7 +347,61 @@ class IntraClassOutliers(DenoiseStep):
         self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": derived,
                         "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
                         "judged_faces": int(judged.sum())}
+        if self.nearer_another:
+            self.figures["nearer_another_identity"] = self._nearer_another_identity(data, judged_np, num)
         self.centres = centres.numpy()
+
+    def _nearer_another_identity(self, data: EmbeddedSet, judged: np.ndarray, num: int) -> dict:
+        """Drop the judged faces that lie nearer another judged identity's centre than their
+        own (centres: the means of the kept faces, recomputed after each pass). Look-alike
+        noise sits inside the clean mode's angles, where no threshold can tell it: on the
+        seed sweep's 45% confusable case (seed 10) a threshold alone found 0.70 of the noise
+        after two rounds; with this rule the round-1 model's judgement found 0.96 (precision
+        0.97). Not against an identity whose underlying centre lies within
+        `same_person_angle` (true_centre_cos): one person filed twice, which MergeIdentities
+        joins; its faces intermix and are not noise."""
+        emb, groups = data.embeddings, data.groups.astype(np.int64)
+        first = np.zeros(num, np.int64)  # a row of each group, for its name
+        first[groups[::-1]] = np.arange(len(groups))[::-1]
+        found, passes = 0, 0
+        for passes in range(1, self.iterations + 1):
+            live = data.kept & judged
+            sums, counts = group_sums(emb, groups, live, num)
+            present = np.flatnonzero(counts.numpy() > 0)
+            if len(present) < 2:
+                break
+            centres = normalise(sums).numpy()[present]
+            rows, nearest_group = [], []
+            for _, (r, g) in emb.map_blocks(_block_nearest_identity, centres, present, groups, live):
+                rows.append(r)
+                nearest_group.append(g)
+            rows, other = np.concatenate(rows), np.concatenate(nearest_group)
+            own = groups[rows]
+            pairs = {(int(a), int(b)) for a, b in zip(own, other)}
+            sums_np = sums.double()
+            same = {(a, b) for a, b in pairs
+                    if angle_deg(np.float64(true_centre_cos_from_sums(sums_np[a], int(counts[a]), sums_np[b],
+                                                                      int(counts[b])))) <= self.same_person_angle}
+            noise = np.array([(int(a), int(b)) not in same for a, b in zip(own, other)], bool)
+            if not noise.any():
+                break
+            rows, other = rows[noise], other[noise]
+            self.drop(data, rows, self.reasons[0],
+                      [f"nearer identity {data.identities[first[g]]}'s centre than its own" for g in other])
+            found += len(rows)
+        return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle}
+
+
+def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, present: np.ndarray,
+                            groups: np.ndarray, live: np.ndarray) -> tuple:
+    """This block's live faces whose nearest centre is another identity's: (rows, that group)."""
+    rows = start + np.flatnonzero(live[start:start + len(block)])
+    if not len(rows):
+        return rows, rows
+    index, _ = nearest(block[rows - start], centres)
+    closest = present[index]
+    away = closest != groups[rows]
+    return rows[away], closest[away]
 
     def _dominant_subcentres(self, emb, groups, judged, num) -> torch.Tensor:
         sub = normalise(torch.from_numpy(np.asarray(self.model_centres, np.float32)))  # (C, K, D)

@@ -84,7 +84,7 @@ def judge_round(embedded: EmbeddedSet, model_uri: str, cfg: DenoiseConfig) -> di
     from pipelines.training import checkpoint
 
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
-    step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
+    step = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)  # the threshold's view
     judged = step(EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities))
     return {"judged_faces": step.figures["judged_faces"],
             **round_decision(judged.angles, step.threshold, step.figures["max_angle_from"], cfg.another_round_above)}
@@ -109,7 +109,9 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
-    outliers = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres)
+    outliers = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres,
+                                  nearer_another=cfg.nearer_another_identity,
+                                  same_person_angle=cfg.merge_same_person_angle)
     merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
     overlap = [EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
                                  _read_names(cfg.exclude_identities))] if drop_overlap else []

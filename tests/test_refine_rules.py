@@ -98,3 +98,49 @@ def test_a_configured_angle_decides_by_its_own_share():
     assert not round_decision(np.array([10.0] * 9 + [60.0]), 50.0, {"rule": "configured"}, 0.2)["another_round"]
     # 0: always `rounds` rounds
     assert round_decision(np.array([10.0] * 10), 50.0, {"rule": "configured"}, 0.0)["another_round"]
+
+
+def _faces(rng, centre: np.ndarray, n: int, spread: float) -> np.ndarray:
+    x = centre + spread * rng.normal(size=(n, len(centre)))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _turned(a: np.ndarray, b: np.ndarray, degrees: float) -> np.ndarray:
+    """The unit vector `degrees` from unit `a` towards `b`."""
+    b = b - (a @ b) * a
+    b /= np.linalg.norm(b)
+    t = np.radians(degrees)
+    return np.cos(t) * a + np.sin(t) * b
+
+
+def test_look_alike_faces_nearer_their_own_person_are_label_noise_but_a_person_filed_twice_is_not():
+    from cleaning.denoise import EmbeddedSet, IntraClassOutliers
+
+    rng = np.random.default_rng(3)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    person_a, far = basis[0], basis[1]
+    look_alike = _turned(person_a, far, 35)  # a look-alike of A
+    other = basis[2]
+    # Identity 0: 14 faces of A and 6 of the look-alike (filed under A); identity 1: the
+    # look-alike's own 14; identities 2 and 3: one more person filed twice (10 + 10).
+    faces = np.concatenate([_faces(rng, person_a, 14, 0.03), _faces(rng, look_alike, 6, 0.03),
+                            _faces(rng, look_alike, 14, 0.03), _faces(rng, other, 20, 0.03)])
+    groups = np.array([0] * 20 + [1] * 14 + [2] * 10 + [3] * 10)
+    names = np.array([f"n{g}" for g in groups], object)
+
+    def judge(nearer_another: bool) -> EmbeddedSet:
+        data = EmbeddedSet(faces.astype(np.float32), groups.copy(), names)
+        step = IntraClassOutliers(max_angle=60, min_images_to_judge=5, nearer_another=nearer_another)
+        step(data)
+        return data, step
+
+    data, _ = judge(False)
+    assert data.kept.all()  # 60 deg: the look-alike's faces sit well inside the threshold
+    data, step = judge(True)
+    assert np.flatnonzero(~data.kept).tolist() == list(range(14, 20))  # exactly the look-alike's faces under A
+    assert all(d.startswith("nearer identity n1's centre") for d in data.details[14:20])
+    assert data.reasons[14] == "intra_class/far_from_identity_centre"  # label noise, counted as such
+    assert step.figures["nearer_another_identity"]["dropped"] == 6
+    # The person filed twice (2 and 3) intermix but lie within same_person_angle: kept for MergeIdentities.
+    assert data.kept[34:].all()
