@@ -79,12 +79,16 @@ class DenoiseConfig:
     # its recipe is [train]); then retrain on the refined data when `retrain` is set.
     bootstrap_epochs: int = setting(2, range="[1, inf)", doc="`arcface clean-data`: epochs of each bootstrap model")
     # Epochs alone say nothing of how much a model learned: 2 epochs of a 1000-face demo at
-    # batch 64 are ~30 SGD steps (20 of them warm-up), and such a model embedded so poorly
-    # that the intra-class angles had no valley at 45-50% noise (one round, recall 0-0.40
-    # on 6 of 20 seeds: benchmarks/results/refinement_seed_sweep_before.md). The epochs are
-    # raised per run until the bootstrap takes this many optimizer steps (the choice and
-    # the data size it came from are in bootstrapN.json and the stage-2 manifest).
-    bootstrap_min_steps: int = setting(200, range="[0, inf)", doc=(
+    # batch 64 are ~30 SGD steps (20 of them warm-up). With this > 0 the epochs are raised per
+    # run until each bootstrap takes that many optimizer steps (the choice and the data size
+    # it came from are in bootstrapN.json and the stage-2 manifest's "loop"). Off by default,
+    # measured (issue 29, 45% noise): 200 steps lifted the worst uniform seed's recall from
+    # 0.40 to 0.93 under the old rounds rule, but a bootstrap that long learns one person
+    # filed under two ids apart (their centres 31-50 deg apart where MergeIdentities needs
+    # 10: duplicates missed), doubles the loop's time, and with round_decision and
+    # nearer_another_identity the 2-epoch bootstrap did better (recall 0.95 and 1.00 on the
+    # two worst seeds, against 0.96 and 0.99 with 200 steps, and no missed merge).
+    bootstrap_min_steps: int = setting(0, range="[0, inf)", doc=(
         "`arcface clean-data`: each bootstrap model trains at least this many optimizer steps "
         "(epochs raised to reach them; 0: `bootstrap_epochs` only)"))
     # Sub-centres per class of the bootstrap model (sub-centre ArcFace, Deng et al. 2020):

@@ -370,6 +370,19 @@ def test_second_round_judges_stage_one_again_with_a_model_trained_on_round_one(r
     assert not any(k.startswith("evaluation_overlap/") for k in round1.manifest.to_dict()["counts"]["by_reason"])
     m = summary.stage2.manifest.to_dict()
     assert m["stage2"]["model"] == boot2["checkpoint"] == summary.bootstrap_checkpoint
+    # What the loop chose from the data is in the manifest: each bootstrap's length (epochs
+    # raised to the minimum steps) and the round's decision with the cut it made.
+    loop = m["stage2"]["loop"]
+    boot1 = json.loads((out / "bootstrap.json").read_text())
+    assert [b["model"] for b in loop["bootstraps"]] == [boot1["checkpoint"], boot2["checkpoint"]]
+    for b, marker in zip(loop["bootstraps"], (boot1, boot2)):
+        assert b["min_steps"] == 0 and b["epochs"] == 6 and b["steps"] == 6 * b["steps_per_epoch"]
+        assert b["rule"] == "configured epochs"
+        assert marker["length"] == {k: v for k, v in b.items() if k != "model"}
+        assert marker["config"]["epochs"] == b["epochs"]
+    decision = loop["rounds"][0]
+    assert decision["round"] == 1 and decision["another_round"]
+    assert round1.manifest.to_dict()["stage2"]["config"]["max_angle"] == decision["intermediate_cut_deg"]
     # Every face stage 1 kept is judged again (a face round 1 dropped wrongly can come back).
     assert m["counts"]["by_stage"]["stage2"]["read"] == summary.stage1.manifest.to_dict()["counts"]["kept"]
     # The thresholds came from this run's angles, and say so.

@@ -39,7 +39,7 @@ def test_bootstrap_min_steps_is_a_declared_setting():
     from dataclasses import fields
 
     field = {f.name: f for f in fields(DenoiseConfig)}["bootstrap_min_steps"]
-    assert field.default == 200 and field.metadata["range"] == "[0, inf)"
+    assert field.default == 0 and field.metadata["range"] == "[0, inf)"
 
 
 def _mixture(seed: int, clean: tuple, noisy: tuple, noise_share: float, n: int = 1000):
