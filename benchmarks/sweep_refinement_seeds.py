@@ -436,6 +436,8 @@ def report(args, command: str) -> None:
                   f"| {_cell(r['overlap_kept'], 0)} | {_worst(r['overlap_kept'], 0)} "
                   f"| {', '.join(f'seed {x}' for x in r['one_round_seeds']) or '-'} "
                   f"| {'met' if meets_bar(r) else 'not met'} |")
+    if args.compare:
+        md += ["", *compare(rows, Path(args.compare))]
     md += ["", "## Every case", "",
            ("Threshold: stage 2's intra-class angle (deg); rounds: how many ran (the share of judged faces each "
             "earlier round found mislabelled, which decided another round; \"Otsu x\": its threshold came from a "
@@ -450,6 +452,37 @@ def report(args, command: str) -> None:
                                                                   c["seed"]))], ""]
     (out / f"{args.results_name}.md").write_text("\n".join(md))
     print("\n".join(md))
+
+
+def compare(rows: list[dict], earlier_path: Path) -> list[str]:
+    """A before/after table against an earlier sweep's results JSON: per size, noise and
+    kind, each sweep's worst (and median) over the seeds it ran, and the seeds both ran."""
+    earlier = {(r["identities"], r["images_per_identity"], r["label_noise"], r["kind"]): r
+               for r in json.loads(earlier_path.read_text())["table"]}
+    md = [f"## Before / after (before: {earlier_path.name})", "",
+          "Worst / median over seeds (before -> after); seeds: how many each ran (after: the sweep above, "
+          "which may not have reached every seed).", "",
+          "| size | noise | kind | seeds | recall | precision | false merges (max) | missed merges (max) "
+          "| overlap kept (max) | worst recall seed | issue bar |",
+          "|---|---:|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        key = (r["identities"], r["images_per_identity"], r["label_noise"], r["kind"])
+        b = earlier.get(key)
+        if b is None:
+            continue
+
+        def both(field: str, digits: int, b=b, r=r) -> str:
+            if digits:
+                return (f"{b[field]['min']:.{digits}f} / {b[field]['median']:.{digits}f} -> "
+                        f"{r[field]['min']:.{digits}f} / {r[field]['median']:.{digits}f}")
+            return f"{b[field]['max']:g} -> {r[field]['max']:g}"
+        md.append(f"| {key[0]}x{key[1]} | {key[2]:g} | {key[3]} | {len(b['seeds'])} -> {len(r['seeds'])} "
+                  f"| {both('recall', 4)} | {both('precision', 4)} | {both('false_merges', 0)} "
+                  f"| {both('missed_merges', 0)} | {both('overlap_kept', 0)} "
+                  f"| {', '.join(map(str, b['recall']['worst_seeds']))} -> "
+                  f"{', '.join(map(str, r['recall']['worst_seeds']))} "
+                  f"| {'met' if meets_bar(b) else 'not met'} -> {'met' if meets_bar(r) else 'not met'} |")
+    return md
 
 
 def _describe(missing: list[tuple]) -> str:
@@ -478,6 +511,7 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished cases under --work")
     ap.add_argument("--note", default="", help="a paragraph for the table's page: why this sweep, what it left out")
+    ap.add_argument("--compare", default="", help="an earlier sweep's results JSON: adds a before/after table")
     args = ap.parse_args()
     command = "python benchmarks/sweep_refinement_seeds.py " + shlex.join(sys.argv[1:])
     if not args.report_only:
