@@ -447,7 +447,7 @@ def regular_file_size(uri: str) -> int:
 
 def read_record(fh, offset: int) -> bytes:
     """One logical record at `offset`, joining continuation parts as dmlc-core's reader does."""
-    fh.seek(offset)
+    _seek(fh, offset)
     out = bytearray()
     while True:
         head = fh.read(8)
@@ -467,6 +467,15 @@ def read_record(fh, offset: int) -> bytes:
             return bytes(out)
         # A part boundary stands where the writer removed a magic word from the data.
         out += struct.pack("<I", REC_MAGIC)
+
+
+def _seek(fh, offset: int) -> None:
+    """fh.seek; an offset beyond what can be sought (a corrupt train.idx's 2^62, which lseek
+    refuses, or 2^70, over pyarrow's C long) is a RecordIOError, as a short read past the end is."""
+    try:
+        fh.seek(offset)
+    except (OSError, OverflowError) as exc:
+        raise RecordIOError(f"offset {offset}: past the end of train.rec ({exc})") from None
 
 
 def unpack_record(record: bytes) -> tuple[int, np.ndarray, int, bytes]:
@@ -508,7 +517,7 @@ def _rec_identity_ranges(fh, offsets: dict[int, int], first: int, end: int) -> t
 
 
 def _seek_read(fh, offset: int, size: int) -> bytes:
-    fh.seek(offset)
+    _seek(fh, offset)
     return fh.read(size)
 
 
@@ -516,11 +525,11 @@ def _rec_label(fh, offset: int) -> int | None:
     """A record's class label from its header bytes alone (None when unreadable: the reader
     rejects that record with the reason)."""
     try:
-        fh.seek(offset)
+        _seek(fh, offset)
         head = fh.read(8 + IR_HEADER.size + 4)
         flag, label, _, _ = IR_HEADER.unpack_from(head, 8)
         return int(struct.unpack_from("<f", head, 8 + IR_HEADER.size)[0]) if flag > 0 else int(label)
-    except (struct.error, ValueError, OverflowError):
+    except (struct.error, ValueError, OverflowError):  # RecordIOError is a ValueError
         return None
 
 
@@ -612,7 +621,10 @@ def record_end(fh, offset: int) -> int | None:
     when its framing is broken (the reader rejects that record with the reason)."""
     position = offset
     for _ in range(1 << 16):  # parts of one record: bounded, a corrupt chain must not loop
-        fh.seek(position)
+        try:
+            _seek(fh, position)
+        except RecordIOError:
+            return None
         head = fh.read(8)
         if len(head) < 8:
             return None
@@ -641,8 +653,18 @@ def check_index_reaches_the_end(fh, last_offset: int, idx_uri: str, rec_uri: str
 
 def _header_range(fh, offset: int, idx_uri: str, rec_uri: str) -> tuple[int, int] | None:
     """Record 0's [first, end) identity-record range, or None when it is an image (im2rec)."""
-    flag, labels, _, _ = unpack_record(read_record(fh, offset))
+    flag, labels = _read_header_record(fh, offset, idx_uri, rec_uri)
     return check_header_range(labels, idx_uri, rec_uri) if flag >= 2 else None
+
+
+def _read_header_record(fh, offset: int, idx_uri: str, rec_uri: str) -> tuple[int, np.ndarray]:
+    """Record 0's flag and labels; unreadable (an offset past train.rec's end, a broken frame)
+    it is refused naming both files: nothing can be planned without it."""
+    try:
+        flag, labels, _, _ = unpack_record(read_record(fh, offset))
+    except RecordIOError as exc:
+        raise RecordIOError(f"{rec_uri}: record 0 (the header), listed in {idx_uri}: {exc}") from None
+    return flag, labels
 
 
 def check_header_range(labels: np.ndarray, idx_uri: str, rec_uri: str) -> tuple[int, int]:
@@ -671,12 +693,14 @@ def _scan_index(idx_uri: str, fh, rec_uri: str) -> _IndexScan:
     stays inside its run's bytes, where the worker reading them rejects it."""
     scan = _IndexScan([], [(0, 1)], None, None, {})
     runs, current, end = scan.runs, None, 0
+    rec_size = regular_file_size(rec_uri)
     for pos, line_no, raw, parsed in _idx_lines(idx_uri):
         end = pos + len(raw)
         if parsed is None:
             continue
         key, offset = parsed
-        scan.last_offset = max(scan.last_offset, offset)
+        if offset < rec_size:  # one past the end is its worker's reject (the offset named)
+            scan.last_offset = max(scan.last_offset, offset)
         if current is not None and key == current.last_key + 1:
             current.last_key = key
         else:
@@ -833,9 +857,11 @@ def _plan_rec_in_memory(root: str, idx_uri: str, fh, per_partition: int) -> list
     offsets = {i: off for i, off, _ in entries}
     if 0 not in offsets:
         raise RecordIOError(f"{idx_uri}: no entry for record 0 (an insightface .idx starts there)")
-    check_index_reaches_the_end(fh, max(offsets.values()), idx_uri, storage.join(root, "train.rec"))
+    rec_size = regular_file_size(storage.join(root, "train.rec"))
+    check_index_reaches_the_end(fh, max((o for o in offsets.values() if o < rec_size), default=-1), idx_uri,
+                                storage.join(root, "train.rec"))
     entries.sort()
-    flag, labels, _, _ = unpack_record(read_record(fh, offsets[0]))
+    flag, labels = _read_header_record(fh, offsets[0], idx_uri, storage.join(root, "train.rec"))
     groups: list[list[tuple[int, int, int]]] = []
     if flag >= 2:
         first_identity, end_identity = check_header_range(labels, idx_uri, storage.join(root, "train.rec"))

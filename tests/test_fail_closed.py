@@ -7,6 +7,7 @@ address space capped (RLIMIT_AS) and a timeout, so a regression fails instead of
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -146,6 +147,39 @@ def test_rec_data_file_that_is_a_fifo_is_refused(tmp_path):
     os.mkfifo(root / "train.rec")
     done = run_capped(PLAN_CODE.format(root=str(root)), timeout=30)
     assert "REFUSED" in done.stdout and "train.rec: not a regular file" in done.stdout, done.stdout + done.stderr
+
+
+def _set_offset(root, key: int, offset: int) -> int:
+    """Give record `key`'s index line another offset; returns its line number."""
+    lines = (root / "train.idx").read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.split("\t")[0] == str(key))
+    lines[at] = f"{key}\t{offset}"
+    (root / "train.idx").write_text("".join(line + "\n" for line in lines))
+    return at + 1
+
+
+@pytest.mark.parametrize("order", ["index", "face2rec2"])
+@pytest.mark.parametrize("offset", [10 ** 12, 2 ** 62, 2 ** 70])
+def test_an_index_offset_past_the_end_of_train_rec_is_that_records_reject(tmp_path, order, offset):
+    # Before: an offset of 2^70 was an OverflowError traceback (2^62: "OSError: lseek failed").
+    root = _rec_folder(tmp_path, order)
+    line = _set_offset(root, 5, offset)
+    samples = [s for p in readers.plan("insightface-rec", str(root), 4) for s in readers.read_partition(p)]
+    rejects = [s.reject for s in samples if s.reject]
+    assert len(rejects) == 1 and rejects[0][0] == "corrupt_record", rejects
+    # 10^12: a position the file system takes, where train.rec has ended; 2^62 and 2^70: none
+    assert re.fullmatch(rf"train.rec#5 \(train.idx:{line}\): offset {offset}: (file ends inside a record header|"
+                        r"past the end of train.rec \(.*\))", rejects[0][1]), rejects
+    assert len(samples) == 12  # the other 11 images read
+
+
+@pytest.mark.parametrize("offset", [2 ** 62, 2 ** 70])
+def test_a_header_record_past_the_end_of_train_rec_is_refused_naming_it(tmp_path, offset):
+    root = _rec_folder(tmp_path)
+    _set_offset(root, 0, offset)
+    with pytest.raises(RecordIOError, match=rf"train.rec: record 0 \(the header\), listed in .*train.idx: offset "
+                                            rf"{offset}: past the end of train.rec"):
+        readers.plan("insightface-rec", str(root), 4)
 
 
 # -- settings -------------------------------------------------------------------------------
