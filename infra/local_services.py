@@ -160,7 +160,11 @@ class LocalServices:
         """What a client needs for the local services. With `with_s3`: the local endpoint and
         moto's test credentials (local-only: they open nothing anywhere else)."""
         # RAY_AUTH_MODE: the local head asks its clients for the machine's Ray token.
-        env = {"RAY_ADDRESS": self.ray_dashboard, "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_AUTH_MODE": "token"}
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the head listens on 127.0.0.1 only, and a driver
+        # joining it (train, refine: RAY_ADDRESS a dashboard URL means this node's cluster)
+        # must keep 127.0.0.1 as it is; without it Ray swaps in the machine's external address.
+        env = {"RAY_ADDRESS": self.ray_dashboard, "MLFLOW_TRACKING_URI": self.mlflow_uri, "RAY_AUTH_MODE": "token",
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         if with_s3:
             env.update(AWS_ENDPOINT_URL=self.s3_endpoint, **LOCAL_S3_ENV)
         return env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -22,8 +23,8 @@ def connect(address: str, num_cpus: int) -> None:
     if ray.is_initialized():
         return
     if address.startswith(("http://", "https://")):
-        log.info("RAY_ADDRESS is a dashboard URL: joining the local node's cluster (address='auto')")
-        address = "auto"
+        _join_by_dashboard(address)
+        return
     if address:
         ray.init(address=address, log_to_driver=True)
         return
@@ -36,6 +37,37 @@ def connect(address: str, num_cpus: int) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, log_to_driver=True,
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
+def _join_by_dashboard(url: str) -> None:
+    """Join the cluster this machine belongs to ("auto"), given its dashboard URL. ray.init
+    reads RAY_ADDRESS itself even when told "auto", and refuses an http:// one ("Invalid Ray
+    address", what `eval "$(arcface services env)"` used to cost train and refine), so it is
+    hidden from that call; the cluster found must serve the dashboard named (another local
+    Ray, say a test's, would be the wrong one)."""
+    import ray
+
+    log.info("RAY_ADDRESS is a dashboard URL: joining the local node's cluster (address='auto')")
+    hidden = os.environ.pop("RAY_ADDRESS", None)
+    try:
+        # Ray Train's placement-group cleaner asks the State API (the dashboard) about the
+        # run; told where it is, it does not look for "the latest cluster" at every poll.
+        context = ray.init(address="auto", log_to_driver=True,
+                           runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": url.rstrip("/")}})
+    except ConnectionError as exc:
+        raise ConnectionError(f"RAY_ADDRESS is the dashboard {url}, but no Ray cluster runs on this machine to "
+                              f"join ({str(exc).splitlines()[0]}); set RAY_ADDRESS to the cluster's GCS address "
+                              "(HOST:6379) from elsewhere") from None
+    finally:
+        if hidden is not None:
+            os.environ["RAY_ADDRESS"] = hidden
+    served = (context.dashboard_url or "").rpartition(":")[2]
+    wanted = urlparse(url).port or (443 if url.startswith("https") else 80)
+    if served and served != str(wanted):
+        ray.shutdown()
+        raise ConnectionError(f"RAY_ADDRESS is the dashboard {url}, but the Ray cluster on this machine serves its "
+                              f"dashboard on port {served}: set RAY_ADDRESS to the GCS address (HOST:PORT) of the "
+                              "cluster meant")
 
 
 def _free_port() -> int:

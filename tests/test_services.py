@@ -59,3 +59,48 @@ def test_taken_port_is_reported_clearly(tmp_path):
     assert result.returncode == 1
     assert f"port 127.0.0.1:{port} is taken" in result.stderr
     assert "services.mlflow_port" in result.stderr
+
+
+JOIN = """
+import os
+from pipelines.ray_connect import connect
+try:
+    connect(os.environ["RAY_ADDRESS"], num_cpus=2)
+except ConnectionError as exc:
+    print("REFUSED", exc)
+    raise SystemExit(0)
+import ray
+print("GCS", ray.get_runtime_context().gcs_address)
+print("TASK", ray.get(ray.remote(lambda: 41 + 1).remote()))
+print("RAY_ADDRESS", os.environ["RAY_ADDRESS"])
+"""
+
+
+def test_a_driver_joins_the_local_head_with_services_env(tmp_path):
+    """After `eval "$(arcface services env)"`, train and refine (every driver: they all join
+    through pipelines/ray_connect.connect) once failed with "Invalid Ray address:
+    'http://127.0.0.1:8265'": ray.init reads RAY_ADDRESS itself and takes no dashboard URL,
+    and a driver without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 looked for the loopback-only
+    head on the machine's external address. The exports alone must be enough."""
+    state = tmp_path / "state"
+    ports = ["--set", "services.ray_port=6393", "--set", "services.ray_dashboard_port=8278"]
+    try:
+        arcface(state, "services", "up", "--only", "ray", *ports)
+        exports = arcface(state, "services", "env", *ports).stdout
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        for line in exports.splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        assert env["RAY_ADDRESS"] == "http://127.0.0.1:8278" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+        joined = subprocess.run([sys.executable, "-c", JOIN], env=env, capture_output=True, text=True, timeout=180)
+        # A dashboard URL of no cluster on this machine: refused in one line, not another cluster joined.
+        wrong = subprocess.run([sys.executable, "-c", JOIN], env=dict(env, RAY_ADDRESS="http://127.0.0.1:8279"),
+                               capture_output=True, text=True, timeout=180)
+    finally:
+        arcface(state, "services", "down", *ports, check=False)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    lines = joined.stdout.splitlines()
+    assert lines == ["GCS 127.0.0.1:6393", "TASK 42", "RAY_ADDRESS http://127.0.0.1:8278"], joined.stdout
+    assert wrong.returncode == 0, wrong.stderr[-3000:]
+    assert wrong.stdout.startswith("REFUSED RAY_ADDRESS is the dashboard http://127.0.0.1:8279, but the Ray cluster "
+                                   "on this machine serves its dashboard on port 8278"), wrong.stdout
