@@ -280,12 +280,32 @@ This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manife
 <tr><th>all</th><th>{c['read']}</th><th>{c['kept']}</th><th>{c['rejected']}</th></tr></table>
 <h2>Rejected, by reason (both stages)</h2><table><tr><th>reason</th><th>faces</th></tr>{reason_rows}</table>
 <h2>Angle to the identity centre</h2><img src="{_data_uri(figures['angles.png'])}" alt="angle histogram">
+{loop_html(s2.get("loop"))}
 <h2>Identities merged</h2><ul>{merges}</ul>
 <h2>Identities removed as evaluation people</h2><p>{html.escape(over)}</p>
 <h2>Dropped faces</h2>{sheets}
 </body></html>"""
     storage.write_bytes(ds.report_index, page.encode())
     return ds.report_index
+
+
+def loop_html(loop: dict | None) -> str:
+    """What `arcface clean-data` chose from the data (the stage-2 manifest's "loop"): each
+    bootstrap model's length, and each round's decision with the figures that made it."""
+    if not loop:
+        return ""
+    boots = "".join(
+        f"<tr><td>{i}</td><td>{b['faces']}</td><td>{b['epochs']} (configured {b['configured_epochs']})</td>"
+        f"<td>{b['steps']}</td><td>{html.escape(b['rule'])}</td></tr>" for i, b in enumerate(loop["bootstraps"], 1))
+    rounds = "".join(
+        f"<tr><td>{r['round']}</td><td>{r['threshold_deg']:g} ({html.escape(r['threshold_rule'])})</td>"
+        f"<td>{r['share_found']:.3f}</td><td>{r.get('share_beyond_otsu', '-')}</td>"
+        f"<td>{html.escape(r['decided_by'])}</td><td>{'yes' if r['another_round'] else 'no'}</td>"
+        f"<td>{r['intermediate_cut_deg']:g}</td></tr>" for r in loop["rounds"])
+    return (f"<h2>How the loop chose</h2><table><tr><th>bootstrap</th><th>faces</th><th>epochs</th><th>steps</th>"
+            f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
+            f"<th>share beyond Otsu</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
+            f"{rounds}</table>")
 
 
 def pq_rows(uri: str) -> int:

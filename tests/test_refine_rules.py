@@ -144,3 +144,16 @@ def test_look_alike_faces_nearer_their_own_person_are_label_noise_but_a_person_f
     assert step.figures["nearer_another_identity"]["dropped"] == 6
     # The person filed twice (2 and 3) intermix but lie within same_person_angle: kept for MergeIdentities.
     assert data.kept[34:].all()
+
+
+def test_the_report_shows_what_the_loop_chose():
+    from cleaning.report import loop_html
+
+    loop = {"bootstraps": [{"model": "m1", **bootstrap_length(932, 64, 2, 200)}],
+            "rounds": [{"round": 1, "judged_faces": 900,
+                        **round_decision(np.array([20.0] * 60 + [55.0] * 30 + [80.0] * 10), 70.0,
+                                         {"rule": "one mode: median + 4 robust sigmas", "otsu_deg": 50.0}, 0.2)}]}
+    page = loop_html(loop)
+    assert "epochs raised to reach the minimum steps" in page and "<td>210</td>" in page
+    assert "fallback rule" in page and "<td>0.4</td>" in page and "<td>yes</td>" in page
+    assert loop_html(None) == ""
