@@ -391,18 +391,6 @@ class IntraClassOutliers(DenoiseStep):
             found += len(rows)
         return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle}
 
-
-def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, present: np.ndarray,
-                            groups: np.ndarray, live: np.ndarray) -> tuple:
-    """This block's live faces whose nearest centre is another identity's: (rows, that group)."""
-    rows = start + np.flatnonzero(live[start:start + len(block)])
-    if not len(rows):
-        return rows, rows
-    index, _ = nearest(block[rows - start], centres)
-    closest = present[index]
-    away = closest != groups[rows]
-    return rows[away], closest[away]
-
     def _dominant_subcentres(self, emb, groups, judged, num) -> torch.Tensor:
         sub = normalise(torch.from_numpy(np.asarray(self.model_centres, np.float32)))  # (C, K, D)
         if sub.shape[0] < num:
@@ -416,6 +404,18 @@ def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, 
             0, (groups * k + closest)[judged], torch.ones(int(judged.sum()), dtype=torch.long))
         dominant = votes.view(num, k).argmax(1)
         return sub[torch.arange(num), dominant]
+
+
+def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, present: np.ndarray,
+                            groups: np.ndarray, live: np.ndarray) -> tuple:
+    """This block's live faces whose nearest centre is another identity's: (rows, that group)."""
+    rows = start + np.flatnonzero(live[start:start + len(block)])
+    if not len(rows):
+        return rows, rows
+    index, _ = nearest(block[rows - start], centres)
+    closest = present[index]
+    away = closest != groups[rows]
+    return rows[away], closest[away]
 
 
 def _block_nearest_subcentre(block: np.ndarray, start: int, sub: np.ndarray, groups: np.ndarray) -> np.ndarray:
