@@ -147,7 +147,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     own person was outnumbered in its folder keeps a look-alike's faces)."""
     from cleaning.denoise import EmbeddedSet, IntraClassOutliers
     from dataset import shards
-    from pipelines.stage2_ray import embed_dataset
+    from pipelines.stage2_ray import embedded_faces
     from pipelines.training import checkpoint
 
     # The final judgement's angles again (the manifest keeps only their histogram): the same
@@ -157,7 +157,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     stage1, model = result.stage1, result.bootstrap_checkpoint
     later_round = Path(stage1.uri).parent.joinpath("round1").exists()
     centres = (checkpoint.read_all_centres(model) if denoise_cfg.use_model_centres and not later_round else None)
-    embedded, _ = embed_dataset(stage1, model, denoise_cfg, "")
+    embedded, _ = embedded_faces(stage1, model, denoise_cfg, "")
     judged = EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities)
     step = IntraClassOutliers(denoise_cfg.max_angle, denoise_cfg.min_images_to_judge, model_centres=centres)
     step(judged)

@@ -18,7 +18,7 @@ from dataset import shards, storage
 from dataset.refined import RefinedDataset
 from pipelines.denoise_config import DenoiseConfig
 from pipelines.stage1_dask import run_stage1
-from pipelines.stage2_ray import STAGE, embed_dataset, judge_round, run_stage2
+from pipelines.stage2_ray import STAGE, embedded_faces, judge_round, run_stage2
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
     summary = RefineResult(stage1, stage2, model)
     loaded = None  # the current model's embeddings, read once for its check and its stage 2
     for later in range(2, cfg.denoise.rounds + 1):
-        loaded = embed_dataset(stage1, model, denoise_cfg, services.ray_address)
+        loaded = embedded_faces(stage1, model, denoise_cfg, services.ray_address)
         decision = judge_round(loaded[0], model, denoise_cfg)
         loop["rounds"].append({"round": later - 1, **decision})
         share = decision["share_found"]

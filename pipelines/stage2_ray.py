@@ -50,7 +50,7 @@ def _read_names(path: str) -> set[str]:
     return {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
 
 
-def embed_dataset(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str) -> tuple:
+def embedded_faces(data: RefinedDataset, model_uri: str, cfg: DenoiseConfig, ray_address: str) -> tuple:
     """(EmbeddedSet of every face in shard-row order, faces per shard); embeddings are
     computed once per model and reused (STAGE1/embeddings/<model hash>/), and read from
     there shard by shard by each pass of the steps, never held whole."""
@@ -96,7 +96,7 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
     """Stage 2 of `data` into `out` with the model `model_uri`. `drop_overlap` False keeps the
     evaluation-overlap identities (an intermediate round: the next round's bootstrap must
     learn them like any other identity, or it cannot recognise them in the evaluation set).
-    `loaded`: what `embed_dataset` returned for this data and model, when the caller has it.
+    `loaded`: what `embedded_faces` returned for this data and model, when the caller has it.
     `loop`: what `arcface clean-data` chose from the data before this stage (bootstrap
     lengths, rounds and the shares that decided them), recorded in the manifest."""
     from pipelines.models import load_embedder
@@ -104,7 +104,7 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
 
     check_denoise_output(data, out, model_uri)  # before anything is computed or written
     started = time.perf_counter()
-    embedded, sizes = loaded or embed_dataset(data, model_uri, cfg, ray_address)
+    embedded, sizes = loaded or embedded_faces(data, model_uri, cfg, ray_address)
     eval_faces = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
