@@ -31,7 +31,6 @@ workers belong to the head).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pickle
@@ -39,18 +38,17 @@ import re
 import resource
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
-import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from cleaning.synthetic.hostile import header_only_png, png_bytes, pth_bomb  # noqa: E402
 
 GIB = 1 << 30
 ADDRESS_LIMIT = 3 * GIB  # per process: a runaway read fails here
@@ -64,44 +62,6 @@ PTH_BOMB_BYTES = 6 * GIB  # one deflated tensor member (the issue's 6.3 MB file 
 # The pixel-cap refusal: WxH from the header, or PIL's own stop on a header over 2x its limit.
 PIXEL_CAP = r"(\d+x\d+ exceeds|over \d+ pixels by its header, beyond) the \d+-pixel cap"
 SERVICE_PORTS = {"ray_port": 6431, "ray_dashboard_port": 8331, "mlflow_port": 5031}
-
-
-# -- the hostile files ------------------------------------------------------------------------
-
-def png_bytes(width: int, height: int, rows_body: bytes | None = None) -> bytes:
-    """A greyscale PNG; `rows_body` None: all-zero rows, deflated in pieces (a bomb)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    if rows_body is None:
-        packer, row, body, done = zlib.compressobj(9), b"\0" * (width + 1), [], 0
-        per_piece = max(1, (1 << 24) // len(row))
-        while done < height:
-            n = min(per_piece, height - done)
-            body.append(packer.compress(row * n))
-            done += n
-        body.append(packer.flush())
-        rows_body = b"".join(body)
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows_body) + chunk(b"IEND", b"")
-
-
-def header_only_png(side: int) -> bytes:
-    """A PNG whose header claims side x side pixels over a few bytes of data (what made cv2
-    raise on its own size check: the '100k-pixel header')."""
-    return png_bytes(side, side, zlib.compress(b"\0" * 64))
-
-
-def pth_bomb(declared: int) -> bytes:
-    """A zip in torch.save's layout whose tensor member inflates to `declared` bytes."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps({}))
-        with archive.open("archive/data/0", "w", force_zip64=True) as member:
-            zeros = b"\0" * (1 << 24)
-            for _ in range(declared // len(zeros)):
-                member.write(zeros)
-    return buf.getvalue()
 
 
 # -- the work folder: demo data, a refined dataset, a model, the bombs -------------------------

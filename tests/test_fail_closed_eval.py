@@ -9,12 +9,10 @@ import io
 import os
 import pickle
 import shutil
-import struct
 import subprocess
 import sys
 import textwrap
 import zipfile
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import torch
 
 from arcface_core.metrics import template_pair_scores
 from cleaning.formats.insightface_bin import dumps_pairs
+from cleaning.synthetic.hostile import png_bytes, pth_bomb
 from cleaning.synthetic.ijb import write_ijb
 from dataset import bounded
 from pipelines import evaluate, ijb
@@ -30,38 +29,6 @@ from pipelines.training.step import read_backbone_file
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT_BYTES = 2 << 30
-
-
-def png_bomb(side: int) -> bytes:
-    """A real greyscale PNG of side x side zero pixels: a few hundred KB that would decode to
-    side^2 * 3 bytes as colour (12000: 432 MB; the bombs of issue 31 were 5.4 GB, refused the same way)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (side + 1)  # filter byte + pixels
-    rows_per_piece = max(1, (1 << 24) // len(row))
-    body, done = [], 0
-    while done < side:
-        n = min(rows_per_piece, side - done)
-        body.append(packer.compress(row * n))
-        done += n
-    body.append(packer.flush())
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(body)) + chunk(b"IEND", b"")
-
-
-def pth_bomb(declared: int) -> bytes:
-    """A zip in torch.save's layout whose one tensor member is deflated: `declared` bytes of zeros
-    in a file a thousandth of that size."""
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("archive/data.pkl", pickle.dumps({}))
-        with archive.open("archive/data/0", "w", force_zip64=True) as member:
-            zeros = b"\0" * (1 << 24)
-            for _ in range(declared // len(zeros)):
-                member.write(zeros)
-    return buf.getvalue()
 
 
 def run_bounded(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -246,7 +213,7 @@ def crops(tmp_path):
     os.mkfifo(folder / "fifo.jpg")
     with open(folder / "sparse.jpg", "wb") as fh:
         fh.truncate(bounded.MAX_IMAGE_BYTES + 1)
-    (folder / "bomb.png").write_bytes(png_bomb(12000))
+    (folder / "bomb.png").write_bytes(png_bytes(12000, 12000))
     (folder / "notes.hdr").write_bytes(b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 8 +X 8\n" + b"\0" * 256)
     return folder
 
