@@ -100,11 +100,47 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     truth = json.loads(truth_path.read_text())
     manifest = result.stage2.manifest.to_dict()
     stage2 = {k: v for k, v in manifest["stage2"].items() if k != "config"}
+    if args.keep_embeddings:
+        save_replay(result, truth, work.parent / f"{work.name}.npz")
     return {"demo": dataclasses.asdict(demo), "times": times, "summary": summarise(score, truth, result),
             "stage2_score": score, "counts": manifest["counts"], "stage2": stage2,
             "rounds": rounds_run(work / "refined", stage2.get("loop")),
             "mistakes": mistakes(result, truth, cfg.denoise, stage2["angle_histogram"]["threshold_deg"],
                                  stage2["steps"].get("evaluation_overlap", {}))}
+
+
+def save_replay(result, truth: dict, path: Path) -> None:
+    """What the last round's stage 2 weighed, to replay its steps offline (benchmarks/
+    replay_denoise.py): the final model's embeddings of the stage-1 faces in row order, their
+    labels and identities, the first round's model's embeddings of them, the evaluation faces'
+    embeddings, and the truth per row (the person shown, whether the face is label noise), the
+    overlap identities and duplicates."""
+    import numpy as np
+
+    from dataset import shards
+    from pipelines.models import load_embedder
+    from pipelines.stage2_ray import embedded_faces, evaluation_faces
+
+    cfg = load_config(ROOT / "configs" / "demo-train.toml").denoise
+    embedded, _ = embedded_faces(result.stage1, result.bootstrap_checkpoint, cfg, "")
+    emb = np.concatenate([block for _, block in embedded.embeddings.blocks()])
+    keys = [_norm_key(k) for uri in result.stage1.shard_uris()
+            for k in shards.read_table(uri, ["key"]).column("key").to_pylist()]
+    by_key = {r["key"]: r for r in truth["images"]}
+    first = json.loads((Path(result.stage1.uri).parent / "bootstrap.json").read_text())["checkpoint"]
+    round1 = emb
+    if first != result.bootstrap_checkpoint:  # more than one round: the first model's view too
+        embedded1, _ = embedded_faces(result.stage1, first, cfg, "")
+        round1 = np.concatenate([block for _, block in embedded1.embeddings.blocks()])
+    faces = evaluation_faces(result.stage1)
+    eval_emb = load_embedder(result.bootstrap_checkpoint).embedder(faces, True) if len(faces) else np.zeros((0, emb.shape[1]))
+    np.savez_compressed(path, embeddings=emb.astype(np.float32), round1_embeddings=round1.astype(np.float32),
+                        groups=embedded.groups,
+                        identities=np.asarray(embedded.identities, str), eval_embeddings=np.asarray(eval_emb, np.float32),
+                        person=np.asarray([by_key[k]["true_identity"] for k in keys], str),
+                        noise=np.asarray(["label_noise" in by_key[k]["defects"] for k in keys]),
+                        overlap=np.asarray(truth["eval_overlap_identities"], str),
+                        duplicates=np.asarray(truth["duplicate_identities"], str).reshape(-1, 2))
 
 
 def rounds_run(refined: Path, loop: dict | None = None) -> dict:
@@ -509,6 +545,9 @@ def main():
                     help="one JSON per finished case (resume), and the running case's data; one folder per --set")
     ap.add_argument("--results-name", default="refinement_seed_sweep", help="file stem under --out")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--keep-embeddings", action="store_true",
+                    help="also write <case>.npz: the last round's embeddings and the truth per face, for "
+                         "benchmarks/replay_denoise.py")
     ap.add_argument("--report-only", action="store_true", help="only tabulate the finished cases under --work")
     ap.add_argument("--note", default="", help="a paragraph for the table's page: why this sweep, what it left out")
     ap.add_argument("--compare", default="", help="an earlier sweep's results JSON: adds a before/after table")

@@ -25,7 +25,7 @@ ArcFace's rule: the dominant sub-centre, the one most of the identity's faces ar
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -329,16 +329,24 @@ class IntraClassOutliers(DenoiseStep):
             if self.max_angle <= 0:
                 self.threshold, derived = valley_threshold(angles[judged_np])
 
-        if self.model_centres is not None:
-            centres = self._dominant_subcentres(emb, groups, judged, num)
-        else:
-            centres = densest_centres(emb, data.groups, judged_np, num, self.densest_share)
+        def refine(centres: torch.Tensor) -> torch.Tensor:
             for _ in range(self.iterations):
                 angles = angles_to_centres(emb, centres, groups)
                 settle(angles)
                 inliers = judged & torch.from_numpy(angles <= self.threshold)
                 refined, n_in = group_centres(emb, groups, inliers, num)
                 centres = torch.where((n_in > 0)[:, None], refined, centres)
+            return centres
+
+        persons = None
+        if self.model_centres is not None:
+            centres = self._dominant_subcentres(emb, groups, judged, num)
+        else:
+            centres = refine(densest_centres(emb, data.groups, judged_np, num, self.densest_share))
+            if self.nearer_another:
+                # Not refined again: within the threshold a look-alike's faces would pull
+                # the centre back between the two people.
+                centres, persons = self._person_centres(data, judged_np, centres, num)
         angles = angles_to_centres(emb, centres, groups)
         settle(angles)
         data.angles = np.where(judged_np, angles, np.nan)
@@ -347,6 +355,8 @@ class IntraClassOutliers(DenoiseStep):
         self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": derived,
                         "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
                         "judged_faces": int(judged.sum())}
+        if persons is not None:
+            self.figures["persons"] = persons
         if self.nearer_another:
             self.figures["nearer_another_identity"] = self._nearer_another_identity(data, judged_np, num)
         self.centres = centres.numpy()
@@ -391,6 +401,76 @@ class IntraClassOutliers(DenoiseStep):
             found += len(rows)
         return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle}
 
+    def _person_centres(self, data: EmbeddedSet, judged: np.ndarray, centres: torch.Tensor,
+                        num: int) -> tuple[torch.Tensor, dict]:
+        """Each identity's centre on its own person, decided across identities: a folder's
+        densest part is not always its person. With look-alike label noise its own person
+        can be outnumbered by one look-alike (45% noise from 3 look-alikes: 4-9 own faces
+        against as many of one look-alike), or lie within the threshold of one (faces 37-54
+        deg apart, thresholds 41-47) so that the centre settles between the two; its own
+        faces are then dropped and the merge step joins it to the look-alike's identity
+        (seed sweep, 45% confusable noise: 2-4 such identities per seed, precision 0.91-0.95,
+        benchmarks/results/refinement_seed_sweep_before.md).
+
+        1. Each identity's judged faces in clusters (_subclusters: average linkage cut at 2.5
+           times the inliers' median angle to their centre - one person's faces lie about
+           1.4 times that apart - then each face to its nearest cluster within the threshold).
+        2. Clusters of all identities joined into persons where their underlying centres lie
+           within `same_person_angle` (_link_same_person).
+        3. Persons given to identities, one identity each, so as to keep the most faces
+           (_give_persons): a look-alike goes to the identity with more of it, and the folder
+           it outnumbered takes its own person. An identity left without one takes what no
+           identity was given - the faces nobody else claims - when that is at least
+           `min_images_to_judge` faces, else its largest person (one person filed twice:
+           merged later).
+        Its centre is the mean of those faces; an identity with no cluster that large keeps
+        the centre it had. The counts, and the identities moved off their largest person,
+        are in the manifest."""
+        emb, groups = data.embeddings, data.groups.astype(np.int64)
+        angles = angles_to_centres(emb, centres, groups)
+        inliers = judged & (angles <= self.threshold)
+        if not inliers.any():
+            return centres, {"identities_moved": 0}
+        cut = 2.5 * float(np.median(angles[inliers]))
+        found = map_groups(emb, groups, judged, _subclusters, cut, self.threshold)
+        clusters = [(g, total, n) for g, parts in found.items() for total, n in parts]
+        if not clusters:
+            return centres, {"cluster_cut_deg": round(cut, 2), "identities_moved": 0}
+        owner = np.array([g for g, _, _ in clusters])
+        sums = torch.from_numpy(np.stack([total for _, total, _ in clusters]))
+        sizes = np.array([n for _, _, n in clusters])
+        person = _link_same_person(sums, sizes, self.same_person_angle)
+        rows_of = defaultdict(list)  # (identity, person) -> its clusters
+        for i, (g, p) in enumerate(zip(owner.tolist(), person.tolist())):
+            rows_of[g, p].append(i)
+        faces_of = {key: int(sizes[rows].sum()) for key, rows in rows_of.items()}
+        given = _give_persons(faces_of, self.min_judge)
+        largest = {}
+        for (g, p), n in sorted(faces_of.items(), key=lambda item: (-item[1], item[0])):
+            largest.setdefault(g, (p, n))
+        taken = set(given.values())
+        unclaimed = defaultdict(list)
+        for (g, p), rows in rows_of.items():
+            if g not in given and p not in taken:
+                unclaimed[g] += rows
+        chosen = {g: rows_of[g, p] for g, p in given.items()}
+        for g, (p, n) in largest.items():
+            if g not in chosen:
+                if sizes[unclaimed[g]].sum() >= self.min_judge:
+                    chosen[g] = unclaimed[g]
+                elif n >= self.min_judge:
+                    chosen[g] = rows_of[g, p]
+        centres, moved = centres.clone(), []
+        for g, rows in chosen.items():
+            centres[g] = normalise(sums[rows].sum(0))
+            if rows != rows_of[g, largest[g][0]]:
+                moved.append(g)
+        return centres, {"cluster_cut_deg": round(cut, 2), "clusters": len(clusters),
+                         "persons": int(len(np.unique(person))), "identities_given_a_person": len(given),
+                         "identities_moved": len(moved),
+                         "moved_off_their_largest_person": [str(data.identities[np.flatnonzero(groups == g)[0]])
+                                                            for g in moved[:20]]}
+
     def _dominant_subcentres(self, emb, groups, judged, num) -> torch.Tensor:
         sub = normalise(torch.from_numpy(np.asarray(self.model_centres, np.float32)))  # (C, K, D)
         if sub.shape[0] < num:
@@ -416,6 +496,118 @@ def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, 
     closest = present[index]
     away = closest != groups[rows]
     return rows[away], closest[away]
+
+
+def map_groups(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, fn, *args) -> dict:
+    """fn(faces of a group, *args) for each group with rows in `mask`: groups whose rows lie in
+    one block are done there (in parallel under Ray), those straddling blocks from their
+    parts, gathered by the driver (a few). `fn` must be a module-level function."""
+    rows_of = _rows_by_group(groups, mask)
+    num = int(groups.max()) + 1 if len(groups) else 0
+    first, last = np.full(num, -1, np.int64), np.full(num, -1, np.int64)
+    ids = np.fromiter(rows_of, np.int64, len(rows_of))
+    first[ids] = [m.min() for m in rows_of.values()]
+    last[ids] = [m.max() for m in rows_of.values()]
+    results, straddling = {}, {}
+    for _, (inside, parts) in emb.map_blocks(_block_map_groups, groups, mask, first, last, fn, *args):
+        results.update(inside)
+        for g, faces in parts.items():
+            straddling.setdefault(g, []).append(faces)
+    for g, faces in straddling.items():
+        results[g] = fn(np.concatenate(faces), *args)
+    return results
+
+
+def _block_map_groups(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, first: np.ndarray,
+                      last: np.ndarray, fn, *args) -> tuple:
+    end = start + len(block)
+    rows = start + np.flatnonzero(mask[start:end])
+    present = np.unique(groups[rows])
+    whole = (first[present] >= start) & (last[present] < end)
+    members = _rows_by_group(groups[rows], np.ones(len(rows), bool))
+    inside = {int(g): fn(block[rows[members[g]] - start], *args) for g in present[whole].tolist()}
+    parts = {int(g): block[rows[members[g]] - start] for g in present[~whole].tolist()}
+    return inside, parts
+
+
+def _subclusters(faces: np.ndarray, cut_deg: float, reach_deg: float) -> list[tuple[np.ndarray, int]]:
+    """A group's faces in clusters: tight cores (average linkage on the angle, cut at
+    `cut_deg`; two faces at least), then every face joins the core whose centre is nearest,
+    within `reach_deg` (a person the model embeds loosely has a core and scattered faces
+    around it). Each cluster of two faces or more: the sum of its faces and its size."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+
+    x = np.asarray(faces, np.float64)
+    if len(x) < 2:
+        return []
+    label = fcluster(linkage(x, method="average", metric="cosine"), 1 - np.cos(np.radians(cut_deg)), "distance")
+    ids, size = np.unique(label, return_counts=True)
+    cores = ids[size >= 2]
+    if not len(cores):
+        return []
+    centres = np.stack([x[label == k].sum(0) for k in cores])
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    sims = x @ centres.T
+    nearest_core = sims.argmax(1)
+    reached = sims.max(1) >= np.cos(np.radians(reach_deg))
+    joined = [reached & (nearest_core == c) for c in range(len(cores))]
+    return [(x[m].sum(0).astype(np.float32), int(m.sum())) for m in joined if m.sum() >= 2]
+
+
+def _give_persons(faces_of: dict, min_faces: int) -> dict:
+    """identity -> person: the assignment of persons to identities, each person to one
+    identity at most, that keeps the most faces (a maximum-weight matching; weights: the
+    faces of the person in the identity, where at least `min_faces`). Solved per connected
+    part (identities that share persons: a few each)."""
+    from scipy.optimize import linear_sum_assignment
+
+    edges = [(g, p, n) for (g, p), n in faces_of.items() if n >= min_faces]
+    idents = sorted({g for g, _, _ in edges})
+    persons = sorted({p for _, p, _ in edges})
+    index = {("g", g): i for i, g in enumerate(idents)}
+    index.update({("p", p): len(idents) + i for i, p in enumerate(persons)})
+    uf = _UnionFind(len(index))
+    for g, p, _ in edges:
+        uf.union(index["g", g], index["p", p])
+    parts = defaultdict(list)
+    for g, p, n in edges:
+        parts[uf.find(index["g", g])].append((g, p, n))
+    given = {}
+    for part in parts.values():
+        gs = sorted({g for g, _, _ in part})
+        ps = sorted({p for _, p, _ in part})
+        weight = np.zeros((len(gs), len(ps)))
+        for g, p, n in part:
+            weight[gs.index(g), ps.index(p)] = n
+        for i, j in zip(*linear_sum_assignment(weight, maximize=True)):
+            if weight[i, j] > 0:
+                given[gs[i]] = ps[j]
+    return given
+
+
+def _link_same_person(sums: torch.Tensor, sizes: np.ndarray, same_person_angle: float,
+                      neighbours: int = 8) -> np.ndarray:
+    """Which clusters (their face sums and sizes, two faces or more) show one person: each
+    is joined to those of its `neighbours` nearest centres whose underlying centres lie
+    within `same_person_angle` (true_centre_cos, computed here for a chunk of clusters at
+    once). Returns a person label per cluster."""
+    sums = sums.double()
+    n = torch.from_numpy(sizes.astype(np.float64))
+    centres = normalise(sums).float()
+    within = ((sums * sums).sum(1) - n) / (n * (n - 1))  # mean dot product over pairs inside
+    uf = _UnionFind(len(sizes))
+    k = min(neighbours + 1, len(sizes))
+    chunk = max(1, (1 << 25) // max(1, len(sizes)))
+    limit = np.cos(np.radians(same_person_angle))
+    for s in range(0, len(sizes), chunk):
+        near = (centres[s:s + chunk] @ centres.T).topk(k, dim=1).indices  # (chunk, k)
+        rows = torch.arange(s, s + len(near))[:, None].expand_as(near)
+        cross = (sums[rows] * sums[near]).sum(-1) / (n[rows] * n[near])
+        spread = (within[rows] * within[near]).clamp(min=0).sqrt()
+        same = (cross >= limit * spread) & (spread > 0) & (near != rows)
+        for i, j in zip(rows[same].tolist(), near[same].tolist()):
+            uf.union(i, j)
+    return np.array([uf.find(i) for i in range(len(sizes))])
 
 
 def _block_nearest_subcentre(block: np.ndarray, start: int, sub: np.ndarray, groups: np.ndarray) -> np.ndarray:

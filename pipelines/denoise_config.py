@@ -38,8 +38,11 @@ class DenoiseConfig:
     # Look-alike label noise lies inside the clean faces' angles, where no threshold tells it
     # (45% confusable noise, seed 10: recall 0.70 after two rounds with the threshold alone);
     # such a face is nearer the look-alike's own centre (cleaning/denoise.IntraClassOutliers).
+    # With it, each identity's centre is set on its own person across identities first: a
+    # look-alike can outnumber a folder's own person (IntraClassOutliers._person_centres).
     nearer_another_identity: bool = setting(True, doc=(
-        "faces nearer another identity's centre than their own are label noise too"))
+        "faces nearer another identity's centre than their own are label noise too (centres set "
+        "on each identity's own person across identities)"))
     # Below that, an identity's centre is not trusted.
     min_images_to_judge: int = setting(5, range="[1, inf)", doc=(
         "identities with fewer faces keep them unjudged"))

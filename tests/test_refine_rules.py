@@ -157,3 +157,42 @@ def test_the_report_shows_what_the_loop_chose():
     assert "epochs raised to reach the minimum steps" in page and "<td>210</td>" in page
     assert "fallback rule" in page and "<td>0.4</td>" in page and "<td>yes</td>" in page
     assert loop_html(None) == ""
+
+
+def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
+    from cleaning.denoise import EmbeddedSet, IntraClassOutliers
+
+    rng = np.random.default_rng(4)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    own, look_alike, twice, alias_person, taker = basis[0], _turned(basis[0], basis[1], 35), basis[2], basis[3], basis[4]
+    # n0: its own person (6 faces) outnumbered by a look-alike (8) whose own identity is n1 (14).
+    # n2: a person (10) with 5 faces of that look-alike: keeps its own, drops the look-alike's.
+    # n3: 6 faces of n4's person (10; n3 is its alias: one person filed twice) and 5 tight faces
+    # of n5's person (12), its densest part. Both persons have more faces elsewhere: n3 takes
+    # its largest, the alias's person, to be merged with n4.
+    blocks = [(own, 6, 0.03, 0), (look_alike, 8, 0.03, 0), (look_alike, 14, 0.03, 1), (twice, 10, 0.03, 2),
+              (look_alike, 5, 0.03, 2), (alias_person, 6, 0.03, 3), (taker, 5, 0.015, 3),
+              (alias_person, 10, 0.03, 4), (taker, 12, 0.03, 5)]
+    faces = np.concatenate([_faces(rng, c, n, s) for c, n, s, _ in blocks]).astype(np.float32)
+    groups = np.concatenate([[g] * n for _, n, _, g in blocks])
+    person = np.concatenate([[i] * n for i, (_, n, _, _) in enumerate(blocks)])
+    names = np.array([f"n{g}" for g in groups], object)
+
+    def judge(nearer_another: bool):
+        data = EmbeddedSet(faces, groups.copy(), names)
+        step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=nearer_another)
+        step(data)
+        return data, step
+
+    data, _ = judge(False)  # centres from the densest part alone: n0 and n3 are taken over
+    assert set(person[data.kept & (groups == 0)]) == {1} and set(person[data.kept & (groups == 3)]) == {6}
+    data, step = judge(True)
+    assert set(person[data.kept & (groups == 0)]) == {0}  # its own 6 faces, the look-alike's dropped
+    assert (data.kept & (groups == 0)).sum() == 6
+    assert set(person[data.kept & (groups == 2)]) == {3}  # a look-alike with a home of its own: not taken
+    assert set(person[data.kept & (groups == 3)]) == {5}  # the alias's person, to be merged with n4
+    persons = step.figures["persons"]
+    assert persons["moved_off_their_largest_person"] == ["n0"]  # n3's largest is the alias's person
+    assert persons["identities_given_a_person"] == 5  # all but n3, whose persons n4 and n5 have more of
+    assert data.kept[groups == 1].all() and data.kept[groups == 4].all() and data.kept[groups == 5].all()

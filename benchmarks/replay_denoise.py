@@ -1,0 +1,95 @@
+"""Replay stage 2's de-noise steps on the embeddings a refinement sweep kept, scored against
+the truth: a change to the rules measured on every kept case in seconds, not a sweep's hour.
+
+    .venv/bin/python benchmarks/sweep_refinement_seeds.py ... --keep-embeddings --work DIR
+    .venv/bin/python benchmarks/replay_denoise.py DIR [--set denoise.KEY=VALUE ...]
+
+What it replays is the last round only: the steps of pipelines/stage2_ray.run_stage2 on the
+final model's embeddings (<case>.npz, written by the sweep). A rule that changes an earlier
+round changes the model the last round embeds with, which only a sweep measures; so a rule
+is chosen here and confirmed by the sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from cleaning.denoise import (Embeddings, EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities,
+                              SmallIdentities)
+from pipelines.config import load_config
+
+NOISE_REASON = "intra_class/far_from_identity_centre"
+
+
+def replay(case: Path, cfg) -> dict:
+    """The steps of run_stage2 (last round: overlap dropped) on one case, and its score."""
+    z = np.load(case)
+    data = EmbeddedSet(Embeddings(z["embeddings"]), z["groups"].astype(np.int64), z["identities"].astype(object))
+    eval_emb = z["eval_embeddings"] if len(z["eval_embeddings"]) else None
+    steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, nearer_another=cfg.nearer_another_identity,
+                                same_person_angle=cfg.merge_same_person_angle),
+             MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle),
+             EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces),
+             SmallIdentities(cfg.min_images_per_identity)]
+    for step in steps:
+        step(data)
+    return score(data, z)
+
+
+def score(data: EmbeddedSet, z) -> dict:
+    """As cleaning/synthetic/score.score_stage2 scores a written dataset."""
+    noise, kept, names = z["noise"], data.kept, data.identities.astype(str)
+    flagged = data.reasons == NOISE_REASON
+    caught = int((flagged & noise).sum())
+    labels = {}
+    for name, g in zip(names[kept], data.groups[kept]):
+        labels[name] = int(g)
+    duplicates = [tuple(p) for p in z["duplicates"]]
+    merged = [p for p in duplicates if all(x in labels for x in p) and labels[p[0]] == labels[p[1]]]
+    members = Counter(labels.values())
+    merged_labels = {labels[p[0]] for p in merged}
+    other = [g for g, n in members.items() if n > 1 and g not in merged_labels]
+    overlap = set(z["overlap"].tolist())
+    return {"precision": caught / max(1, int(flagged.sum())), "recall": caught / max(1, int(noise.sum())),
+            "false_merges": len(other), "missed_merges": len(duplicates) - len(merged),
+            "overlap_kept": sorted(overlap & set(names[kept].tolist()))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("work", help="a sweep's --work folder (its cases' .npz files)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    args = ap.parse_args()
+    cfg = load_config(ROOT / "configs" / "demo-train.toml", overrides=args.set).denoise
+    worst = {"precision": 1.0, "recall": 1.0, "false_merges": 0, "missed_merges": 0, "overlap_kept": 0}
+    cases = sorted(Path(args.work).glob("*x*/*.npz"))
+    failing, totals = 0, Counter()
+    for case in cases:
+        s = replay(case, cfg)
+        bad = (s["precision"] < 0.95 or s["recall"] < 0.95 or s["false_merges"] or s["missed_merges"]
+               or s["overlap_kept"])
+        print(f"{'FAIL' if bad else 'ok  '} {case.parent.name}/{case.stem}: precision {s['precision']:.3f} recall "
+              f"{s['recall']:.3f} false merges {s['false_merges']} missed merges {s['missed_merges']} "
+              f"overlap kept {s['overlap_kept']}")
+        failing += bool(bad)
+        totals.update(false_merges=s["false_merges"], missed_merges=s["missed_merges"],
+                      overlap_kept=len(s["overlap_kept"]))
+        for k in ("precision", "recall"):
+            worst[k] = min(worst[k], s[k])
+        for k in ("false_merges", "missed_merges"):
+            worst[k] = max(worst[k], s[k])
+        worst["overlap_kept"] = max(worst["overlap_kept"], len(s["overlap_kept"]))
+    print(f"worst of {len(cases)}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in worst.items())
+          + f"; {failing} failing the bar; totals: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
+
+
+if __name__ == "__main__":
+    main()
