@@ -281,6 +281,7 @@ This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manife
 <h2>Rejected, by reason (both stages)</h2><table><tr><th>reason</th><th>faces</th></tr>{reason_rows}</table>
 <h2>Angle to the identity centre</h2><img src="{_data_uri(figures['angles.png'])}" alt="angle histogram">
 {loop_html(s2.get("loop"))}
+{persons_html(s2["steps"].get("intra_class", {}).get("persons"))}
 <h2>Identities merged</h2><ul>{merges}</ul>
 <h2>Identities removed as evaluation people</h2><p>{html.escape(over)}</p>
 <h2>Dropped faces</h2>{sheets}
@@ -306,6 +307,20 @@ def loop_html(loop: dict | None) -> str:
             f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
             f"<th>share beyond Otsu</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
             f"{rounds}</table>")
+
+
+def persons_html(persons: dict | None) -> str:
+    """How each identity's centre was set on its own person (IntraClassOutliers._person_centres,
+    in the manifest's intra_class step): the clusters and persons found, and the identities
+    moved off their largest person (a look-alike with more faces in its own identity)."""
+    if not persons or "clusters" not in persons:
+        return ""
+    moved = ", ".join(persons["moved_off_their_largest_person"]) or "none"
+    more = persons["identities_moved"] - len(persons["moved_off_their_largest_person"])
+    return (f"<h2>Each identity's own person</h2><p>{persons['clusters']} tight clusters (cut at "
+            f"{persons['cluster_cut_deg']:g} deg) in {persons['persons']} persons; {persons['identities_given_a_person']} "
+            f"identities given a person of their own. Moved off their largest person (another identity holds more "
+            f"of it): {persons['identities_moved']}: {html.escape(moved)}{f' and {more} more' if more > 0 else ''}</p>")
 
 
 def pq_rows(uri: str) -> int:

@@ -195,4 +195,8 @@ def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
     persons = step.figures["persons"]
     assert persons["moved_off_their_largest_person"] == ["n0"]  # n3's largest is the alias's person
     assert persons["identities_given_a_person"] == 5  # all but n3, whose persons n4 and n5 have more of
+    from cleaning.report import persons_html
+
+    page = persons_html(persons)
+    assert "moved off their largest person" in page.lower() and ": 1: n0</p>" in page
     assert data.kept[groups == 1].all() and data.kept[groups == 4].all() and data.kept[groups == 5].all()
