@@ -114,8 +114,9 @@ def synthetic_set(faces: int, dim: int, noise: float, seed: int = 0, chunk: int 
 
 def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None, parallel: int = 0) -> dict:
     """One size, in this process: generate, then the stage-2 steps, timed."""
-    from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities,
-                                  SmallIdentities, contiguous_labels)
+    from cleaning.denoise import EmbeddedSet, contiguous_labels
+    from pipelines.denoise_config import DenoiseConfig
+    from pipelines.stage2_ray import denoise_steps
 
     t = time.perf_counter()
     emb, filed, truth, eval_emb = synthetic_set(faces, dim, noise, shard_dir=shard_dir)
@@ -136,7 +137,7 @@ def run_size(faces: int, dim: int, noise: float, shard_dir: Path | None = None, 
     pa.default_memory_pool().release_unused()
     _reset_peak_rss()
     data = EmbeddedSet(emb, filed.astype(np.int64), names[filed])
-    steps = [IntraClassOutliers(0, 5), MergeIdentities(0), EvaluationOverlap(eval_emb, 0, 3), SmallIdentities(2)]
+    steps = denoise_steps(DenoiseConfig(), eval_emb)  # as `arcface denoise` builds them from the defaults
     for step in steps:
         t = time.perf_counter()
         step(data)

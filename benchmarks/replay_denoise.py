@@ -21,9 +21,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from cleaning.denoise import (Embeddings, EmbeddedSet, EvaluationOverlap, IntraClassOutliers, MergeIdentities,
-                              SmallIdentities)
+from cleaning.denoise import Embeddings, EmbeddedSet
 from pipelines.config import load_config
+from pipelines.stage2_ray import denoise_steps
 
 NOISE_REASON = "intra_class/far_from_identity_centre"
 
@@ -33,12 +33,7 @@ def replay(case: Path, cfg) -> dict:
     z = np.load(case)
     data = EmbeddedSet(Embeddings(z["embeddings"]), z["groups"].astype(np.int64), z["identities"].astype(object))
     eval_emb = z["eval_embeddings"] if len(z["eval_embeddings"]) else None
-    steps = [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, nearer_another=cfg.nearer_another_identity,
-                                same_person_angle=cfg.merge_same_person_angle),
-             MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle),
-             EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces),
-             SmallIdentities(cfg.min_images_per_identity)]
-    for step in steps:
+    for step in denoise_steps(cfg, eval_emb):
         step(data)
     return score(data, z)
 

@@ -22,7 +22,7 @@ from cleaning.denoise import (EmbeddedSet, EvaluationOverlap, IntraClassOutliers
                               contiguous_labels, round_decision)
 from dataset import shards, storage
 from dataset.refined import RefinedDataset, locations_overlap, real_location
-from pipelines.denoise_config import DenoiseConfig  # noqa: F401  (the section this job reads)
+from pipelines.denoise_config import DenoiseConfig
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,20 @@ def evaluation_faces(data: RefinedDataset) -> np.ndarray:
     digests = [hashlib.sha1(f.tobytes()).digest() for f in stacked]
     _, first = np.unique(np.array(digests, dtype=object), return_index=True)
     return stacked[np.sort(first)]
+
+
+def denoise_steps(cfg: DenoiseConfig, eval_embeddings: np.ndarray | None, model_centres: np.ndarray | None = None,
+                  drop_overlap: bool = True, names: set[str] | None = None) -> list:
+    """Stage 2's steps, in their order, as the config builds them: intra-class outliers ->
+    merge identities -> (evaluation overlap) -> small identities. The one place they are
+    built (stage 2, benchmarks/replay_denoise.py, benchmarks/bench_stage2_scale.py)."""
+    outliers = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=model_centres,
+                                  nearer_another=cfg.nearer_another_identity,
+                                  same_person_angle=cfg.merge_same_person_angle)
+    merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
+    overlap = [EvaluationOverlap(eval_embeddings, cfg.overlap_max_angle, cfg.overlap_min_faces, names)] \
+        if drop_overlap else []
+    return [outliers, merges, *overlap, SmallIdentities(cfg.min_images_per_identity)]
 
 
 def _read_names(path: str) -> set[str]:
@@ -109,13 +123,8 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
-    outliers = IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, model_centres=centres,
-                                  nearer_another=cfg.nearer_another_identity,
-                                  same_person_angle=cfg.merge_same_person_angle)
-    merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
-    overlap = [EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces,
-                                 _read_names(cfg.exclude_identities))] if drop_overlap else []
-    steps = [outliers, merges, *overlap, SmallIdentities(cfg.min_images_per_identity)]  # in this order
+    steps = denoise_steps(cfg, eval_emb, centres, drop_overlap, _read_names(cfg.exclude_identities))
+    outliers, merges = steps[0], steps[1]
     for step in steps:
         step(embedded)
         log.info("%s: %s", step.name, step.counts())
