@@ -554,11 +554,12 @@ def _subclusters(faces: np.ndarray, cut_deg: float, reach_deg: float) -> list[tu
     return [(x[m].sum(0).astype(np.float32), int(m.sum())) for m in joined if m.sum() >= 2]
 
 
-def _give_persons(faces_of: dict, min_faces: int) -> dict:
+def _give_persons(faces_of: dict, min_faces: int, max_cells: int = 1 << 24) -> dict:
     """identity -> person: the assignment of persons to identities, each person to one
     identity at most, that keeps the most faces (a maximum-weight matching; weights: the
     faces of the person in the identity, where at least `min_faces`). Solved per connected
-    part (identities that share persons: a few each)."""
+    part (identities that share persons: a few each); a part whose matrix would exceed
+    `max_cells` (128 MiB) is matched largest first instead."""
     from scipy.optimize import linear_sum_assignment
 
     edges = [(g, p, n) for (g, p), n in faces_of.items() if n >= min_faces]
@@ -576,9 +577,17 @@ def _give_persons(faces_of: dict, min_faces: int) -> dict:
     for part in parts.values():
         gs = sorted({g for g, _, _ in part})
         ps = sorted({p for _, p, _ in part})
+        if len(gs) * len(ps) > max_cells:  # too large a matrix: largest first, each person once
+            taken = set()
+            for g, p, n in sorted(part, key=lambda e: (-e[2], e[0], e[1])):
+                if g not in given and p not in taken:
+                    given[g] = p
+                    taken.add(p)
+            continue
+        row, col = {g: i for i, g in enumerate(gs)}, {p: j for j, p in enumerate(ps)}
         weight = np.zeros((len(gs), len(ps)))
         for g, p, n in part:
-            weight[gs.index(g), ps.index(p)] = n
+            weight[row[g], col[p]] = n
         for i, j in zip(*linear_sum_assignment(weight, maximize=True)):
             if weight[i, j] > 0:
                 given[gs[i]] = ps[j]

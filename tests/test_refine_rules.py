@@ -200,3 +200,15 @@ def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
     page = persons_html(persons)
     assert "moved off their largest person" in page.lower() and ": 1: n0</p>" in page
     assert data.kept[groups == 1].all() and data.kept[groups == 4].all() and data.kept[groups == 5].all()
+
+
+def test_persons_are_given_so_as_to_keep_the_most_faces():
+    from cleaning.denoise import _give_persons
+
+    # F holds 12 faces of P (a look-alike) and 7 of its own person; G and H are P filed twice
+    # (11 and 10 faces). Largest first would give P to F and leave F's own person unclaimed;
+    # the matching gives P to G (H shares it later: a merge) and F keeps its own.
+    faces_of = {("F", "P"): 12, ("F", "own"): 7, ("G", "P"): 11, ("H", "P"): 10, ("H", "Q"): 3}
+    assert _give_persons(faces_of, min_faces=5) == {"F": "own", "G": "P"}
+    assert _give_persons(faces_of, min_faces=5, max_cells=1) == {"F": "P"}  # the fallback, largest first
+    assert _give_persons({("F", "P"): 4}, min_faces=5) == {}  # too few faces to be anyone's person
