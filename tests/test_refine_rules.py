@@ -212,3 +212,27 @@ def test_persons_are_given_so_as_to_keep_the_most_faces():
     assert _give_persons(faces_of, min_faces=5) == {"F": "own", "G": "P"}
     assert _give_persons(faces_of, min_faces=5, max_cells=1) == {"F": "P"}  # the fallback, largest first
     assert _give_persons({("F", "P"): 4}, min_faces=5) == {}  # too few faces to be anyone's person
+
+
+def test_nearer_another_weighs_the_nearest_identities_as_a_search_of_all_would():
+    from cleaning.denoise import _block_nearest_identity, _nearest_centres, normalise
+    import torch
+
+    rng = np.random.default_rng(5)
+    num, dim = 40, 16
+    centres = normalise(torch.from_numpy(rng.normal(size=(num, dim)).astype(np.float32))).numpy()
+    groups = rng.integers(0, num, 2000)
+    faces = normalise(torch.from_numpy(centres[groups] + 0.8 * rng.normal(size=(2000, dim)).astype(np.float32))).numpy()
+    present = np.arange(num)
+    brute = (faces @ centres.T).argmax(1)  # every centre
+    away = brute != groups
+    for k in (num - 1, 8):  # all others; the 8 nearest (the rule's restriction)
+        candidates = _nearest_centres(centres, present, num, k)
+        assert (candidates[:, :k] >= 0).all() and not (candidates == np.arange(num)[:, None]).any()
+        rows, other = _block_nearest_identity(faces, 0, centres, candidates, groups, np.ones(2000, bool), chunk=300)
+        if k == num - 1:
+            assert rows.tolist() == np.flatnonzero(away).tolist() and (other == brute[away]).all()
+        else:  # a subset of what the full search finds, each nearer the identity named than its own
+            assert set(rows.tolist()) <= set(np.flatnonzero(away).tolist()) and len(rows) > 0.5 * away.sum()
+            assert ((faces[rows] * centres[other]).sum(1) > (faces[rows] * centres[groups[rows]]).sum(1)).all()
+            assert (candidates[groups[rows]] == other[:, None]).any(1).all()
