@@ -516,12 +516,17 @@ def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, 
     `candidates`) than their own: (rows, that group). `centres`: all groups' (num, D)."""
     rows = start + np.flatnonzero(live[start:start + len(block)])
     out_rows, out_groups = [], []
-    for s in range(0, len(rows), chunk):  # (chunk, k, D) at a time
+    for s in range(0, len(rows), chunk):
         r = rows[s:s + chunk]
         faces = torch.from_numpy(block[r - start])
         own = (faces * torch.from_numpy(centres[groups[r]])).sum(1)
         cand = candidates[groups[r]]
-        sims = torch.einsum("nd,nkd->nk", faces, torch.from_numpy(centres[np.maximum(cand, 0)]))
+        # Against the chunk's candidates at once (its rows hold a few identities), then each
+        # face's own k read out of that: no (chunk, k, D) copy of the centres.
+        union = np.unique(cand[cand >= 0])
+        all_sims = faces @ torch.from_numpy(centres[union]).T
+        column = torch.from_numpy(np.searchsorted(union, np.maximum(cand, 0)).clip(0, max(0, len(union) - 1)))
+        sims = all_sims.gather(1, column) if len(union) else torch.full(cand.shape, -2.0)
         sims[torch.from_numpy(cand < 0)] = -2.0
         best = sims.max(1)
         away = (best.values > own).numpy()
