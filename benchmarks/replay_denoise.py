@@ -4,6 +4,10 @@ the truth: a change to the rules measured on every kept case in seconds, not a s
     .venv/bin/python benchmarks/sweep_refinement_seeds.py ... --keep-embeddings --work DIR
     .venv/bin/python benchmarks/replay_denoise.py DIR [--set denoise.KEY=VALUE ...]
 
+An earlier commit's rules on the same embeddings (its code on the path, this script):
+    git worktree add /tmp/earlier COMMIT && cp benchmarks/replay_denoise.py /tmp/earlier/benchmarks/
+    PYTHONPATH=/tmp/earlier .venv/bin/python /tmp/earlier/benchmarks/replay_denoise.py DIR
+
 What it replays is the last round only: the steps of pipelines/stage2_ray.run_stage2 on the
 final model's embeddings (<case>.npz, written by the sweep). A rule that changes an earlier
 round changes the model the last round embeds with, which only a sweep measures; so a rule
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +27,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from cleaning.denoise import Embeddings, EmbeddedSet
 from pipelines.config import load_config
-from pipelines.stage2_ray import denoise_steps
+
+try:
+    from pipelines.stage2_ray import denoise_steps
+except ImportError:  # an earlier commit's code, before the steps had one home: as run_stage2 built them
+    def denoise_steps(cfg, eval_emb):
+        from cleaning.denoise import EvaluationOverlap, IntraClassOutliers, MergeIdentities, SmallIdentities
+
+        return [IntraClassOutliers(cfg.max_angle, cfg.min_images_to_judge, nearer_another=cfg.nearer_another_identity,
+                                   same_person_angle=cfg.merge_same_person_angle),
+                MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle),
+                EvaluationOverlap(eval_emb, cfg.overlap_max_angle, cfg.overlap_min_faces),
+                SmallIdentities(cfg.min_images_per_identity)]
 
 NOISE_REASON = "intra_class/far_from_identity_centre"
 
@@ -51,9 +66,13 @@ def score(data: EmbeddedSet, z) -> dict:
     members = Counter(labels.values())
     merged_labels = {labels[p[0]] for p in merged}
     other = [g for g, n in members.items() if n > 1 and g not in merged_labels]
+    person = z["person"]
+    one_person = sum(1 for g in other if len({Counter(person[kept & (names == name)]).most_common(1)[0][0]
+                                               for name, label in labels.items() if label == g}) == 1)
     overlap = set(z["overlap"].tolist())
     return {"precision": caught / max(1, int(flagged.sum())), "recall": caught / max(1, int(noise.sum())),
-            "false_merges": len(other), "missed_merges": len(duplicates) - len(merged),
+            "false_merges": len(other), "false_merges_of_one_person": one_person,
+            "missed_merges": len(duplicates) - len(merged),
             "overlap_kept": sorted(overlap & set(names[kept].tolist()))}
 
 
@@ -65,7 +84,7 @@ def main():
     cfg = load_config(ROOT / "configs" / "demo-train.toml", overrides=args.set).denoise
     worst = {"precision": 1.0, "recall": 1.0, "false_merges": 0, "missed_merges": 0, "overlap_kept": 0}
     cases = sorted(Path(args.work).glob("*x*/*.npz"))
-    failing, totals = 0, Counter()
+    failing, totals, groups = 0, Counter(), defaultdict(list)
     for case in cases:
         s = replay(case, cfg)
         bad = (s["precision"] < 0.95 or s["recall"] < 0.95 or s["false_merges"] or s["missed_merges"]
@@ -74,6 +93,7 @@ def main():
               f"{s['recall']:.3f} false merges {s['false_merges']} missed merges {s['missed_merges']} "
               f"overlap kept {s['overlap_kept']}")
         failing += bool(bad)
+        groups[f"{case.parent.name} {case.stem.rsplit('_seed', 1)[0]}"].append({**s, "bad": bool(bad)})
         totals.update(false_merges=s["false_merges"], missed_merges=s["missed_merges"],
                       overlap_kept=len(s["overlap_kept"]))
         for k in ("precision", "recall"):
@@ -81,6 +101,13 @@ def main():
         for k in ("false_merges", "missed_merges"):
             worst[k] = max(worst[k], s[k])
         worst["overlap_kept"] = max(worst["overlap_kept"], len(s["overlap_kept"]))
+    print("\n| case group | cases | failing the bar | worst precision | worst recall | false merges (of one person) "
+          "| missed merges | overlap kept |\n|---|---:|---:|---:|---:|---|---:|---:|")
+    for key, rows in sorted(groups.items()):
+        print(f"| {key} | {len(rows)} | {sum(r['bad'] for r in rows)} | {min(r['precision'] for r in rows):.4f} "
+              f"| {min(r['recall'] for r in rows):.4f} | {sum(r['false_merges'] for r in rows)} "
+              f"({sum(r['false_merges_of_one_person'] for r in rows)}) | {sum(r['missed_merges'] for r in rows)} "
+              f"| {sum(len(r['overlap_kept']) for r in rows)} |")
     print(f"worst of {len(cases)}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                  for k, v in worst.items())
           + f"; {failing} failing the bar; totals: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items())))
