@@ -158,6 +158,8 @@ def rounds_run(refined: Path, loop: dict | None = None) -> dict:
                         "threshold_from": intra["max_angle_from"], "dropped": dropped,
                         "judged_faces": intra["judged_faces"],
                         "share_found": round(dropped / max(1, intra["judged_faces"]), 4),
+                        # which identities it merged: they are one class to the next model
+                        "merges": [mg["identities"] for mg in m.get("merges", [])],
                         **({"decision": decided[n]} if n in decided else {})})
     last = [r for n, r in decided.items() if n > len(earlier)]  # the round that stopped the loop
     return {"rounds": len(earlier) + 1, "earlier_rounds": earlier, **({"stopped_by": last[0]} if last else {}),
