@@ -52,8 +52,8 @@ def denoise_steps(cfg: DenoiseConfig, eval_embeddings: np.ndarray | None, model_
                                   nearer_another=cfg.nearer_another_identity,
                                   same_person_angle=cfg.merge_same_person_angle)
     merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
-    overlap = [EvaluationOverlap(eval_embeddings, cfg.overlap_max_angle, cfg.overlap_min_faces, names)] \
-        if drop_overlap else []
+    overlap = [EvaluationOverlap(eval_embeddings, cfg.overlap_max_angle, cfg.overlap_min_faces, names,
+                                 same_person_angle=cfg.merge_same_person_angle)] if drop_overlap else []
     return [outliers, merges, *overlap, SmallIdentities(cfg.min_images_per_identity)]
 
 

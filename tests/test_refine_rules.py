@@ -236,3 +236,28 @@ def test_nearer_another_weighs_the_nearest_identities_as_a_search_of_all_would()
             assert set(rows.tolist()) <= set(np.flatnonzero(away).tolist()) and len(rows) > 0.5 * away.sum()
             assert ((faces[rows] * centres[other]).sum(1) > (faces[rows] * centres[groups[rows]]).sum(1)).all()
             assert (candidates[groups[rows]] == other[:, None]).any(1).all()
+
+
+def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_centre():
+    from cleaning.denoise import EmbeddedSet, EvaluationOverlap
+
+    rng = np.random.default_rng(6)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    person, near, far = basis[0], _turned(basis[0], basis[1], 30), basis[2]
+    # n0: a training identity that is also an evaluation person; n1: a neighbour 30 deg away,
+    # near enough that most evaluation faces of n0's person fail the ratio test (a weak model);
+    # n2: someone else. The evaluation set: 6 faces of n0's person, 6 of a held-out person.
+    faces = np.concatenate([_faces(rng, person, 12, 0.04), _faces(rng, near, 12, 0.04), _faces(rng, far, 12, 0.04)])
+    groups = np.repeat([0, 1, 2], 12)
+    eval_faces = np.concatenate([_faces(rng, person, 6, 0.04), _faces(rng, basis[3], 6, 0.04)]).astype(np.float32)
+
+    data = EmbeddedSet(faces.astype(np.float32), groups.copy(), np.array([f"n{g}" for g in groups], object))
+    data.angles = np.full(len(groups), 20.0)  # as IntraClassOutliers leaves them
+    step = EvaluationOverlap(eval_faces, max_angle=40, min_faces=3, max_ratio=0.1, same_person_angle=10.0)
+    step(data)
+    figures = step.figures
+    assert (~data.kept).tolist() == (groups == 0).tolist()  # n0 only; not its neighbour, not n2
+    # found by its underlying centre alone: the ratio test passed fewer than 3 of its faces
+    assert figures["identities_by_same_person"] == ["n0"] and figures["identities_by_embedding"] == ["n0"]
+    assert set(data.reasons[groups == 0]) == {"evaluation_overlap/overlaps_evaluation_set"}
