@@ -524,9 +524,14 @@ def _block_nearest_identity(block: np.ndarray, start: int, centres: np.ndarray, 
         # Against the chunk's candidates at once (its rows hold a few identities), then each
         # face's own k read out of that: no (chunk, k, D) copy of the centres.
         union = np.unique(cand[cand >= 0])
-        all_sims = faces @ torch.from_numpy(centres[union]).T
-        column = torch.from_numpy(np.searchsorted(union, np.maximum(cand, 0)).clip(0, max(0, len(union) - 1)))
-        sims = all_sims.gather(1, column) if len(union) else torch.full(cand.shape, -2.0)
+        if len(union) * len(r) <= 1 << 25:
+            all_sims = faces @ torch.from_numpy(centres[union]).T
+            column = torch.from_numpy(np.searchsorted(union, np.maximum(cand, 0)).clip(0, max(0, len(union) - 1)))
+            sims = all_sims.gather(1, column) if len(union) else torch.full(cand.shape, -2.0)
+        else:  # rows of many identities (shards not in label order): each face's own k, 512 at a time
+            sims = torch.cat([torch.einsum("nd,nkd->nk", faces[i:i + 512],
+                                           torch.from_numpy(centres[np.maximum(cand[i:i + 512], 0)]))
+                              for i in range(0, len(r), 512)])
         sims[torch.from_numpy(cand < 0)] = -2.0
         best = sims.max(1)
         away = (best.values > own).numpy()

@@ -261,3 +261,23 @@ def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_c
     # found by its underlying centre alone: the ratio test passed fewer than 3 of its faces
     assert figures["identities_by_same_person"] == ["n0"] and figures["identities_by_embedding"] == ["n0"]
     assert set(data.reasons[groups == 0]) == {"evaluation_overlap/overlaps_evaluation_set"}
+
+
+def test_nearer_another_on_rows_of_many_identities_equals_the_small_case_rule():
+    # Rows not in label order: a chunk's candidate centres would be most of 10,000 identities,
+    # so each face is weighed against its own identity's candidates instead. Same answer.
+    from cleaning.denoise import _block_nearest_identity, _nearest_centres, normalise
+    import torch
+
+    rng = np.random.default_rng(7)
+    num, dim, n = 10_000, 8, 4096
+    centres = normalise(torch.from_numpy(rng.normal(size=(num, dim)).astype(np.float32))).numpy()
+    groups = rng.integers(0, num, n)
+    faces = normalise(torch.from_numpy(centres[groups] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32))).numpy()
+    candidates = _nearest_centres(centres, np.arange(num), num, 32)
+    rows, other = _block_nearest_identity(faces, 0, centres, candidates, groups, np.ones(n, bool))
+    sims = np.einsum("nd,nkd->nk", faces, centres[candidates[groups]])
+    own = (faces * centres[groups]).sum(1)
+    expected = np.flatnonzero(sims.max(1) > own)
+    assert rows.tolist() == expected.tolist() and len(rows) > 0
+    assert (other == candidates[groups][expected, sims[expected].argmax(1)]).all()
