@@ -66,14 +66,15 @@ class DenoiseConfig:
     # identities of 6 and 9 faces, look-alikes whose folders hold each other's faces 11.7+,
     # distinct mutual neighbours 26+). The one test of "one person" across stage 2: also for
     # clusters joined into persons (IntraClassOutliers) and evaluation faces that show an
-    # identity's person (EvaluationOverlap; others lay 12.6+ on the seed sweep's 45 cases).
+    # identity's person (EvaluationOverlap: over the seed sweep's 60 cases it found the one
+    # overlap person the ratio test missed, and no one else).
     merge_same_person_angle: float = setting(10.0, range=_ANGLE, doc=(
         "most angle between the underlying centres of two identities (or an identity and "
         "evaluation faces) taken as one person"))
     # An identity is an evaluation person when at least `overlap_min_faces` evaluation faces
     # have it as their nearest identity, within `overlap_max_angle` of its centre and at most
-    # half their angle to any other identity, or as many within that angle show its person
-    # (merge_same_person_angle; cleaning/denoise.EvaluationOverlap). 0: the
+    # half their angle to any other identity, or as many within that angle (one passing the
+    # ratio test) show its person (merge_same_person_angle; cleaning/denoise.EvaluationOverlap). 0: the
     # farthest kept face's angle. A fixed 30 let 3 look-alikes in at 50% noise; a radius
     # alone (the kept faces' 90th percentile) missed one of 3 after a second round.
     overlap_max_angle: float = setting(0.0, range=_ANGLE, doc=(
