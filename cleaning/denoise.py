@@ -413,7 +413,8 @@ class IntraClassOutliers(DenoiseStep):
         deg apart, thresholds 41-47) so that the centre settles between the two; its own
         faces are then dropped and the merge step joins it to the look-alike's identity
         (seed sweep, 45% confusable noise: 2-4 such identities per seed, precision 0.91-0.95,
-        benchmarks/results/refinement_seed_sweep_before.md).
+        benchmarks/results/refinement_seed_sweep_previous.md; with this step 0.97-0.996,
+        refinement_seed_sweep.md).
 
         1. Each identity's judged faces in clusters (_subclusters: average linkage cut at 2.5
            times the inliers' median angle to their centre - one person's faces lie about
