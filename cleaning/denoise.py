@@ -146,22 +146,10 @@ def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_g
     look-alikes (demo, 50% label noise from 3 look-alikes per identity) clean faces lay 25.5
     deg (median) from the mean and mislabelled ones 48; from the densest quarter's centre,
     11.5 and 62. Holds while the identity's own person is the largest part and at least
-    `share` of its faces. Groups whose rows lie in one block are done from it; for those whose
-    rows straddle blocks, each block returns its part of their rows (a few identities: no
-    block is read twice, and the driver reads none)."""
+    `share` of its faces. Group by group, block by block (map_groups)."""
     centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
-    rows_of = _rows_by_group(groups, mask)
-    ids = np.fromiter(rows_of, np.int64, len(rows_of))
-    first, last = np.full(num_groups, -1, np.int64), np.full(num_groups, -1, np.int64)
-    first[ids] = [m.min() for m in rows_of.values()]
-    last[ids] = [m.max() for m in rows_of.values()]
-    straddling: dict[int, list] = {}  # group -> its faces, block by block in row order
-    for _, (inside, block_centres, parts) in emb.map_blocks(_block_densest_centres, groups, mask, first, last, share):
-        centres[torch.from_numpy(np.array(inside))] = block_centres
-        for g, faces in parts.items():
-            straddling.setdefault(g, []).append(faces)
-    for g, faces in straddling.items():
-        centres[g] = _densest_centre(torch.from_numpy(np.concatenate(faces)), share)
+    for g, centre in map_groups(emb, groups, mask, _densest_centre_of, share).items():
+        centres[g] = torch.from_numpy(centre)
     return centres
 
 
@@ -172,21 +160,8 @@ def _densest_centre(faces: torch.Tensor, share: float) -> torch.Tensor:
     return normalise(faces[near.indices[best]].mean(0, keepdim=True))[0]
 
 
-def _block_densest_centres(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, first: np.ndarray,
-                           last: np.ndarray, share: float) -> tuple:
-    """The densest-part centres of the groups whose masked rows all lie in this block, and
-    this block's masked faces of the groups that straddle it (group -> rows x D)."""
-    end = start + len(block)
-    rows = start + np.flatnonzero(mask[start:end])
-    present = np.unique(groups[rows])
-    whole = (first[present] >= start) & (last[present] < end)
-    inside = present[whole]
-    out = torch.zeros(len(inside), block.shape[1], dtype=torch.float32)
-    members = _rows_by_group(groups[rows], np.isin(groups[rows], inside))
-    for i, g in enumerate(inside.tolist()):
-        out[i] = _densest_centre(torch.from_numpy(block[rows[members[g]] - start]), share)
-    parts = {int(g): block[rows[groups[rows] == g] - start] for g in present[~whole]}
-    return inside.astype(np.int64), out, parts
+def _densest_centre_of(faces: np.ndarray, share: float) -> np.ndarray:
+    return _densest_centre(torch.from_numpy(np.ascontiguousarray(faces)), share).numpy()
 
 
 def angles_to_centres(emb: Embeddings, centres: torch.Tensor, groups) -> np.ndarray:
@@ -380,12 +355,11 @@ class IntraClassOutliers(DenoiseStep):
             present = np.flatnonzero(counts.numpy() > 0)
             if len(present) < 2:
                 break
-            centres = normalise(sums).numpy()[present]
+            centres = normalise(sums).numpy()
             if candidates is None:  # the neighbourhood of the first pass's centres (they move little)
-                candidates = _nearest_centres(centres, present, num, NEAREST_IDENTITIES)
+                candidates = _nearest_centres(centres[present], present, num, NEAREST_IDENTITIES)
             rows, nearest_group = [], []
-            for _, (r, g) in emb.map_blocks(_block_nearest_identity, normalise(sums).numpy(), candidates, groups,
-                                            live):
+            for _, (r, g) in emb.map_blocks(_block_nearest_identity, centres, candidates, groups, live):
                 rows.append(r)
                 nearest_group.append(g)
             rows, other = np.concatenate(rows), np.concatenate(nearest_group)
