@@ -101,7 +101,7 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
     manifest = result.stage2.manifest.to_dict()
     stage2 = {k: v for k, v in manifest["stage2"].items() if k != "config"}
     if args.keep_embeddings:
-        save_replay(result, truth, work.parent / f"{work.name}.npz")
+        save_replay(result, truth, cfg.denoise, work.parent / f"{work.name}.npz")
     return {"demo": dataclasses.asdict(demo), "times": times, "summary": summarise(score, truth, result),
             "stage2_score": score, "counts": manifest["counts"], "stage2": stage2,
             "rounds": rounds_run(work / "refined", stage2.get("loop")),
@@ -109,7 +109,7 @@ def run_case(args, level: float, kind: str, seed: int, work: Path) -> dict:
                                  stage2["steps"].get("evaluation_overlap", {}))}
 
 
-def save_replay(result, truth: dict, path: Path) -> None:
+def save_replay(result, truth: dict, cfg, path: Path) -> None:
     """What the last round's stage 2 weighed, to replay its steps offline (benchmarks/
     replay_denoise.py): the final model's embeddings of the stage-1 faces in row order, their
     labels and identities, the first round's model's embeddings of them, the evaluation faces'
@@ -121,7 +121,6 @@ def save_replay(result, truth: dict, path: Path) -> None:
     from pipelines.models import load_embedder
     from pipelines.stage2_ray import embedded_faces, evaluation_faces
 
-    cfg = load_config(ROOT / "configs" / "demo-train.toml").denoise
     embedded, _ = embedded_faces(result.stage1, result.bootstrap_checkpoint, cfg, "")
     emb = np.concatenate([block for _, block in embedded.embeddings.blocks()])
     keys = [_norm_key(k) for uri in result.stage1.shard_uris()
@@ -183,9 +182,9 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     dropped as noise (precision), with each one's angle to its identity's centre as the final
     model judged it, and which person the identity's kept faces mostly show (an identity whose
     own person was outnumbered in its folder keeps a look-alike's faces)."""
-    from cleaning.denoise import EmbeddedSet, IntraClassOutliers
+    from cleaning.denoise import EmbeddedSet
     from dataset import shards
-    from pipelines.stage2_ray import embedded_faces
+    from pipelines.stage2_ray import denoise_steps, embedded_faces
     from pipelines.training import checkpoint
 
     # The final judgement's angles again (the manifest keeps only their histogram): the same
@@ -197,7 +196,7 @@ def mistakes(result, truth: dict, denoise_cfg, threshold: float, overlap_step: d
     centres = (checkpoint.read_all_centres(model) if denoise_cfg.use_model_centres and not later_round else None)
     embedded, _ = embedded_faces(stage1, model, denoise_cfg, "")
     judged = EmbeddedSet(embedded.embeddings, embedded.groups.copy(), embedded.identities)
-    step = IntraClassOutliers(denoise_cfg.max_angle, denoise_cfg.min_images_to_judge, model_centres=centres)
+    step = denoise_steps(denoise_cfg, None, centres)[0]  # the intra-class step as stage 2 built it
     step(judged)
     keys = [_norm_key(k) for uri in stage1.shard_uris()
             for k in shards.read_table(uri, ["key"]).column("key").to_pylist()]
@@ -456,6 +455,7 @@ def report(args, command: str) -> None:
                                                 "error")}
                         for c in cases]}
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.results_name}.json").write_text(json.dumps(record, indent=1))
     status = (f"**Partial**: {len(done & set(planned(args)))} of the {len(planned(args))} planned cases finished; "
               f"not run: {_describe(missing)}." if missing else
