@@ -202,6 +202,27 @@ def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
     assert data.kept[groups == 1].all() and data.kept[groups == 4].all() and data.kept[groups == 5].all()
 
 
+def test_an_identity_left_without_a_person_takes_its_unclaimed_faces_unless_it_is_an_alias():
+    from cleaning.denoise import EmbeddedSet, IntraClassOutliers
+
+    rng = np.random.default_rng(5)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    own, look_alike, twice, stray = basis[0], _turned(basis[0], basis[1], 35), basis[2], basis[3]
+    # n0: 4 faces of its own person, too few to be given (min 5), and 5 of a look-alike whose
+    # identity n1 holds 14 (the seed sweep's 45% confusable noise, seeds 3 and 4). n2: 9 faces
+    # of a person n3 holds 12 of (one person filed twice) and 3 of a stray person nobody holds.
+    blocks = [(own, 4, 0), (look_alike, 5, 0), (look_alike, 14, 1), (twice, 9, 2), (stray, 3, 2), (twice, 12, 3)]
+    faces = np.concatenate([_faces(rng, c, n, 0.03) for c, n, _ in blocks]).astype(np.float32)
+    groups = np.concatenate([[g] * n for _, n, g in blocks])
+    person = np.concatenate([[i] * n for i, (_, n, _) in enumerate(blocks)])
+    data = EmbeddedSet(faces, groups.copy(), np.array([f"n{g}" for g in groups], object))
+    IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)(data)
+    assert set(person[data.kept & (groups == 0)]) == {0}  # its own 4, not the look-alike's 5
+    assert set(person[data.kept & (groups == 2)]) == {3}  # the alias keeps its person (9 against 3)
+    assert data.kept[groups == 1].all() and data.kept[groups == 3].all()
+
+
 def test_persons_are_given_so_as_to_keep_the_most_faces():
     from cleaning.denoise import _give_persons
 
