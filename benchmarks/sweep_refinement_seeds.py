@@ -131,11 +131,12 @@ def save_replay(result, truth: dict, cfg, path: Path) -> None:
     if first != result.bootstrap_checkpoint:  # more than one round: the first model's view too
         embedded1, _ = embedded_faces(result.stage1, first, cfg, "")
         round1 = np.concatenate([block for _, block in embedded1.embeddings.blocks()])
-    faces = evaluation_faces(result.stage1)
+    faces, eval_people = evaluation_faces(result.stage1)
     eval_emb = load_embedder(result.bootstrap_checkpoint).embedder(faces, True) if len(faces) else np.zeros((0, emb.shape[1]))
     np.savez_compressed(path, embeddings=emb.astype(np.float32), round1_embeddings=round1.astype(np.float32),
                         groups=embedded.groups,
                         identities=np.asarray(embedded.identities, str), eval_embeddings=np.asarray(eval_emb, np.float32),
+                        eval_people=eval_people,
                         person=np.asarray([by_key[k]["true_identity"] for k in keys], str),
                         noise=np.asarray(["label_noise" in by_key[k]["defects"] for k in keys]),
                         overlap=np.asarray(truth["eval_overlap_identities"], str),
@@ -174,6 +175,7 @@ def summarise(score: dict, truth: dict, result) -> dict:
             "false_merges": dup["other_merges"], "false_merges_of_one_person": dup["other_merges_of_one_person"],
             "missed_merges": len(dup["truth"]) - len(dup["merged"]),
             "overlap_kept": sorted(set(overlap["truth"]) & kept_ids),
+            "overlap_faces_kept": overlap["faces_kept"], "wrongly_removed": overlap["wrongly_removed"],
             "clean_kept": score["clean_kept"]}
 
 
@@ -265,7 +267,7 @@ def overlap_evidence(result, judged, overlap_ids: list[str], overlap_step: dict)
     from pipelines.stage2_ray import evaluation_faces
     from pipelines.models import load_embedder
 
-    faces = evaluation_faces(result.stage1)
+    faces, _ = evaluation_faces(result.stage1)
     if not len(faces) or not overlap_step:
         return {}
     eval_emb = load_embedder(result.bootstrap_checkpoint).embedder(faces, True)
@@ -369,6 +371,9 @@ def tabulate(cases: list[dict]) -> list[dict]:
             "false_merges_of_one_person": _spread(values(lambda s: s.get("false_merges_of_one_person", 0)), "max"),
             "missed_merges": _spread(values(lambda s: s["missed_merges"]), "max"),
             "overlap_kept": _spread(values(lambda s: len(s["overlap_kept"])), "max"),
+            # the evaluation persons' faces kept under any identity (records before they were counted: -1)
+            "overlap_faces_kept": _spread(values(lambda s: s.get("overlap_faces_kept", -1)), "max"),
+            "wrongly_removed": _spread(values(lambda s: len(s.get("wrongly_removed", []))), "max"),
             "one_round_seeds": sorted(c["seed"] for c in group if c["rounds"]["rounds"] == 1),
         })
     return rows
@@ -470,17 +475,22 @@ def report(args, command: str) -> None:
            "uniform: anyone), then `arcface clean-data --config configs/demo-train.toml`, scored by "
            "cleaning/synthetic/score.py. Precision and recall of label noise over the faces that reached stage 2; "
            "false merges: merged label groups that are not an injected duplicate pair; missed merges: injected "
-           "duplicate pairs left apart; overlap kept: evaluation-overlap identities with kept faces. "
+           "duplicate pairs left apart; overlap kept: evaluation-overlap identities with kept faces; their faces "
+           "kept: faces of evaluation-overlap persons kept under any identity (the leak itself); wrongly removed: "
+           "training identities dropped as evaluation people they are not. "
            "Cells: min / median / max over seeds; worst: the worst value and the seeds that gave it."), "",
           ("| size | noise | kind | seeds | precision | worst precision | recall | worst recall | false merges "
-           "| worst | missed merges | worst | overlap kept | worst | one round only | issue bar |"),
-          "|---|---:|---|---:|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| worst | missed merges | worst | overlap kept | worst | their faces kept (worst) "
+           "| wrongly removed (worst) | one round only | issue bar |"),
+          "|---|---:|---|---:|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['identities']}x{r['images_per_identity']} | {r['label_noise']:g} | {r['kind']} "
                   f"| {len(r['seeds'])} | {_cell(r['precision'], 4)} | {_worst(r['precision'], 4)} "
                   f"| {_cell(r['recall'], 4)} | {_worst(r['recall'], 4)} | {_cell(r['false_merges'], 0)} "
                   f"| {_worst(r['false_merges'], 0)}{_one_person(r)} | {_cell(r['missed_merges'], 0)} | {_worst(r['missed_merges'], 0)} "
                   f"| {_cell(r['overlap_kept'], 0)} | {_worst(r['overlap_kept'], 0)} "
+                  f"| {_worst(r['overlap_faces_kept'], 0) if r['overlap_faces_kept']['min'] >= 0 else '-'} "
+                  f"| {_worst(r['wrongly_removed'], 0)} "
                   f"| {', '.join(f'seed {x}' for x in r['one_round_seeds']) or '-'} "
                   f"| {'met' if meets_bar(r) else 'not met'} |")
     if args.compare:

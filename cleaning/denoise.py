@@ -875,10 +875,39 @@ class EvaluationOverlap(DenoiseStep):
     reasons = ("overlaps_evaluation_set", "named_in_evaluation_list")
 
     def __init__(self, eval_embeddings: np.ndarray | None, max_angle: float, min_faces: int,
-                 names: set[str] | None = None, max_ratio: float = 0.5, same_person_angle: float = 10.0):
+                 names: set[str] | None = None, max_ratio: float = 0.5, same_person_angle: float = 10.0,
+                 eval_people: np.ndarray | None = None):
         super().__init__()
         self.eval_embeddings, self.max_angle, self.min_faces = eval_embeddings, max_angle, min_faces
         self.names, self.max_ratio, self.same_person_angle = names or set(), max_ratio, same_person_angle
+        self.eval_people = eval_people
+
+    def _by_evaluation_person(self, sums: torch.Tensor, counts: np.ndarray, present: np.ndarray,
+                              neighbours: int = 8) -> set[int]:
+        """The identities whose underlying centre lies within `same_person_angle` of an
+        evaluation person's, its faces as the sets group them (`eval_people`, at least
+        `min_faces`): one person filed twice, once for training and once for evaluation, as
+        MergeIdentities weighs two identities. All of a person's faces count together,
+        wherever their nearest identity lies: a weak model spreads them over several (seed
+        sweep, 50% uniform noise: an overlap person's 9-12 faces nearest its identity among
+        look-alikes' faces, ratio tests 0.41-1.0, and 3 of 10 seeds kept it)."""
+        if self.eval_people is None or not len(present):
+            return set()
+        people, person, size = np.unique(self.eval_people, return_inverse=True, return_counts=True)
+        eval_sums = torch.zeros(len(people), sums.shape[1], dtype=torch.float64).index_add_(
+            0, torch.from_numpy(person.reshape(-1).astype(np.int64)), torch.from_numpy(self.eval_embeddings).double())
+        weighed = np.flatnonzero(size >= max(2, self.min_faces))
+        if not len(weighed):
+            return set()
+        e_sums, e_n = eval_sums[weighed], torch.from_numpy(size[weighed].astype(np.float64))
+        g_sums, g_n = sums[present].double(), torch.from_numpy(counts[present].astype(np.float64))
+        near = (normalise(e_sums) @ normalise(g_sums).T).topk(min(neighbours, len(present)), dim=1).indices
+        cross = (e_sums[:, None, :] * g_sums[near]).sum(-1) / (e_n[:, None] * g_n[near])
+        within_e = ((e_sums * e_sums).sum(1) - e_n) / (e_n * (e_n - 1))
+        within_g = ((g_sums * g_sums).sum(1) - g_n) / (g_n * (g_n - 1)).clamp(min=1)
+        spread = (within_e[:, None] * within_g[near]).clamp(min=0).sqrt()
+        same = (spread > 0) & (g_n[near] >= 2) & (cross >= np.cos(np.radians(self.same_person_angle)) * spread)
+        return {int(present[i]) for i in near[same].tolist()}
 
     def _same_person(self, sums: torch.Tensor, counts: np.ndarray, present: np.ndarray, closest: np.ndarray,
                      within: np.ndarray, ratio_hits: np.ndarray) -> set[int]:
@@ -905,6 +934,7 @@ class EvaluationOverlap(DenoiseStep):
         kept = data.kept
         flagged: set[int] = set()
         by_same_person: set[str] = set()  # found by the same-person test alone (not the ratio test)
+        by_person: set[str] = set()  # found only by an evaluation person's faces taken together
         derived = {"rule": "configured"}
         if self.max_angle <= 0:
             self.max_angle = float(_kept_angles(data, "overlap_max_angle").max())
@@ -920,8 +950,10 @@ class EvaluationOverlap(DenoiseStep):
             hits = np.bincount(closest[counted], minlength=len(present))
             flagged = {int(g) for g in present[hits >= self.min_faces]}
             same = self._same_person(sums, counts, present, closest, within, hits) - flagged
+            whole = self._by_evaluation_person(sums, counts, present) - flagged - same
             by_same_person = {str(x) for x in data.identities[kept & np.isin(data.groups, list(same))]}
-            flagged |= same
+            by_person = {str(x) for x in data.identities[kept & np.isin(data.groups, list(whole))]}
+            flagged |= same | whole
             rows = np.flatnonzero(kept & np.isin(data.groups, list(flagged)))
             self.drop(data, rows, self.reasons[0],
                       f">= {self.min_faces} evaluation faces nearest it within {self.max_angle:.1f} deg of the centre: "
@@ -933,6 +965,7 @@ class EvaluationOverlap(DenoiseStep):
         self.figures = {"max_angle": round(self.max_angle, 2), "max_angle_from": derived, "max_ratio": self.max_ratio,
                         "min_faces": self.min_faces, "same_person_angle": self.same_person_angle,
                         "identities_by_same_person": sorted(by_same_person),
+                        "identities_by_evaluation_person": sorted(by_person),
                         "identities_by_embedding": sorted({str(x) for x in data.identities[np.isin(data.groups, list(flagged))]}),
                         "identities_by_name": sorted({str(x) for x in data.identities[np.isin(data.groups, list(named_groups))]})}
 

@@ -29,22 +29,50 @@ log = logging.getLogger(__name__)
 STAGE = "stage2"
 
 
-def evaluation_faces(data: RefinedDataset) -> np.ndarray:
-    """Every distinct face of the evaluation sets that come with the dataset, uint8 NHWC."""
+def evaluation_faces(data: RefinedDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct face of the evaluation sets that come with the dataset (uint8 NHWC),
+    and the person each shows as far as the sets tell (evaluation_people)."""
     from pipelines.evaluate import load_faces, load_pairs
 
     pair_uris, face_uris = data.eval_sets()
-    faces = [load_pairs(u).faces for u in pair_uris] + [load_faces(u).faces for u in face_uris]
+    return evaluation_people([load_pairs(u) for u in pair_uris], [load_faces(u) for u in face_uris])
+
+
+def evaluation_people(pair_sets: list, face_sets: list) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct faces of these pair and identification sets (in the order first seen),
+    and a person label for each: one image reached twice, the two faces of a same-person
+    pair and the faces of one identity in an identification set show one person (connected
+    components); a face nothing links is a person of its own. EvaluationOverlap weighs each
+    person's faces together against the training identities."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    faces = [p.faces for p in pair_sets] + [f.faces for f in face_sets]
     if not faces:
-        return np.zeros((0, 112, 112, 3), np.uint8)
+        return np.zeros((0, 112, 112, 3), np.uint8), np.zeros(0, np.int64)
     stacked = np.concatenate(faces)
-    digests = [hashlib.sha1(f.tobytes()).digest() for f in stacked]
-    _, first = np.unique(np.array(digests, dtype=object), return_index=True)
-    return stacked[np.sort(first)]
+    digests = np.array([hashlib.sha1(f.tobytes()).digest() for f in stacked], dtype=object)
+    _, first, distinct = np.unique(digests, return_index=True, return_inverse=True)
+    linked, at = [], 0  # pairs of rows of `stacked` that show one person
+    for pairs in pair_sets:
+        same = at + 2 * np.flatnonzero(pairs.issame)
+        linked.append(np.stack([same, same + 1], 1))
+        at += len(pairs.faces)
+    for named in face_sets:
+        order = np.argsort(named.identities, kind="stable")
+        runs = named.identities[order][1:] == named.identities[order][:-1]  # neighbours of one identity
+        linked.append(at + np.stack([order[:-1][runs], order[1:][runs]], 1))
+        at += len(named.faces)
+    edges = distinct.reshape(-1)[np.concatenate(linked).astype(np.int64)]  # in distinct faces
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(first), len(first)))
+    _, person = connected_components(graph, directed=False)
+    shown = np.argsort(first, kind="stable")  # distinct faces in the order first seen
+    return stacked[first[shown]], person[shown].astype(np.int64)
 
 
 def denoise_steps(cfg: DenoiseConfig, eval_embeddings: np.ndarray | None, model_centres: np.ndarray | None = None,
-                  drop_overlap: bool = True, names: set[str] | None = None) -> list:
+                  drop_overlap: bool = True, names: set[str] | None = None,
+                  eval_people: np.ndarray | None = None) -> list:
     """Stage 2's steps, in their order, as the config builds them: intra-class outliers ->
     merge identities -> (evaluation overlap) -> small identities. The one place they are
     built (stage 2, benchmarks/replay_denoise.py, benchmarks/bench_stage2_scale.py)."""
@@ -53,7 +81,8 @@ def denoise_steps(cfg: DenoiseConfig, eval_embeddings: np.ndarray | None, model_
                                   same_person_angle=cfg.merge_same_person_angle)
     merges = MergeIdentities(cfg.merge_max_angle, same_person_angle=cfg.merge_same_person_angle)
     overlap = [EvaluationOverlap(eval_embeddings, cfg.overlap_max_angle, cfg.overlap_min_faces, names,
-                                 same_person_angle=cfg.merge_same_person_angle)] if drop_overlap else []
+                                 same_person_angle=cfg.merge_same_person_angle, eval_people=eval_people)
+               ] if drop_overlap else []
     return [outliers, merges, *overlap, SmallIdentities(cfg.min_images_per_identity)]
 
 
@@ -119,11 +148,11 @@ def run_stage2(data: RefinedDataset, out: RefinedDataset, model_uri: str, cfg: D
     check_denoise_output(data, out, model_uri)  # before anything is computed or written
     started = time.perf_counter()
     embedded, sizes = loaded or embedded_faces(data, model_uri, cfg, ray_address)
-    eval_faces = evaluation_faces(data)
+    eval_faces, eval_people = evaluation_faces(data)
     eval_emb = load_embedder(model_uri).embedder(eval_faces, True) if len(eval_faces) else None
     centres = checkpoint.read_all_centres(model_uri) if cfg.use_model_centres else None
 
-    steps = denoise_steps(cfg, eval_emb, centres, drop_overlap, _read_names(cfg.exclude_identities))
+    steps = denoise_steps(cfg, eval_emb, centres, drop_overlap, _read_names(cfg.exclude_identities), eval_people)
     outliers, merges = steps[0], steps[1]
     for step in steps:
         step(embedded)

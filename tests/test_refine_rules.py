@@ -292,6 +292,57 @@ def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_c
     assert data.kept.all() and figures["identities_by_embedding"] == []
 
 
+def test_an_evaluation_person_is_weighed_whole_when_the_sets_say_which_faces_are_one_person():
+    from cleaning.denoise import EmbeddedSet, EvaluationOverlap
+
+    rng = np.random.default_rng(8)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    person, near, far = basis[0], _turned(basis[0], basis[1], 30), basis[2]
+    # n0 is also an evaluation person, n1 a neighbour 30 deg away, n2 someone else. The
+    # evaluation set: 6 faces of n0's person, spread as a weak model spreads them (no face
+    # passes a strict ratio test), 6 of a held-out look-alike of n1 (25 deg from it) and 6
+    # of a stranger.
+    faces = np.concatenate([_faces(rng, person, 12, 0.04), _faces(rng, near, 12, 0.04), _faces(rng, far, 12, 0.04)])
+    groups = np.repeat([0, 1, 2], 12)
+    look_alike = _turned(near, basis[4], 25)
+    eval_faces = np.concatenate([_faces(rng, person, 6, 0.06), _faces(rng, look_alike, 6, 0.04),
+                                 _faces(rng, basis[3], 6, 0.04)]).astype(np.float32)
+    people = np.repeat([7, 3, 5], 6)
+
+    def overlap(eval_people):
+        data = EmbeddedSet(faces.astype(np.float32), groups.copy(), np.array([f"n{g}" for g in groups], object))
+        data.angles = np.full(len(groups), 20.0)  # as IntraClassOutliers leaves them
+        step = EvaluationOverlap(eval_faces, max_angle=40, min_faces=3, max_ratio=0.1, same_person_angle=10.0,
+                                 eval_people=eval_people)
+        step(data)
+        return data, step.figures
+
+    data, figures = overlap(None)  # face by face: no evidence
+    assert data.kept.all()
+    data, figures = overlap(people)  # the person's 6 faces together: its underlying centre is n0's
+    assert (~data.kept).tolist() == (groups == 0).tolist()  # not n1, whose look-alike is 25 deg off
+    assert figures["identities_by_evaluation_person"] == ["n0"] and figures["identities_by_embedding"] == ["n0"]
+
+
+def test_evaluation_people_are_linked_by_same_pairs_identities_and_repeated_images():
+    from pipelines.evaluate import FaceSet, PairSet
+    from pipelines.stage2_ray import evaluation_people
+
+    rng = np.random.default_rng(0)
+    a, b, c, d, e, f, g = (rng.integers(0, 255, (4, 4, 3), dtype=np.uint8) for _ in range(7))
+    pairs = PairSet("p", "p", np.stack([a, b, c, d, a, e]), np.array([True, False, True]))
+    named = FaceSet("f", "f", np.stack([d, f, g]), np.array(["x", "y", "x"]))
+    faces, people = evaluation_people([pairs], [named])
+    assert [x.tobytes() for x in faces] == [x.tobytes() for x in (a, b, c, d, e, f, g)]  # each once, first seen
+    same = people[:, None] == people[None, :]
+    # a-b and a-e (same pairs), d-g (one identity in the identification set; d also in a pair)
+    expected = {frozenset("abe"), frozenset("c"), frozenset("dg"), frozenset("f")}
+    names = np.array(list("abcdefg"))
+    assert {frozenset(names[row]) for row in same} == expected
+    assert len(evaluation_people([], [])[1]) == 0
+
+
 def test_nearer_another_on_rows_of_many_identities_equals_the_small_case_rule():
     # Rows not in label order: a chunk's candidate centres would be most of 10,000 identities,
     # so each face is weighed against its own identity's candidates instead. Same answer.

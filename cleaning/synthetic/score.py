@@ -113,7 +113,12 @@ def score_stage2(out: str, truth_path: str) -> dict:
         "label_noise": {"reached_stage2": len(noise), "flagged": len(flagged), "caught": len(caught),
                         "recall": len(caught) / max(1, len(noise)), "precision": len(caught) / max(1, len(flagged))},
         "overlap_identities": {"truth": sorted(overlap_ids), "removed": sorted(removed_ids),
-                               "all_removed": overlap_ids <= removed_ids and not (overlap_ids & kept_ids)},
+                               "all_removed": overlap_ids <= removed_ids and not (overlap_ids & kept_ids),
+                               # an evaluation person's faces kept under any identity: the leak itself
+                               "faces_kept": sum(1 for r in reached if got.get(r["key"]) == "kept"
+                                                 and r["true_identity"] in overlap_ids),
+                               # training identities dropped as evaluation people they are not
+                               "wrongly_removed": sorted(removed_ids - overlap_ids)},
         "duplicate_identities": {"truth": truth["duplicate_identities"], "merged": merged_pairs,
                                  "other_merges": sum(1 for n in label_sizes.values() if n > 1) - len(merged_pairs),
                                  "other_merges_of_one_person": one_person},
