@@ -8,6 +8,12 @@ An earlier commit's rules on the same embeddings (its code on the path, this scr
     git worktree add /tmp/earlier COMMIT && cp benchmarks/replay_denoise.py /tmp/earlier/benchmarks/
     PYTHONPATH=/tmp/earlier .venv/bin/python /tmp/earlier/benchmarks/replay_denoise.py DIR
 
+Beyond the sweep's figures it counts the evaluation persons' faces kept under any identity,
+the identities wrongly removed as evaluation people, and the folders with no majority (their
+own person no more than one other person's faces: a tie a label-reading rule cannot break)
+with the false merges that touch one. A case that kept no `eval_people` (sweeps before they
+were saved) replays without the evaluation-person test.
+
 What it replays is the last round only: the steps of pipelines/stage2_ray.run_stage2 on the
 final model's embeddings (<case>.npz, written by the sweep). A rule that changes an earlier
 round changes the model the last round embeds with, which only a sweep measures; so a rule
@@ -75,8 +81,21 @@ def score(data: EmbeddedSet, z) -> dict:
     one_person = sum(1 for g in other if len({Counter(person[kept & (names == name)]).most_common(1)[0][0]
                                                for name, label in labels.items() if label == g}) == 1)
     overlap = set(z["overlap"].tolist())
+    # Folders whose own person does not outnumber one other person among their stage-1 faces
+    # (a tie or fewer): no rule that reads labels can tell which is the folder's person.
+    own_person = {name: name for name in np.unique(names)}
+    own_person.update({a: b for a, b in duplicates} | {b: b for a, b in duplicates})  # an alias shows its original
+    no_majority = set()
+    for name in np.unique(names):
+        shown = Counter(person[names == name])
+        own = shown.pop(own_person[name], 0)
+        if own <= max(shown.values(), default=-1):
+            no_majority.add(name)
+    merged_away = {g: {name for name, label in labels.items() if label == g} for g in other}
     return {"precision": caught / max(1, int(flagged.sum())), "recall": caught / max(1, int(noise.sum())),
             "false_merges": len(other), "false_merges_of_one_person": one_person,
+            "no_majority_folders": len(no_majority),
+            "false_merges_with_one": sum(1 for g in other if merged_away[g] & no_majority),
             "missed_merges": len(duplicates) - len(merged),
             "overlap_kept": sorted(overlap & set(names[kept].tolist())),
             # an evaluation person's faces kept under any identity (a leak the names above miss)
@@ -106,6 +125,7 @@ def main():
         groups[f"{case.parent.name} {case.stem.rsplit('_seed', 1)[0]}"].append({**s, "bad": bool(bad)})
         totals.update(false_merges=s["false_merges"], missed_merges=s["missed_merges"],
                       overlap_kept=len(s["overlap_kept"]), overlap_faces_kept=s["overlap_faces_kept"],
+                      no_majority_folders=s["no_majority_folders"], false_merges_with_one=s["false_merges_with_one"],
                       wrongly_removed=len(s["wrongly_removed"]))
         for k in ("precision", "recall"):
             worst[k] = min(worst[k], s[k])

@@ -371,9 +371,11 @@ def tabulate(cases: list[dict]) -> list[dict]:
             "false_merges_of_one_person": _spread(values(lambda s: s.get("false_merges_of_one_person", 0)), "max"),
             "missed_merges": _spread(values(lambda s: s["missed_merges"]), "max"),
             "overlap_kept": _spread(values(lambda s: len(s["overlap_kept"])), "max"),
-            # the evaluation persons' faces kept under any identity (records before they were counted: -1)
+            # the evaluation persons' faces kept under any identity, and identities wrongly removed
+            # as evaluation people (records from before they were counted: -1, shown as "-")
             "overlap_faces_kept": _spread(values(lambda s: s.get("overlap_faces_kept", -1)), "max"),
-            "wrongly_removed": _spread(values(lambda s: len(s.get("wrongly_removed", []))), "max"),
+            "wrongly_removed": _spread(values(lambda s: len(s["wrongly_removed"]) if "wrongly_removed" in s else -1),
+                                       "max"),
             "one_round_seeds": sorted(c["seed"] for c in group if c["rounds"]["rounds"] == 1),
         })
     return rows
@@ -490,7 +492,7 @@ def report(args, command: str) -> None:
                   f"| {_worst(r['false_merges'], 0)}{_one_person(r)} | {_cell(r['missed_merges'], 0)} | {_worst(r['missed_merges'], 0)} "
                   f"| {_cell(r['overlap_kept'], 0)} | {_worst(r['overlap_kept'], 0)} "
                   f"| {_worst(r['overlap_faces_kept'], 0) if r['overlap_faces_kept']['min'] >= 0 else '-'} "
-                  f"| {_worst(r['wrongly_removed'], 0)} "
+                  f"| {_worst(r['wrongly_removed'], 0) if r['wrongly_removed']['min'] >= 0 else '-'} "
                   f"| {', '.join(f'seed {x}' for x in r['one_round_seeds']) or '-'} "
                   f"| {'met' if meets_bar(r) else 'not met'} |")
     if args.compare:
