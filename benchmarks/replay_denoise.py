@@ -11,8 +11,8 @@ An earlier commit's rules on the same embeddings (its code on the path, this scr
 Beyond the sweep's figures it counts the evaluation persons' faces kept under any identity,
 the identities wrongly removed as evaluation people, and the folders with no majority (their
 own person no more than one other person's faces: a tie a label-reading rule cannot break)
-with the false merges that touch one. A case that kept no `eval_people` (sweeps before they
-were saved) replays without the evaluation-person test.
+with the false merges that touch one. A case kept before the sweep saved `eval_people` has
+them made again from its demo config (demo_eval_people).
 
 What it replays is the last round only: the steps of pipelines/stage2_ray.run_stage2 on the
 final model's embeddings (<case>.npz, written by the sweep). A rule that changes an earlier
@@ -56,12 +56,36 @@ def replay(case: Path, cfg) -> dict:
     z = np.load(case)
     data = EmbeddedSet(Embeddings(z["embeddings"]), z["groups"].astype(np.int64), z["identities"].astype(object))
     eval_emb = z["eval_embeddings"] if len(z["eval_embeddings"]) else None
-    people = {"eval_people": z["eval_people"]} if "eval_people" in z.files else {}
-    if "eval_people" not in inspect.signature(denoise_steps).parameters:  # an earlier commit's steps
-        people = {}
+    people = {}
+    if "eval_people" in inspect.signature(denoise_steps).parameters:  # not in an earlier commit's steps
+        people["eval_people"] = z["eval_people"] if "eval_people" in z.files else demo_eval_people(case)
     for step in denoise_steps(cfg, eval_emb, **people):
         step(data)
     return score(data, z)
+
+
+def demo_eval_people(case: Path) -> np.ndarray:
+    """The evaluation people of a case kept before the sweep saved them: the demo's evaluation
+    sets made again from the case's demo config (<case>.json; the generator is deterministic),
+    grouped as stage 2 groups them. Checked against the kept evaluation embeddings' count."""
+    import json
+
+    from cleaning.formats.insightface_bin import loads_pairs
+    from cleaning.synthetic.demo import build_eval_pairs, make_plan
+    from cleaning.synthetic.demo_config import DemoConfig
+    from pipelines.evaluate import FaceSet, PairSet, decode_aligned
+    from pipelines.stage2_ray import evaluation_people
+
+    demo = DemoConfig(**json.loads(case.with_suffix(".json").read_text())["demo"])
+    pairs_bin, meta = build_eval_pairs(make_plan(demo))
+    images, issame = loads_pairs(pairs_bin)
+    faces, people = evaluation_people(
+        [PairSet("pairs", "pairs", decode_aligned(images), np.asarray(issame, bool))],
+        [FaceSet("faces", "faces", decode_aligned([f for _, f in meta["faces"]]),
+                 np.asarray([p for p, _ in meta["faces"]]))])
+    if len(faces) != len(np.load(case)["eval_embeddings"]):
+        raise ValueError(f"{case}: {len(faces)} evaluation faces made again, the case kept another count")
+    return people
 
 
 def score(data: EmbeddedSet, z) -> dict:
