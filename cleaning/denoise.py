@@ -318,7 +318,7 @@ class IntraClassOutliers(DenoiseStep):
                 centres = torch.where((n_in > 0)[:, None], refined, centres)
             return centres
 
-        persons = None
+        persons, two_people = None, set()
         if self.model_centres is not None:
             centres = self._dominant_subcentres(emb, groups, judged, num)
         else:
@@ -326,7 +326,7 @@ class IntraClassOutliers(DenoiseStep):
             if self.nearer_another:
                 # Not refined again: within the threshold a look-alike's faces would pull
                 # the centre back between the two people.
-                centres, persons = self._person_centres(data, judged_np, centres, num)
+                centres, persons, two_people = self._person_centres(data, judged_np, centres, num)
         angles = angles_to_centres(emb, centres, groups)
         settle(angles)
         data.angles = np.where(judged_np, angles, np.nan)
@@ -338,10 +338,11 @@ class IntraClassOutliers(DenoiseStep):
         if persons is not None:
             self.figures["persons"] = persons
         if self.nearer_another:
-            self.figures["nearer_another_identity"] = self._nearer_another_identity(data, judged_np, num)
+            self.figures["nearer_another_identity"] = self._nearer_another_identity(data, judged_np, num, two_people)
         self.centres = centres.numpy()
 
-    def _nearer_another_identity(self, data: EmbeddedSet, judged: np.ndarray, num: int) -> dict:
+    def _nearer_another_identity(self, data: EmbeddedSet, judged: np.ndarray, num: int,
+                                 two_people: set = frozenset()) -> dict:
         """Drop the judged faces that lie nearer another judged identity's centre than their
         own (centres: the means of the kept faces, recomputed after each pass). Look-alike
         noise sits inside the clean mode's angles, where no threshold can tell it: on the
@@ -349,7 +350,11 @@ class IntraClassOutliers(DenoiseStep):
         after two rounds; with this rule the round-1 model's judgement found 0.96 (precision
         0.97). Not against an identity whose underlying centre lies within
         `same_person_angle` (true_centre_cos): one person filed twice, which MergeIdentities
-        joins; its faces intermix and are not noise."""
+        joins; its faces intermix and are not noise. Unless the two are `two_people`: given
+        different persons by _person_centres, one holding faces of the other's. Two look-
+        alikes whose folders hold each other's faces keep a mixture each, whose centres then
+        coincide, and merge (seed sweep, 45% look-alike noise: 1 of the 5 200x30 seeds, 2
+        of the 10 50x20 seeds); the persons tell them apart."""
         emb, groups = data.embeddings, data.groups.astype(np.int64)
         first = np.zeros(num, np.int64)  # a row of each group, for its name
         first[groups[::-1]] = np.arange(len(groups))[::-1]
@@ -371,8 +376,8 @@ class IntraClassOutliers(DenoiseStep):
             own = groups[rows]
             pairs = {(int(a), int(b)) for a, b in zip(own, other)}
             sums_np = sums.double()
-            same = {(a, b) for a, b in pairs
-                    if angle_deg(np.float64(true_centre_cos_from_sums(sums_np[a], int(counts[a]), sums_np[b],
+            same = {(a, b) for a, b in pairs if frozenset((a, b)) not in two_people
+                    and angle_deg(np.float64(true_centre_cos_from_sums(sums_np[a], int(counts[a]), sums_np[b],
                                                                       int(counts[b])))) <= self.same_person_angle}
             noise = np.array([(int(a), int(b)) not in same for a, b in zip(own, other)], bool)
             if not noise.any():
@@ -381,10 +386,11 @@ class IntraClassOutliers(DenoiseStep):
             self.drop(data, rows, self.reasons[0],
                       [f"nearer identity {data.identities[first[g]]}'s centre than its own" for g in other])
             found += len(rows)
-        return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle}
+        return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle,
+                "pairs_of_two_people": len(two_people)}
 
     def _person_centres(self, data: EmbeddedSet, judged: np.ndarray, centres: torch.Tensor,
-                        num: int) -> tuple[torch.Tensor, dict]:
+                        num: int) -> tuple[torch.Tensor, dict, set]:
         """Each identity's centre on its own person, decided across identities: a folder's
         densest part is not always its person. With look-alike label noise its own person
         can be outnumbered by one look-alike (45% noise from 3 look-alikes: 4-9 own faces
@@ -414,17 +420,18 @@ class IntraClassOutliers(DenoiseStep):
            of 18 in 28 cases of other sweeps, 50% noise among them).
         Its centre is the mean of those faces; an identity with no cluster that large keeps
         the centre it had. The counts, and the identities moved off their largest person,
-        are in the manifest."""
+        are in the manifest. Also returned: the pairs of identities given different persons
+        where one holds faces of the other's (two people, for _nearer_another_identity)."""
         emb, groups = data.embeddings, data.groups.astype(np.int64)
         angles = angles_to_centres(emb, centres, groups)
         inliers = judged & (angles <= self.threshold)
         if not inliers.any():
-            return centres, {"identities_moved": 0}
+            return centres, {"identities_moved": 0}, set()
         cut = 2.5 * float(np.median(angles[inliers]))
         found = map_groups(emb, groups, judged, _subclusters, cut, self.threshold)
         clusters = [(g, total, n) for g, parts in found.items() for total, n in parts]
         if not clusters:
-            return centres, {"cluster_cut_deg": round(cut, 2), "identities_moved": 0}
+            return centres, {"cluster_cut_deg": round(cut, 2), "identities_moved": 0}, set()
         owner = np.array([g for g, _, _ in clusters])
         sums = torch.from_numpy(np.stack([total for _, total, _ in clusters]))
         sizes = np.array([n for _, _, n in clusters])
@@ -434,6 +441,9 @@ class IntraClassOutliers(DenoiseStep):
             rows_of[g, p].append(i)
         faces_of = {key: int(sizes[rows].sum()) for key, rows in rows_of.items()}
         given = _give_persons(faces_of, self.min_judge)
+        given_to = {p: g for g, p in given.items()}
+        two_people = {frozenset((g, given_to[p])) for g, p in faces_of
+                      if g in given and p in given_to and given_to[p] != g}
         largest = {}
         for (g, p), n in sorted(faces_of.items(), key=lambda item: (-item[1], item[0])):
             largest.setdefault(g, (p, n))
@@ -459,7 +469,7 @@ class IntraClassOutliers(DenoiseStep):
                          "persons": int(len(np.unique(person))), "identities_given_a_person": len(given),
                          "identities_moved": len(moved),
                          "moved_off_their_largest_person": [str(data.identities[np.flatnonzero(groups == g)[0]])
-                                                            for g in moved[:20]]}
+                                                            for g in moved[:20]]}, two_people
 
     def _dominant_subcentres(self, emb, groups, judged, num) -> torch.Tensor:
         sub = normalise(torch.from_numpy(np.asarray(self.model_centres, np.float32)))  # (C, K, D)

@@ -223,6 +223,34 @@ def test_an_identity_left_without_a_person_takes_its_unclaimed_faces_unless_it_i
     assert data.kept[groups == 1].all() and data.kept[groups == 3].all()
 
 
+def test_two_look_alikes_whose_folders_hold_each_others_faces_are_two_people():
+    from cleaning.denoise import EmbeddedSet, IntraClassOutliers, MergeIdentities
+
+    rng = np.random.default_rng(9)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    a, b = basis[0], _turned(basis[0], basis[1], 40)
+    # n0: 12 faces of A and 8 of its look-alike B; n1: 12 of B and 8 of A (the seed sweep's
+    # 200x30, 45% look-alike noise, seed 7: 9 own and 10 of the other, 12 own and 4). Their kept
+    # mixtures' underlying centres lie 5 deg apart; their persons do not. n2, n3: one person
+    # filed twice; n4..n9: six more people.
+    blocks = [(a, 12, 0), (b, 8, 0), (b, 12, 1), (a, 8, 1), (basis[2], 10, 2), (basis[2], 10, 3),
+              *[(basis[4 + k], 12, 4 + k) for k in range(6)]]
+    faces = np.concatenate([_faces(rng, c, n, 0.02) for c, n, _ in blocks]).astype(np.float32)
+    groups = np.concatenate([[g] * n for _, n, g in blocks])
+    person = np.concatenate([[i] * n for i, (_, n, _) in enumerate(blocks)])
+    names = np.array([f"n{g}" for g in groups], object)
+    data = EmbeddedSet(faces, groups.copy(), names)
+    step = IntraClassOutliers(max_angle=50, min_images_to_judge=5, nearer_another=True)
+    step(data)
+    assert set(person[data.kept & (groups == 0)]) == {0} and set(person[data.kept & (groups == 1)]) == {2}
+    assert data.kept[groups >= 2].all()
+    assert step.figures["nearer_another_identity"]["pairs_of_two_people"] == 1
+    merge = MergeIdentities(max_angle=40)
+    merge(data)
+    assert [m.identities for m in merge.merges] == [["n2", "n3"]]  # the person filed twice only
+
+
 def test_persons_are_given_so_as_to_keep_the_most_faces():
     from cleaning.denoise import _give_persons
 
