@@ -287,26 +287,35 @@ def test_nearer_another_weighs_the_nearest_identities_as_a_search_of_all_would()
             assert (candidates[groups[rows]] == other[:, None]).any(1).all()
 
 
-def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_centre():
-    from cleaning.denoise import EmbeddedSet, EvaluationOverlap
-
-    rng = np.random.default_rng(6)
+def _overlap_case(seed: int):
+    """Three training identities of 12 faces: n0, also an evaluation person; n1, a neighbour
+    30 deg away, near enough that evaluation faces of n0's person fail the ratio test (a weak
+    model); n2, someone else. Returns the generator, the basis, the faces and their groups."""
+    rng = np.random.default_rng(seed)
     dim = 64
     basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
     person, near, far = basis[0], _turned(basis[0], basis[1], 30), basis[2]
-    # n0: a training identity that is also an evaluation person; n1: a neighbour 30 deg away,
-    # near enough that most evaluation faces of n0's person fail the ratio test (a weak model);
-    # n2: someone else. The evaluation set: 6 faces of n0's person, 6 of a held-out person.
     faces = np.concatenate([_faces(rng, person, 12, 0.04), _faces(rng, near, 12, 0.04), _faces(rng, far, 12, 0.04)])
-    groups = np.repeat([0, 1, 2], 12)
-    eval_faces = np.concatenate([_faces(rng, person, 6, 0.04), _faces(rng, basis[3], 6, 0.04)]).astype(np.float32)
+    return rng, basis, faces.astype(np.float32), np.repeat([0, 1, 2], 12)
+
+
+def _judge_overlap(faces, groups, eval_faces, **settings):
+    from cleaning.denoise import EmbeddedSet, EvaluationOverlap
+
+    data = EmbeddedSet(faces, groups.copy(), np.array([f"n{g}" for g in groups], object))
+    data.angles = np.full(len(groups), 20.0)  # as IntraClassOutliers leaves them
+    step = EvaluationOverlap(eval_faces, max_angle=40, min_faces=3, same_person_angle=10.0, **settings)
+    step(data)
+    return data, step.figures
+
+
+def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_centre():
+    rng, basis, faces, groups = _overlap_case(6)
+    # The evaluation set: 6 faces of n0's person, 6 of a held-out person.
+    eval_faces = np.concatenate([_faces(rng, basis[0], 6, 0.04), _faces(rng, basis[3], 6, 0.04)]).astype(np.float32)
 
     def overlap(max_ratio: float):
-        data = EmbeddedSet(faces.astype(np.float32), groups.copy(), np.array([f"n{g}" for g in groups], object))
-        data.angles = np.full(len(groups), 20.0)  # as IntraClassOutliers leaves them
-        step = EvaluationOverlap(eval_faces, max_angle=40, min_faces=3, max_ratio=max_ratio, same_person_angle=10.0)
-        step(data)
-        return data, step.figures
+        return _judge_overlap(faces, groups, eval_faces, max_ratio=max_ratio)
 
     # Their ratios to the neighbour are 0.51-0.58: at 0.53, 2 of the 6 pass (3 are needed).
     data, figures = overlap(max_ratio=0.53)
@@ -321,30 +330,17 @@ def test_an_evaluation_person_the_ratio_test_misses_is_found_by_its_underlying_c
 
 
 def test_an_evaluation_person_is_weighed_whole_when_the_sets_say_which_faces_are_one_person():
-    from cleaning.denoise import EmbeddedSet, EvaluationOverlap
-
-    rng = np.random.default_rng(8)
-    dim = 64
-    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
-    person, near, far = basis[0], _turned(basis[0], basis[1], 30), basis[2]
-    # n0 is also an evaluation person, n1 a neighbour 30 deg away, n2 someone else. The
-    # evaluation set: 6 faces of n0's person, spread as a weak model spreads them (no face
-    # passes a strict ratio test), 6 of a held-out look-alike of n1 (25 deg from it) and 6
-    # of a stranger.
-    faces = np.concatenate([_faces(rng, person, 12, 0.04), _faces(rng, near, 12, 0.04), _faces(rng, far, 12, 0.04)])
-    groups = np.repeat([0, 1, 2], 12)
-    look_alike = _turned(near, basis[4], 25)
-    eval_faces = np.concatenate([_faces(rng, person, 6, 0.06), _faces(rng, look_alike, 6, 0.04),
+    rng, basis, faces, groups = _overlap_case(8)
+    # The evaluation set: 6 faces of n0's person, spread as a weak model spreads them (no face
+    # passes a strict ratio test), 6 of a held-out look-alike of n1 (25 deg from it) and 6 of
+    # a stranger.
+    look_alike = _turned(_turned(basis[0], basis[1], 30), basis[4], 25)
+    eval_faces = np.concatenate([_faces(rng, basis[0], 6, 0.06), _faces(rng, look_alike, 6, 0.04),
                                  _faces(rng, basis[3], 6, 0.04)]).astype(np.float32)
     people = np.repeat([7, 3, 5], 6)
 
     def overlap(eval_people):
-        data = EmbeddedSet(faces.astype(np.float32), groups.copy(), np.array([f"n{g}" for g in groups], object))
-        data.angles = np.full(len(groups), 20.0)  # as IntraClassOutliers leaves them
-        step = EvaluationOverlap(eval_faces, max_angle=40, min_faces=3, max_ratio=0.1, same_person_angle=10.0,
-                                 eval_people=eval_people)
-        step(data)
-        return data, step.figures
+        return _judge_overlap(faces, groups, eval_faces, max_ratio=0.1, eval_people=eval_people)
 
     data, figures = overlap(None)  # face by face: no evidence
     assert data.kept.all()
