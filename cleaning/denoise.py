@@ -893,7 +893,7 @@ class EvaluationOverlap(DenoiseStep):
         self.eval_people = eval_people
 
     def _by_evaluation_person(self, sums: torch.Tensor, counts: np.ndarray, present: np.ndarray,
-                              neighbours: int = 8) -> set[int]:
+                              neighbours: int = 8, chunk_elements: int = 1 << 25) -> set[int]:
         """The identities whose underlying centre lies within `same_person_angle` of an
         evaluation person's, its faces as the sets group them (`eval_people`, at least
         `min_faces`): one person filed twice, once for training and once for evaluation, as
@@ -911,7 +911,12 @@ class EvaluationOverlap(DenoiseStep):
             return set()
         e_sums, e_n = eval_sums[weighed], torch.from_numpy(size[weighed].astype(np.float64))
         g_sums, g_n = sums[present].double(), torch.from_numpy(counts[present].astype(np.float64))
-        near = (normalise(e_sums) @ normalise(g_sums).T).topk(min(neighbours, len(present)), dim=1).indices
+        # Each person's nearest identities, a chunk of persons at a time: an identification
+        # set's thousands of persons against 85K identities would not fit at once.
+        g_centres, k = normalise(g_sums).float(), min(neighbours, len(present))
+        chunk = max(1, chunk_elements // len(present))
+        near = torch.cat([(normalise(e_sums[s:s + chunk]).float() @ g_centres.T).topk(k, dim=1).indices
+                          for s in range(0, len(weighed), chunk)])
         cross = (e_sums[:, None, :] * g_sums[near]).sum(-1) / (e_n[:, None] * g_n[near])
         within_e = ((e_sums * e_sums).sum(1) - e_n) / (e_n * (e_n - 1))
         within_g = ((g_sums * g_sums).sum(1) - g_n) / (g_n * (g_n - 1)).clamp(min=1)

@@ -344,6 +344,13 @@ def test_an_evaluation_person_is_weighed_whole_when_the_sets_say_which_faces_are
 
     data, figures = overlap(None)  # face by face: no evidence
     assert data.kept.all()
+    # The same persons found a chunk of one person at a time as all at once.
+    from cleaning.denoise import Embeddings, EvaluationOverlap, group_sums
+
+    sums, counts = group_sums(Embeddings(faces), groups, np.ones(len(groups), bool), 3)
+    step = EvaluationOverlap(eval_faces, 40, 3, eval_people=people)
+    assert step._by_evaluation_person(sums, counts.numpy(), np.arange(3)) == {0}
+    assert step._by_evaluation_person(sums, counts.numpy(), np.arange(3), chunk_elements=1) == {0}
     data, figures = overlap(people)  # the person's 6 faces together: its underlying centre is n0's
     assert (~data.kept).tolist() == (groups == 0).tolist()  # not n1, whose look-alike is 25 deg off
     assert figures["identities_by_evaluation_person"] == ["n0"] and figures["identities_by_embedding"] == ["n0"]
