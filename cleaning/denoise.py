@@ -900,7 +900,11 @@ class EvaluationOverlap(DenoiseStep):
         MergeIdentities weighs two identities. All of a person's faces count together,
         wherever their nearest identity lies: a weak model spreads them over several (seed
         sweep, 50% uniform noise: an overlap person's 9-12 faces nearest its identity among
-        look-alikes' faces, ratio tests 0.41-1.0, and 3 of 10 seeds kept it)."""
+        look-alikes' faces, ratio tests 0.41-1.0, and 3 of 10 seeds kept it). One identity
+        only: where a second also lies within the angle, the person is no one's. A model
+        trained a few steps puts every centre within a few degrees of every other (the
+        shared-nothing rehearsal's demo: without this, every identity was an evaluation
+        person); one person filed twice is one identity by now (MergeIdentities runs first)."""
         if self.eval_people is None or not len(present):
             return set()
         people, person, size = np.unique(self.eval_people, return_inverse=True, return_counts=True)
@@ -921,8 +925,16 @@ class EvaluationOverlap(DenoiseStep):
         within_e = ((e_sums * e_sums).sum(1) - e_n) / (e_n * (e_n - 1))
         within_g = ((g_sums * g_sums).sum(1) - g_n) / (g_n * (g_n - 1)).clamp(min=1)
         spread = (within_e[:, None] * within_g[near]).clamp(min=0).sqrt()
-        same = (spread > 0) & (g_n[near] >= 2) & (cross >= np.cos(np.radians(self.same_person_angle)) * spread)
-        return {int(present[i]) for i in near[same].tolist()}
+        weighed_pair = (spread > 0) & (g_n[near] >= 2)
+        cos = torch.where(weighed_pair, cross / spread.clamp(min=1e-12), torch.full_like(cross, -1.0))
+        angle = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+        if k < 2:  # one identity: nothing to be clearly nearer than
+            angle = torch.cat([angle, torch.full_like(angle, 180.0)], 1)
+        two = angle.topk(2, dim=1, largest=False)
+        best, second = two.values[:, 0], two.values[:, 1]
+        found = (best <= self.same_person_angle) & (second > self.same_person_angle)
+        nearest_identity = near.gather(1, two.indices[:, :1].clamp(max=near.shape[1] - 1))[:, 0]
+        return {int(present[i]) for i in nearest_identity[found].tolist()}
 
     def _same_person(self, sums: torch.Tensor, counts: np.ndarray, present: np.ndarray, closest: np.ndarray,
                      within: np.ndarray, ratio_hits: np.ndarray) -> set[int]:
