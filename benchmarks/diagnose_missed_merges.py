@@ -77,7 +77,8 @@ def main():
             observed = underlying_angle(x, y)
             p95, p99 = np.percentile(shuffled, [95, 99])
             print(f"{case.parent.name}/{case.stem} {a}/{b}: kept {len(x)}/{len(y)}; faces apart within "
-                  f"{mean_angle(x, x, True):.1f}/{mean_angle(y, y, True):.1f} deg, across {mean_angle(x, y, False):.1f}; "
+                  f"{mean_angle(x, x, True):.1f}/{mean_angle(y, y, True):.1f} deg, "
+                  f"across {mean_angle(x, y, False):.1f}; "
                   f"underlying centres {observed:.1f} deg, shuffled labels 95th/99th percentile {p95:.1f}/{p99:.1f}"
                   f"{' (learned apart)' if observed > p99 else ''}")
 

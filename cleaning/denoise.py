@@ -413,11 +413,11 @@ class IntraClassOutliers(DenoiseStep):
            against 5 of a look-alike) or one person filed twice (its person went to the
            identity with more of it). It takes the faces nobody else claims when they are
            at least half as many as its largest person's (and FEWEST_FACES_TO_WEIGH), else
-           that largest person (merged later): an alias's unclaimed faces are a look-alike's few, against
-           its person's 9-12 (seed sweep, 45% confusable noise, seed 12: 3 against 9), and an
-           outnumbered folder's own person nearly matches the look-alike (seeds 3, 4: 4
-           against 5: 2 of the sweep's 7 false merges came from taking the look-alike, and 4
-           of 18 in 28 cases of other sweeps, 50% noise among them).
+           that largest person (merged later): an alias's unclaimed faces are a look-alike's
+           few, against its person's 9-12 (seed sweep, 45% confusable noise, seed 12: 3
+           against 9), and an outnumbered folder's own person nearly matches the look-alike
+           (seeds 3, 4: 4 against 5: 2 of the sweep's 7 false merges came from taking the
+           look-alike, and 4 of 18 in 28 cases of other sweeps, 50% noise among them).
         Its centre is the mean of those faces; an identity with no cluster that large keeps
         the centre it had. The counts, and the identities moved off their largest person,
         are in the manifest. Also returned: the pairs of identities given different persons
