@@ -644,7 +644,7 @@ def _link_same_person(sums: torch.Tensor, sizes: np.ndarray, same_person_angle: 
     sums = sums.double()
     n = torch.from_numpy(sizes.astype(np.float64))
     centres = normalise(sums).float()
-    within = ((sums * sums).sum(1) - n) / (n * (n - 1))  # mean dot product over pairs inside
+    within = _within(sums, n)
     uf = _UnionFind(len(sizes))
     k = min(neighbours + 1, len(sizes))
     chunk = max(1, (1 << 25) // max(1, len(sizes)))
@@ -652,12 +652,24 @@ def _link_same_person(sums: torch.Tensor, sizes: np.ndarray, same_person_angle: 
     for s in range(0, len(sizes), chunk):
         near = (centres[s:s + chunk] @ centres.T).topk(k, dim=1).indices  # (chunk, k)
         rows = torch.arange(s, s + len(near))[:, None].expand_as(near)
-        cross = (sums[rows] * sums[near]).sum(-1) / (n[rows] * n[near])
-        spread = (within[rows] * within[near]).clamp(min=0).sqrt()
-        same = (cross >= limit * spread) & (spread > 0) & (near != rows)
+        cos = _underlying_cos(sums[rows], n[rows], within[rows], sums[near], n[near], within[near])
+        same = (cos >= limit) & (near != rows)
         for i, j in zip(rows[same].tolist(), near[same].tolist()):
             uf.union(i, j)
     return np.array([uf.find(i) for i in range(len(sizes))])
+
+
+def _within(sums: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Each row's mean dot product over pairs of its unit faces, from their sum and count."""
+    return ((sums * sums).sum(-1) - n) / (n * (n - 1)).clamp(min=1)
+
+
+def _underlying_cos(sums_a, n_a, within_a, sums_b, n_b, within_b) -> torch.Tensor:
+    """true_centre_cos_from_sums row by row (broadcast, many pairs at once), from each side's
+    sum of unit faces, count and _within; -1 where the spreads give no estimate."""
+    cross = (sums_a * sums_b).sum(-1) / (n_a * n_b)
+    spread = (within_a * within_b).clamp(min=0).sqrt()
+    return torch.where(spread > 0, cross / spread.clamp(min=1e-12), torch.full_like(cross, -1.0))
 
 
 def _block_nearest_subcentre(block: np.ndarray, start: int, sub: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -921,12 +933,10 @@ class EvaluationOverlap(DenoiseStep):
         chunk = max(1, chunk_elements // len(present))
         near = torch.cat([(normalise(e_sums[s:s + chunk]).float() @ g_centres.T).topk(k, dim=1).indices
                           for s in range(0, len(weighed), chunk)])
-        cross = (e_sums[:, None, :] * g_sums[near]).sum(-1) / (e_n[:, None] * g_n[near])
-        within_e = ((e_sums * e_sums).sum(1) - e_n) / (e_n * (e_n - 1))
-        within_g = ((g_sums * g_sums).sum(1) - g_n) / (g_n * (g_n - 1)).clamp(min=1)
-        spread = (within_e[:, None] * within_g[near]).clamp(min=0).sqrt()
-        weighed_pair = (spread > 0) & (g_n[near] >= 2)
-        cos = torch.where(weighed_pair, cross / spread.clamp(min=1e-12), torch.full_like(cross, -1.0))
+        within_e, within_g = _within(e_sums, e_n), _within(g_sums, g_n)
+        cos = _underlying_cos(e_sums[:, None, :], e_n[:, None], within_e[:, None],
+                              g_sums[near], g_n[near], within_g[near])
+        cos = torch.where(g_n[near] >= 2, cos, torch.full_like(cos, -1.0))
         angle = torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
         if k < 2:  # one identity: nothing to be clearly nearer than
             angle = torch.cat([angle, torch.full_like(angle, 180.0)], 1)
