@@ -320,7 +320,9 @@ def persons_html(persons: dict | None) -> str:
     return (f"<h2>Each identity's own person</h2><p>{persons['clusters']} tight clusters (cut at "
             f"{persons['cluster_cut_deg']:g} deg) in {persons['persons']} persons; {persons['identities_given_a_person']} "
             f"identities given a person of their own. Moved off their largest person (another identity holds more "
-            f"of it): {persons['identities_moved']}: {html.escape(moved)}{f' and {more} more' if more > 0 else ''}</p>")
+            f"of it): {persons['identities_moved']}: {html.escape(moved)}{f' and {more} more' if more > 0 else ''}. "
+            f"Ties between two persons broken by the noise the folders share: "
+            f"{persons.get('ties_broken_by_shared_noise', 0)}</p>")
 
 
 def pq_rows(uri: str) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cleaning.denoise import round_decision, valley_threshold
 from pipelines.clean_data import bootstrap_length
@@ -198,7 +199,8 @@ def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
     from cleaning.report import persons_html
 
     page = persons_html(persons)
-    assert "moved off their largest person" in page.lower() and ": 1: n0</p>" in page
+    assert "moved off their largest person" in page.lower() and ": 1: n0. " in page
+    assert "broken by the noise the folders share: 0</p>" in page
     assert data.kept[groups == 1].all() and data.kept[groups == 4].all() and data.kept[groups == 5].all()
 
 
@@ -221,6 +223,41 @@ def test_an_identity_left_without_a_person_takes_its_unclaimed_faces_unless_it_i
     assert set(person[data.kept & (groups == 0)]) == {0}  # its own 4, not the look-alike's 5
     assert set(person[data.kept & (groups == 2)]) == {3}  # the alias keeps its person (9 against 3)
     assert data.kept[groups == 1].all() and data.kept[groups == 3].all()
+
+
+@pytest.mark.parametrize("own_first", [True, False])
+def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_noise(own_first):
+    from cleaning.denoise import EmbeddedSet, IntraClassOutliers, MergeIdentities
+
+    rng = np.random.default_rng(8)
+    dim = 64
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    p, q = basis[0], _turned(basis[0], basis[1], 35)  # Q looks like P
+    r, s, t = basis[2], basis[3], basis[4]
+    # The seed sweep's 45% look-alike noise, seed 8: F holds 6 faces of its person P, 6 of P's
+    # look-alike Q, 4 of R and 3 of S (P's other look-alikes). A, P filed a second time, holds
+    # 12 of P, 4 of Q and 2 of S; Q's folder 13 of Q and 3 of T. P goes to A, Q to Q's folder,
+    # and F, tied 6-6, has no person of its own: it goes with A, whose folder holds the same
+    # other persons (S), not with Q's (T), whichever person has the lower label.
+    tied = [(p, 6, "F"), (q, 6, "F")]
+    folder_f = (tied if own_first else tied[::-1]) + [(r, 4, "F"), (s, 3, "F")]
+    folder_a = [(p, 12, "A"), (q, 4, "A"), (s, 2, "A")]
+    folder_q = [(q, 13, "Q"), (t, 3, "Q")]
+    rest = [(r, 12, "R"), (s, 12, "S"), (t, 12, "T")]
+    blocks = folder_f + folder_a + folder_q + rest
+    faces = np.concatenate([_faces(rng, c, n, 0.02) for c, n, _ in blocks]).astype(np.float32)
+    order = list(dict.fromkeys(name for _, _, name in blocks))
+    groups = np.concatenate([[order.index(name)] * n for _, n, name in blocks])
+    shows = np.concatenate([[k] * n for k, (_, n, _) in enumerate(blocks)])
+    names = np.array([order[g] for g in groups], object)
+    data = EmbeddedSet(faces, groups.copy(), names)
+    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
+    step(data)
+    assert set(shows[data.kept & (names == "F")]) == {0 if own_first else 1}  # F keeps P's 6 faces
+    assert step.figures["persons"]["ties_broken_by_shared_noise"] == (0 if own_first else 1)  # Q: the lower label
+    merge = MergeIdentities(max_angle=40)
+    merge(data)
+    assert [sorted(m.identities) for m in merge.merges] == [["A", "F"]]
 
 
 def test_two_look_alikes_whose_folders_hold_each_others_faces_are_two_people():
