@@ -10,8 +10,8 @@ expression drawn by chance), a difference a model trained on the two ids can lea
 
     .venv/bin/python benchmarks/duplicate_pair_pixels.py [--seed-count 10] [--shuffles 1000]
 
-The generator draws each image slot from (seed, identity, slot), so a slot clean at one noise
-level shows the same photo at every level and kind: a seed's pair is one draw of photos
+The generator draws each image slot from (seed, identity, slot), so a slot clean at two noise
+levels or kinds shows the same photo at both: a seed's pair is largely one draw of photos
 however many sweep cases use it. Writes benchmarks/results/duplicate_pair_pixels.md (keeping
 its hand-written "## Reading" section).
 """
@@ -77,7 +77,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for seed in unseen_seeds(args.seed_count):
             root = Path(tmp) / f"seed{seed}"
-            # Label noise only chooses which slots are mislabelled; the clean photos are the same at any level.
+            # Label noise only chooses which slots are mislabelled; a slot clean at any level shows the same photo.
             demo = dataclasses.replace(cfg.demo, identities=args.identities, seed=seed, label_noise=0.3,
                                        images_per_identity=args.images_per_identity, noise_sources=0)
             generate(root, demo, ["vggface2"])
