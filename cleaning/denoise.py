@@ -75,6 +75,7 @@ class EmbeddedSet:
     reasons: np.ndarray = None  # (N,) object: None = kept
     details: np.ndarray = None
     angles: np.ndarray = None  # (N,) float: angle to the identity centre (NaN: not judged)
+    same_person_angle: float | None = None  # derived by IntraClassOutliers (merge_same_person_angle 0)
 
     def __post_init__(self):
         if isinstance(self.embeddings, np.ndarray):
@@ -323,16 +324,26 @@ class IntraClassOutliers(DenoiseStep):
             centres = self._dominant_subcentres(emb, groups, judged, num)
         else:
             centres = refine(densest_centres(emb, data.groups, judged_np, num, self.densest_share))
-            if self.nearer_another:
-                # Not refined again: within the threshold a look-alike's faces would pull
-                # the centre back between the two people.
-                centres, persons, two_people = self._person_centres(data, judged_np, centres, num)
+        self.same_person_from = {"rule": "configured"}
+        if self.same_person_angle <= 0:  # derived from this model's spread of identities
+            angles = angles_to_centres(emb, centres, groups)
+            if self.model_centres is not None:  # no threshold settled on these centres yet
+                settle(angles)
+            self.same_person_angle, self.same_person_from = derived_same_person_angle(
+                emb, data.groups, judged_np & (angles <= self.threshold), num)
+        data.same_person_angle = self.same_person_angle
+        if self.model_centres is None and self.nearer_another:
+            # Not refined again: within the threshold a look-alike's faces would pull the
+            # centre back between the two people.
+            centres, persons, two_people = self._person_centres(data, judged_np, centres, num)
         angles = angles_to_centres(emb, centres, groups)
         settle(angles)
         data.angles = np.where(judged_np, angles, np.nan)
         out = np.flatnonzero(judged_np & (angles > self.threshold))
         self.drop(data, out, self.reasons[0], [f"{a:.1f} deg from identity centre" for a in angles[out]])
         self.figures = {"max_angle": round(float(self.threshold), 2), "max_angle_from": derived,
+                        "same_person_angle": round(float(self.same_person_angle), 2),
+                        "same_person_angle_from": self.same_person_from,
                         "unjudged_identities": int(((counts > 0) & (counts < self.min_judge)).sum()),
                         "judged_faces": int(judged.sum())}
         if persons is not None:
@@ -386,7 +397,7 @@ class IntraClassOutliers(DenoiseStep):
             self.drop(data, rows, self.reasons[0],
                       [f"nearer identity {data.identities[first[g]]}'s centre than its own" for g in other])
             found += len(rows)
-        return {"dropped": found, "passes": passes, "same_person_angle": self.same_person_angle,
+        return {"dropped": found, "passes": passes, "same_person_angle": round(self.same_person_angle, 2),
                 "pairs_of_two_people": len(two_people)}
 
     def _person_centres(self, data: EmbeddedSet, judged: np.ndarray, centres: torch.Tensor,
@@ -674,24 +685,55 @@ def _link_same_person(sums: torch.Tensor, sizes: np.ndarray, same_person_angle: 
                       neighbours: int = 8) -> np.ndarray:
     """Which clusters (their face sums and sizes, two faces or more) show one person: each
     is joined to those of its `neighbours` nearest centres whose underlying centres lie
-    within `same_person_angle` (true_centre_cos, computed here for a chunk of clusters at
-    once). Returns a person label per cluster."""
-    sums = sums.double()
-    n = torch.from_numpy(sizes.astype(np.float64))
-    centres = normalise(sums).float()
-    within = _within(sums, n)
+    within `same_person_angle` (true_centre_cos). Returns a person label per cluster."""
     uf = _UnionFind(len(sizes))
-    k = min(neighbours + 1, len(sizes))
-    chunk = max(1, (1 << 25) // max(1, len(sizes)))
     limit = np.cos(np.radians(same_person_angle))
-    for s in range(0, len(sizes), chunk):
-        near = (centres[s:s + chunk] @ centres.T).topk(k, dim=1).indices  # (chunk, k)
-        rows = torch.arange(s, s + len(near))[:, None].expand_as(near)
-        cos = _underlying_cos(sums[rows], n[rows], within[rows], sums[near], n[near], within[near])
-        same = (cos >= limit) & (near != rows)
+    for rows, near, cos in _neighbour_cos(sums, torch.from_numpy(sizes.astype(np.float64)), neighbours):
+        same = cos >= limit
         for i, j in zip(rows[same].tolist(), near[same].tolist()):
             uf.union(i, j)
     return np.array([uf.find(i) for i in range(len(sizes))])
+
+
+def _neighbour_cos(sums: torch.Tensor, n: torch.Tensor, neighbours: int) -> Iterator[tuple]:
+    """For a chunk of rows (face sums `sums`, counts `n`) at a time: (rows, each row's
+    `neighbours` nearest other rows by centre, the cosine between their underlying centres
+    (true_centre_cos; -1 against itself)), all (chunk, neighbours + 1)."""
+    sums = sums.double()
+    centres, within = normalise(sums).float(), _within(sums, n)
+    k = min(neighbours + 1, len(n))
+    chunk = max(1, (1 << 25) // max(1, len(n)))
+    for s in range(0, len(n), chunk):
+        near = (centres[s:s + chunk] @ centres.T).topk(k, dim=1).indices
+        rows = torch.arange(s, s + len(near))[:, None].expand_as(near)
+        cos = _underlying_cos(sums[rows], n[rows], within[rows], sums[near], n[near], within[near])
+        yield rows, near, torch.where(near != rows, cos, torch.full_like(cos, -1.0))
+
+
+# merge_same_person_angle 0: this share of the median angle between identities' underlying
+# centres and their nearest other's. With the bootstrap started from a face model (benchmarks/
+# make_face_prior.py) the demo's identities lie 44-56 deg from their nearest other at least and
+# about 63 at the median, one person filed twice 0-14 (seed sweep, 45% noise): a third of the
+# median, about 21, lies between. A bootstrap trained from nothing leaves look-alikes' folders
+# 4-15 deg apart at 45% look-alike noise and the median at 42-57: keep the fixed 10 there.
+SAME_PERSON_SHARE_OF_NEAREST = 1 / 3
+
+
+def derived_same_person_angle(emb: Embeddings, groups: np.ndarray, faces: np.ndarray, num: int,
+                              neighbours: int = 8) -> tuple[float, dict]:
+    """SAME_PERSON_SHARE_OF_NEAREST times the median, over identities with two faces or more
+    among `faces`, of the angle between their underlying centre and their nearest other's;
+    with the figures it came from."""
+    sums, counts = group_sums(emb, groups, faces, num)
+    weighed = counts >= 2
+    if int(weighed.sum()) < 2:
+        return 10.0, {"rule": "fewer than two identities to weigh: 10 deg"}
+    best = torch.cat([cos.max(1).values for _, _, cos in
+                      _neighbour_cos(sums[weighed], counts[weighed].double(), neighbours)])
+    median = float(np.median(angle_deg(best.clamp(-1.0, 1.0).numpy())))
+    return SAME_PERSON_SHARE_OF_NEAREST * median, {
+        "rule": f"{SAME_PERSON_SHARE_OF_NEAREST:.3g} of the median angle between identities and their nearest other",
+        "median_nearest_identity_deg": round(median, 2), "identities": int(weighed.sum())}
 
 
 def _within(sums: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
@@ -798,6 +840,7 @@ class MergeIdentities(DenoiseStep):
         kept = data.kept
         if self.max_angle <= 0:
             self.max_angle = float(self.relative * np.median(_kept_angles(data, "merge_max_angle")))
+        self.same_person_angle = _same_person_angle(data, self.same_person_angle)
         num = int(data.groups.max()) + 1
         emb = data.embeddings
         groups = data.groups.astype(np.int64)
@@ -848,7 +891,7 @@ class MergeIdentities(DenoiseStep):
                 self.merges.append(Merge(into, gs, idents))
         data.groups = root[data.groups]
         self.figures = {"max_angle": round(self.max_angle, 2), "min_crossing": self.min_crossing,
-                        "same_person_angle": self.same_person_angle,
+                        "same_person_angle": round(self.same_person_angle, 2),
                         "mutual_nearest_within_max_angle": candidates, "refused_for_too_little_evidence": rejected,
                         "merged_sets": len(self.merges),
                         "identities_merged_away": sum(len(m.groups) - 1 for m in self.merges)}
@@ -861,6 +904,16 @@ def _kept_angles(data: EmbeddedSet, setting: str) -> np.ndarray:
         raise ValueError(f"{setting} 0 derives it from face-to-centre angles: run IntraClassOutliers first "
                          "(or set an angle)")
     return angles
+
+
+def _same_person_angle(data: EmbeddedSet, configured: float) -> float:
+    """`configured`, or with 0 the angle IntraClassOutliers derived for this data."""
+    if configured > 0:
+        return configured
+    if data.same_person_angle is None:
+        raise ValueError("merge_same_person_angle 0 derives it from the identities' spread: run "
+                         "IntraClassOutliers first (or set an angle)")
+    return float(data.same_person_angle)
 
 
 def _block_crossing(block: np.ndarray, start: int, groups: np.ndarray, mask: np.ndarray, partner: np.ndarray,
@@ -1011,6 +1064,7 @@ class EvaluationOverlap(DenoiseStep):
         if self.max_angle <= 0:
             self.max_angle = float(_kept_angles(data, "overlap_max_angle").max())
             derived = {"rule": "the farthest kept face's angle to its centre"}
+        self.same_person_angle = _same_person_angle(data, self.same_person_angle)
         if self.eval_embeddings is not None and len(self.eval_embeddings):
             num = int(data.groups.max()) + 1
             sums, counts = group_sums(data.embeddings, data.groups.astype(np.int64), kept, num)
@@ -1035,7 +1089,7 @@ class EvaluationOverlap(DenoiseStep):
         named_groups = set(np.unique(data.groups[named]).tolist())
         self.drop(data, np.flatnonzero(data.kept & np.isin(data.groups, list(named_groups))), self.reasons[1])
         self.figures = {"max_angle": round(self.max_angle, 2), "max_angle_from": derived, "max_ratio": self.max_ratio,
-                        "min_faces": self.min_faces, "same_person_angle": self.same_person_angle,
+                        "min_faces": self.min_faces, "same_person_angle": round(self.same_person_angle, 2),
                         "identities_by_same_person": sorted(by_same_person),
                         "identities_by_evaluation_person": sorted(by_person),
                         "identities_by_embedding": sorted({str(x) for x in data.identities[np.isin(data.groups, list(flagged))]}),

@@ -282,7 +282,7 @@ This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manife
 <h2>Angle to the identity centre</h2><img src="{_data_uri(figures['angles.png'])}" alt="angle histogram">
 {loop_html(s2.get("loop"))}
 {persons_html(s2["steps"].get("intra_class", {}).get("persons"))}
-<h2>Identities merged</h2><ul>{merges}</ul>
+<h2>Identities merged</h2>{same_person_html(s2["steps"].get("intra_class", {}))}<ul>{merges}</ul>
 <h2>Identities removed as evaluation people</h2><p>{html.escape(over)}</p>
 <h2>Dropped faces</h2>{sheets}
 </body></html>"""
@@ -323,6 +323,19 @@ def persons_html(persons: dict | None) -> str:
             f"of it): {persons['identities_moved']}: {html.escape(moved)}{f' and {more} more' if more > 0 else ''}. "
             f"Ties between two persons broken by the noise the folders share: "
             f"{persons.get('ties_broken_by_shared_noise', 0)}</p>")
+
+
+def same_person_html(intra: dict) -> str:
+    """The angle between underlying centres taken as one person (merges, the nearer-another
+    exemption, persons, evaluation people), and where it came from: configured, or derived
+    from how far apart this model sets the identities (merge_same_person_angle 0)."""
+    if "same_person_angle" not in intra:
+        return ""
+    source = intra.get("same_person_angle_from", {"rule": "configured"})
+    evidence = (f"; the median identity lies {source['median_nearest_identity_deg']:g} deg from its nearest other, "
+                f"over {source['identities']} identities" if "median_nearest_identity_deg" in source else "")
+    return (f"<p>One person: underlying centres within {intra['same_person_angle']:g} deg "
+            f"({html.escape(source['rule'])}{evidence}).</p>")
 
 
 def pq_rows(uri: str) -> int:

@@ -435,3 +435,81 @@ def test_nearer_another_on_rows_of_many_identities_equals_the_small_case_rule():
     expected = np.flatnonzero(sims.max(1) > own)
     assert rows.tolist() == expected.tolist() and len(rows) > 0
     assert (other == candidates[groups][expected, sims[expected].argmax(1)]).all()
+
+
+def _circle_of_people(seed: int, spread: float):
+    """Six people 60 deg apart on a circle and a seventh identity 15 deg from the first: the
+    first person filed twice, whose two folders' photos differ (their centres 15 deg apart)."""
+    rng = np.random.default_rng(seed)
+    dim = 16
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    centres = [_turned(basis[0], basis[1], 60 * i) for i in range(6)] + [_turned(basis[0], basis[1], 15)]
+    faces = np.concatenate([_faces(rng, c, 12, spread) for c in centres]).astype(np.float32)
+    return faces, np.repeat(np.arange(7), 12)
+
+
+def test_the_same_person_angle_is_derived_from_how_far_apart_the_identities_lie():
+    from cleaning.denoise import SAME_PERSON_SHARE_OF_NEAREST, Embeddings, derived_same_person_angle
+
+    faces, groups = _circle_of_people(0, spread=0.005)
+    angle, evidence = derived_same_person_angle(Embeddings(faces), groups, np.ones(len(groups), bool), 7)
+    # Nearest others: 15, 15 (the two folders of one person), 45 (the second person, to the
+    # seventh identity), and 60 for the other four: the median is 60.
+    assert evidence["median_nearest_identity_deg"] == pytest.approx(60, abs=0.5)
+    assert angle == pytest.approx(SAME_PERSON_SHARE_OF_NEAREST * 60, abs=0.2)
+    assert evidence["identities"] == 7
+    # Only the faces given count: the first five people alone lie 60 deg from their nearest.
+    some = groups < 5
+    _, fewer = derived_same_person_angle(Embeddings(faces), groups, some, 7)
+    assert fewer["identities"] == 5 and fewer["median_nearest_identity_deg"] == pytest.approx(60, abs=0.5)
+
+
+def test_a_person_filed_twice_joins_under_the_derived_angle_where_the_fixed_one_splits_it():
+    from pipelines.stage2_ray import denoise_steps
+
+    from cleaning.denoise import EmbeddedSet
+
+    faces, groups = _circle_of_people(2, spread=0.12)
+
+    def judge(same_person_angle: float):
+        data = EmbeddedSet(faces, groups.copy(), np.array([f"n{g}" for g in groups], object))
+        steps = denoise_steps(DenoiseConfig(max_angle=80, merge_same_person_angle=same_person_angle), None)
+        for step in steps:
+            step(data)
+        return data, steps
+
+    # 10 deg: the two folders (underlying centres ~16 deg apart) are two people; each one's
+    # faces nearer the other are dropped as label noise, and they do not merge.
+    data, steps = judge(10.0)
+    assert not data.kept.all() and steps[1].figures["merged_sets"] == 0
+    # Derived: a third of the median nearest angle (~58 deg) is ~19: one person, no face lost.
+    data, steps = judge(0.0)
+    figures = steps[0].figures
+    assert figures["same_person_angle_from"]["rule"].startswith("0.333 of the median angle")
+    assert 17 < figures["same_person_angle"] < 21
+    assert steps[1].same_person_angle == pytest.approx(figures["same_person_angle"], abs=0.01)
+    assert steps[2].figures["same_person_angle"] == steps[1].figures["same_person_angle"] == figures["same_person_angle"]
+    assert data.kept.all() and steps[1].figures["merged_sets"] == 1
+    assert sorted(np.unique(data.groups[groups == 6])) == [0]
+
+
+def test_a_derived_same_person_angle_needs_the_outlier_step_first():
+    from cleaning.denoise import EmbeddedSet, MergeIdentities
+
+    faces, groups = _circle_of_people(0, spread=0.05)
+    data = EmbeddedSet(faces, groups.copy(), np.array([f"n{g}" for g in groups], object))
+    data.angles = np.full(len(groups), 5.0)
+    with pytest.raises(ValueError, match="run IntraClassOutliers first"):
+        MergeIdentities(max_angle=30, same_person_angle=0)(data)
+
+
+def test_the_report_shows_the_same_person_angle_and_where_it_came_from():
+    from cleaning.report import same_person_html
+
+    derived = {"same_person_angle": 21.03, "same_person_angle_from": {
+        "rule": "0.333 of the median angle between identities and their nearest other",
+        "median_nearest_identity_deg": 63.1, "identities": 52}}
+    page = same_person_html(derived)
+    assert "within 21.03 deg" in page and "lies 63.1 deg from its nearest other, over 52 identities" in page
+    assert "configured" in same_person_html({"same_person_angle": 10.0})
+    assert same_person_html({}) == ""
