@@ -488,7 +488,8 @@ def test_a_person_filed_twice_joins_under_the_derived_angle_where_the_fixed_one_
     assert figures["same_person_angle_from"]["rule"].startswith("0.333 of the median angle")
     assert 17 < figures["same_person_angle"] < 21
     assert steps[1].same_person_angle == pytest.approx(figures["same_person_angle"], abs=0.01)
-    assert steps[2].figures["same_person_angle"] == steps[1].figures["same_person_angle"] == figures["same_person_angle"]
+    shown = {steps[i].figures["same_person_angle"] for i in range(3)}  # outliers, merges, evaluation overlap
+    assert shown == {figures["same_person_angle"]}
     assert data.kept.all() and steps[1].figures["merged_sets"] == 1
     assert sorted(np.unique(data.groups[groups == 6])) == [0]
 
