@@ -68,10 +68,11 @@ class DenoiseConfig:
     # clusters joined into persons (IntraClassOutliers) and evaluation faces that show an
     # identity's person (EvaluationOverlap: over the seed sweep's 60 cases it found the one
     # overlap person the ratio test missed, and no one else).
-    # 0 derives it per model: a third of the median angle between identities and their nearest
+    # 0 derives it per model: 0.45 of the median angle between identities and their nearest
     # other (cleaning/denoise.derived_same_person_angle), for a bootstrap started from a face
-    # model (train.init_backbone), which sets distinct people 44+ deg apart on the demo and one
-    # person filed twice 0-14: the fixed 10 left 3 such pairs apart in 7 cases of the seed sweep.
+    # model (train.init_backbone), which sets distinct people 0.63 of that median apart or more
+    # on the demo and one person filed twice 0.35 or less: the fixed 10 left 3 such pairs apart
+    # in the first 7 cases of the seed sweep.
     merge_same_person_angle: float = setting(10.0, range=_ANGLE, doc=(
         "most angle between the underlying centres of two identities (or an identity and "
         "evaluation faces) taken as one person (0: derived from how far apart the model sets the identities)"))

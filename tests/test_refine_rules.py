@@ -482,11 +482,11 @@ def test_a_person_filed_twice_joins_under_the_derived_angle_where_the_fixed_one_
     # faces nearer the other are dropped as label noise, and they do not merge.
     data, steps = judge(10.0)
     assert not data.kept.all() and steps[1].figures["merged_sets"] == 0
-    # Derived: a third of the median nearest angle (~58 deg) is ~19: one person, no face lost.
+    # Derived: 0.45 of the median nearest angle (~58 deg) is ~26: one person, no face lost.
     data, steps = judge(0.0)
     figures = steps[0].figures
-    assert figures["same_person_angle_from"]["rule"].startswith("0.333 of the median angle")
-    assert 17 < figures["same_person_angle"] < 21
+    assert figures["same_person_angle_from"]["rule"].startswith("0.45 of the median angle")
+    assert 24 < figures["same_person_angle"] < 28
     assert steps[1].same_person_angle == pytest.approx(figures["same_person_angle"], abs=0.01)
     shown = {steps[i].figures["same_person_angle"] for i in range(3)}  # outliers, merges, evaluation overlap
     assert shown == {figures["same_person_angle"]}
@@ -508,7 +508,7 @@ def test_the_report_shows_the_same_person_angle_and_where_it_came_from():
     from cleaning.report import same_person_html
 
     derived = {"same_person_angle": 21.03, "same_person_angle_from": {
-        "rule": "0.333 of the median angle between identities and their nearest other",
+        "rule": "0.45 of the median angle between identities and their nearest other",
         "median_nearest_identity_deg": 63.1, "identities": 52}}
     page = same_person_html(derived)
     assert "within 21.03 deg" in page and "lies 63.1 deg from its nearest other, over 52 identities" in page
