@@ -322,7 +322,9 @@ def persons_html(persons: dict | None) -> str:
             f"identities given a person of their own. Moved off their largest person (another identity holds more "
             f"of it): {persons['identities_moved']}: {html.escape(moved)}{f' and {more} more' if more > 0 else ''}. "
             f"Ties between two persons broken by the noise the folders share: "
-            f"{persons.get('ties_broken_by_shared_noise', 0)}</p>")
+            f"{persons.get('ties_broken_by_shared_noise', 0)}; identities left without a person that went with the "
+            f"person whose folder draws its mislabelled faces from the same people: "
+            f"{persons.get('taken_by_noise_sources', 0)}</p>")
 
 
 def same_person_html(intra: dict) -> str:
