@@ -225,15 +225,38 @@ def test_an_identity_left_without_a_person_takes_its_unclaimed_faces_unless_it_i
     assert data.kept[groups == 1].all() and data.kept[groups == 3].all()
 
 
+def _person_p_its_look_alike_q_and_three_others(seed: int):
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(64, 64)))[0]
+    return rng, (basis[0], _turned(basis[0], basis[1], 35), basis[2], basis[3], basis[4])
+
+
+def _merged(data) -> list:
+    from cleaning.denoise import MergeIdentities
+
+    merge = MergeIdentities(max_angle=40)
+    merge(data)
+    return [sorted(m.identities) for m in merge.merges]
+
+
+def _folders(rng, blocks: list):
+    """An EmbeddedSet of folders from (person's centre, faces, folder name) blocks; also which
+    block each face shows and its folder's name."""
+    from cleaning.denoise import EmbeddedSet
+
+    faces = np.concatenate([_faces(rng, c, n, 0.02) for c, n, _ in blocks]).astype(np.float32)
+    order = list(dict.fromkeys(name for _, _, name in blocks))
+    groups = np.concatenate([[order.index(name)] * n for _, n, name in blocks])
+    shows = np.concatenate([[k] * n for k, (_, n, _) in enumerate(blocks)])
+    names = np.array([order[g] for g in groups], object)
+    return EmbeddedSet(faces, groups.copy(), names), shows, names
+
+
 @pytest.mark.parametrize("own_first", [True, False])
 def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_noise(own_first):
-    from cleaning.denoise import EmbeddedSet, IntraClassOutliers, MergeIdentities
+    from cleaning.denoise import IntraClassOutliers
 
-    rng = np.random.default_rng(8)
-    dim = 64
-    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
-    p, q = basis[0], _turned(basis[0], basis[1], 35)  # Q looks like P
-    r, s, t = basis[2], basis[3], basis[4]
+    rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=8)
     # The seed sweep's 45% look-alike noise, seed 8: F holds 6 faces of its person P, 6 of P's
     # look-alike Q, 4 of R and 3 of S (P's other look-alikes). A, P filed a second time, holds
     # 12 of P, 4 of Q and 2 of S; Q's folder 13 of Q and 3 of T. P goes to A, Q to Q's folder,
@@ -245,12 +268,7 @@ def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_nois
     folder_q = [(q, 13, "Q"), (t, 3, "Q")]
     rest = [(r, 12, "R"), (s, 12, "S"), (t, 12, "T")]
     blocks = folder_f + folder_a + folder_q + rest
-    faces = np.concatenate([_faces(rng, c, n, 0.02) for c, n, _ in blocks]).astype(np.float32)
-    order = list(dict.fromkeys(name for _, _, name in blocks))
-    groups = np.concatenate([[order.index(name)] * n for _, n, name in blocks])
-    shows = np.concatenate([[k] * n for k, (_, n, _) in enumerate(blocks)])
-    names = np.array([order[g] for g in groups], object)
-    data = EmbeddedSet(faces, groups.copy(), names)
+    data, shows, names = _folders(rng, blocks)
     step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
     step(data)
     assert set(shows[data.kept & (names == "F")]) == {0 if own_first else 1}  # F keeps P's 6 faces
@@ -258,19 +276,13 @@ def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_nois
     # Moved off Q, the lower label, by the noise the folders share (the tie rule's or, first,
     # the noise sources', which see the same R and S faces here).
     assert persons["ties_broken_by_shared_noise"] + persons["taken_by_noise_sources"] == (0 if own_first else 1)
-    merge = MergeIdentities(max_angle=40)
-    merge(data)
-    assert [sorted(m.identities) for m in merge.merges] == [["A", "F"]]
+    assert _merged(data) == [["A", "F"]]
 
 
 def test_a_folder_outnumbered_by_a_look_alike_goes_with_the_folder_of_the_same_noise_sources():
-    from cleaning.denoise import EmbeddedSet, IntraClassOutliers, MergeIdentities
+    from cleaning.denoise import IntraClassOutliers
 
-    rng = np.random.default_rng(8)
-    dim = 64
-    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
-    p, q = basis[0], _turned(basis[0], basis[1], 35)  # Q looks like P
-    r, s, t = basis[2], basis[3], basis[4]
+    rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=8)
     # The face-model seed sweep's 40% look-alike noise, seed 8: F holds 5 faces of its person P
     # and 6 of P's look-alike Q, and its other noise (R, S) lies beyond the threshold, in no
     # person. A, P filed a second time, holds 12 of P and noise from R and S too; Q's folder
@@ -280,19 +292,12 @@ def test_a_folder_outnumbered_by_a_look_alike_goes_with_the_folder_of_the_same_n
               (p, 12, "A"), (r, 2, "A"), (s, 2, "A"),
               (q, 13, "Q"), (t, 3, "Q"),
               (r, 12, "R"), (s, 12, "S"), (t, 12, "T")]
-    faces = np.concatenate([_faces(rng, c, n, 0.02) for c, n, _ in blocks]).astype(np.float32)
-    order = list(dict.fromkeys(name for _, _, name in blocks))
-    groups = np.concatenate([[order.index(name)] * n for _, n, name in blocks])
-    shows = np.concatenate([[k] * n for k, (_, n, _) in enumerate(blocks)])
-    names = np.array([order[g] for g in groups], object)
-    data = EmbeddedSet(faces, groups.copy(), names)
+    data, shows, names = _folders(rng, blocks)
     step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
     step(data)
     assert set(shows[data.kept & (names == "F")]) == {0}  # F keeps P's 5 faces
     assert step.figures["persons"]["taken_by_noise_sources"] == 1
-    merge = MergeIdentities(max_angle=40)
-    merge(data)
-    assert [sorted(m.identities) for m in merge.merges] == [["A", "F"]]
+    assert _merged(data) == [["A", "F"]]
 
 
 def test_two_look_alikes_whose_folders_hold_each_others_faces_are_two_people():
