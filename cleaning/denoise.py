@@ -474,10 +474,9 @@ class IntraClassOutliers(DenoiseStep):
         ties_broken, by_noise_sources = 0, 0
         # Identities that will be left choosing between persons others were given, and those
         # others: where their folders' mislabelled faces come from (one pass, these rows only).
-        weighing = {g for g, (p, n) in largest.items() if g not in chosen and n >= self.min_judge
-                    and _claimed_candidates(persons_in[g], g, given_to, self.min_judge)}
-        folders = weighing | {given_to[p] for g in weighing
-                              for p in _claimed_candidates(persons_in[g], g, given_to, self.min_judge)}
+        candidates_of = {g: found for g, (p, n) in largest.items() if g not in chosen and n >= self.min_judge
+                         and (found := _claimed_candidates(persons_in[g], g, given_to, self.min_judge))}
+        folders = set(candidates_of) | {given_to[p] for found in candidates_of.values() for p in found}
         sources = _noise_sources(emb, groups, judged, centres, folders) if folders else {}
         for g, (p, n) in largest.items():
             if g not in chosen:
@@ -485,7 +484,7 @@ class IntraClassOutliers(DenoiseStep):
                 if own >= FEWEST_FACES_TO_WEIGH and 2 * own >= n:
                     chosen[g] = unclaimed[g]
                 elif n >= self.min_judge:
-                    tied_best = _person_by_noise_sources(sources, persons_in, g, given_to, self.min_judge)
+                    tied_best = _person_by_noise_sources(sources, persons_in[g], g, candidates_of.get(g, []), given_to)
                     if tied_best is None:
                         tied_best = _tied_person_by_shared_noise(persons_in, g, p, given_to)
                         ties_broken += tied_best != p
@@ -683,9 +682,10 @@ def _block_nearest_centre(block: np.ndarray, start: int, centres: np.ndarray, ro
     return r + start, (torch.from_numpy(block[r]) @ torch.from_numpy(centres).T).argmax(1).numpy()
 
 
-def _person_by_noise_sources(sources, persons_in: dict, g: int, given_to: dict, min_faces: int) -> int | None:
-    """Identity g, left without a person of its own, between two or more persons other
-    identities were given: the one whose identity's folder draws its mislabelled faces from
+def _person_by_noise_sources(sources, mine: dict, g: int, candidates: list[int], given_to: dict) -> int | None:
+    """Identity g (`mine`: its persons -> their faces there), left without a person of its
+    own, between two or more persons other identities were given (`candidates`,
+    _claimed_candidates): the one whose identity's folder draws its mislabelled faces from
     the same identities as g's folder (look-alikes of one person are confused with the same
     people; `_noise_sources`, the candidates' identities left out); None where none leads.
     On the face-model seed sweep (40% look-alike noise, seed 8) a folder held 6 faces of a
@@ -693,13 +693,12 @@ def _person_by_noise_sources(sources, persons_in: dict, g: int, given_to: dict, 
     alike (a false merge and a missed one); the folder's other noise came from the alias's
     sources, not the look-alike's. The faces beyond the threshold count: there they form no
     person, which is why _tied_person_by_shared_noise cannot see them."""
-    candidates = _claimed_candidates(persons_in[g], g, given_to, min_faces)
     if not candidates:
         return None
     owners = {given_to[p] for p in candidates} | {g}
     scores = {p: sum(min(n, sources[given_to[p]].get(q, 0)) for q, n in sources[g].items() if q not in owners)
               for p in candidates}
-    best = max(candidates, key=lambda p: (scores[p], persons_in[g][p], -p))
+    best = max(candidates, key=lambda p: (scores[p], mine[p], -p))
     return best if scores[best] > max(scores[p] for p in candidates if p != best) else None
 
 
