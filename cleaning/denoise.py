@@ -242,7 +242,8 @@ def round_decision(angles: np.ndarray, threshold: float, derived: dict, another_
         decision.update({"otsu_deg": round(float(otsu), 2), "share_beyond_otsu": round(beyond, 4),
                          "decided_by": "the share beyond the threshold (Otsu's valley)" if valley else
                          "the share beyond Otsu's split (the threshold came from a fallback rule)"})
-    decision.update({"another_round": share >= another_round_above, "intermediate_cut_deg": round(cut, 2)})
+    decision.update({"deciding_share": round(share, 4), "another_round": share >= another_round_above,
+                     "intermediate_cut_deg": round(cut, 2)})
     return decision
 
 

@@ -292,18 +292,22 @@ This dataset: content hash <code>{manifest['content_hash'][:16]}</code>, {manife
 
 def loop_html(loop: dict | None) -> str:
     """What `arcface clean-data` chose from the data (the stage-2 manifest's "loop"): each
-    bootstrap model's length, and each round's decision with the figures that made it."""
+    bootstrap model's start and length, each round's decision with the figures that made it,
+    and the loop's advice when a bootstrap from random weights met heavy noise."""
     if not loop:
         return ""
     boots = "".join(
-        f"<tr><td>{i}</td><td>{b['faces']}</td><td>{b['epochs']} (configured {b['configured_epochs']})</td>"
+        f"<tr><td>{i}</td><td>{html.escape(b.get('started_from') or 'random weights')}</td><td>{b['faces']}</td>"
+        f"<td>{b['epochs']} (configured {b['configured_epochs']})</td>"
         f"<td>{b['steps']}</td><td>{html.escape(b['rule'])}</td></tr>" for i, b in enumerate(loop["bootstraps"], 1))
     rounds = "".join(
         f"<tr><td>{r['round']}</td><td>{r['threshold_deg']:g} ({html.escape(r['threshold_rule'])})</td>"
         f"<td>{r['share_found']:.3f}</td><td>{r.get('share_beyond_otsu', '-')}</td>"
         f"<td>{html.escape(r['decided_by'])}</td><td>{'yes' if r['another_round'] else 'no'}</td>"
         f"<td>{r['intermediate_cut_deg']:g}</td></tr>" for r in loop["rounds"])
-    return (f"<h2>How the loop chose</h2><table><tr><th>bootstrap</th><th>faces</th><th>epochs</th><th>steps</th>"
+    advice = f"<p><b>Advice:</b> {html.escape(loop['advice'])}</p>" if loop.get("advice") else ""
+    return (f"<h2>How the loop chose</h2>{advice}<table><tr><th>bootstrap</th><th>started from</th><th>faces</th>"
+            f"<th>epochs</th><th>steps</th>"
             f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
             f"<th>share beyond Otsu</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
             f"{rounds}</table>")

@@ -71,14 +71,20 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
     stage1 = RefinedDataset.open(stage1.uri)
     model, length = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
     # What the loop chose from this run's data, and why: into the stage-2 manifest.
-    loop = {"bootstraps": [{"model": model, **length}], "rounds": []}
+    started_from = cfg.train.init_backbone or ""  # "": random weights
+    loop = {"bootstraps": [{"model": model, "started_from": started_from, **length}], "rounds": []}
     summary = RefineResult(stage1, stage2, model)
     loaded = None  # the current model's embeddings, read once for its check and its stage 2
     for later in range(2, cfg.denoise.rounds + 1):
         loaded = embedded_faces(stage1, model, denoise_cfg, services.ray_address)
         decision = judge_round(loaded[0], model, denoise_cfg)
-        loop["rounds"].append({"round": later - 1, **decision})
+        decision = {"round": later - 1, **decision}
+        loop["rounds"].append(decision)
         share = decision["share_found"]
+        advice = bootstrap_advice(decision, started_from)
+        if advice and "advice" not in loop:
+            log.warning("%s", advice)
+            loop["advice"] = advice
         if not decision["another_round"]:
             log.info("round %d found %.1f%% of the faces mislabelled (%s < %.0f%%): no further round", later - 1,
                      100 * share, decision["decided_by"], 100 * cfg.denoise.another_round_above)
@@ -102,7 +108,7 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
         denoise_cfg = dataclasses.replace(denoise_cfg, use_model_centres=False)
         model, length = _bootstrap(RefinedDataset.open(earlier.uri), boot, cfg,
                                    storage.join(out, f"bootstrap{later}.json"))
-        loop["bootstraps"].append({"model": model, **length})
+        loop["bootstraps"].append({"model": model, "started_from": started_from, **length})
     summary.bootstrap_checkpoint = model
     if not _stage2_current(stage2, stage1, model, denoise_cfg):
         run_stage2(stage1, stage2, model, denoise_cfg, ray_address=services.ray_address,
@@ -117,6 +123,22 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
             raise RuntimeError(f"training on the refined data failed: {result.error}")
         summary.refined_checkpoint = result.checkpoint.path
     return summary
+
+
+def bootstrap_advice(decision: dict, started_from: str) -> str:
+    """What to change when a bootstrap trained from random weights finds enough label noise to
+    ask for another round (`decision`: a round of the manifest's loop): at 30-45% noise such
+    bootstraps are what limited the seed sweep's worst draws, and bootstraps started from a face
+    model met the bar where they missed it (benchmarks/results/refinement_seed_sweep_final.md
+    against refinement_seed_sweep_face_prior.md). "" when there is nothing to say."""
+    if started_from or not decision["another_round"]:
+        return ""
+    return (f"round {decision['round']} found {decision['deciding_share']:.0%} of the judged faces mislabelled "
+            f"({decision['decided_by']}), "
+            "judged by a bootstrap trained from random weights: at such noise it can keep a look-alike's faces or "
+            "leave one person filed twice apart. Start the bootstraps from a face model (train.init_backbone: an "
+            "insightface backbone or your last model; for the demo, benchmarks/make_face_prior.py) with "
+            "denoise.merge_same_person_angle=0 (README, refinement)")
 
 
 def _bootstrap(data: RefinedDataset, boot, cfg, marker: str) -> tuple[str, dict]:

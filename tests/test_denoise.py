@@ -399,10 +399,14 @@ def test_second_round_judges_stage_one_again_with_a_model_trained_on_round_one(r
     for b, marker in zip(loop["bootstraps"], (boot1, boot2)):
         assert b["min_steps"] == 0 and b["epochs"] == 6 and b["steps"] == 6 * b["steps_per_epoch"]
         assert b["rule"] == "configured epochs"
-        assert marker["length"] == {k: v for k, v in b.items() if k != "model"}
+        assert marker["length"] == {k: v for k, v in b.items() if k not in ("model", "started_from")}
         assert marker["config"]["epochs"] == b["epochs"]
+        assert b["started_from"] == ""  # random weights: no train.init_backbone
     decision = loop["rounds"][0]
     assert decision["round"] == 1 and decision["another_round"]
+    # Heavy noise judged by a bootstrap from random weights: the loop says what to change.
+    assert loop["advice"].startswith(f"round 1 found {decision['deciding_share']:.0%}")
+    assert "train.init_backbone" in loop["advice"]
     assert round1.manifest.to_dict()["stage2"]["config"]["max_angle"] == decision["intermediate_cut_deg"]
     # Every face stage 1 kept is judged again (a face round 1 dropped wrongly can come back).
     assert m["counts"]["by_stage"]["stage2"]["read"] == summary.stage1.manifest.to_dict()["counts"]["kept"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cleaning.denoise import round_decision, valley_threshold
-from pipelines.clean_data import bootstrap_length
+from pipelines.clean_data import bootstrap_advice, bootstrap_length
 from pipelines.denoise_config import DenoiseConfig
 
 
@@ -81,7 +81,7 @@ def test_a_floor_above_otsu_is_a_fallback_too():
                "clean_mode_floor_deg": 70.0}
     angles = np.array([20.0] * 60 + [55.0] * 30 + [80.0] * 10)
     d = round_decision(angles, 70.0, derived, another_round_above=0.2)
-    assert d["share_found"] == 0.1 and d["share_beyond_otsu"] == 0.4
+    assert d["share_found"] == 0.1 and d["share_beyond_otsu"] == 0.4 and d["deciding_share"] == 0.4
     assert d["another_round"] and d["intermediate_cut_deg"] == 50.0
 
 
@@ -90,7 +90,7 @@ def test_little_noise_under_a_trusted_valley_stops_the_loop():
                "clean_mode_floor_deg": 45.0}
     angles = np.array([20.0] * 90 + [80.0] * 10 + [np.nan] * 5)  # NaN: unjudged faces
     d = round_decision(angles, 50.0, derived, another_round_above=0.2)
-    assert d["share_found"] == 0.1 and not d["another_round"]
+    assert d["share_found"] == d["deciding_share"] == 0.1 and not d["another_round"]
 
 
 def test_a_configured_angle_decides_by_its_own_share():
@@ -157,7 +157,20 @@ def test_the_report_shows_what_the_loop_chose():
     page = loop_html(loop)
     assert "epochs raised to reach the minimum steps" in page and "<td>210</td>" in page
     assert "fallback rule" in page and "<td>0.4</td>" in page and "<td>yes</td>" in page
+    assert "<td>random weights</td>" in page and "Advice" not in page
+    loop["advice"] = bootstrap_advice(loop["rounds"][0], "")
+    loop["bootstraps"][0]["started_from"] = "s3://models/r50 <face>.pt"
+    page = loop_html(loop)
+    assert "<b>Advice:</b> round 1 found 40% of the judged faces mislabelled" in page
+    assert "<td>s3://models/r50 &lt;face&gt;.pt</td>" in page  # escaped
     assert loop_html(None) == ""
+
+
+def test_advice_only_for_heavy_noise_judged_from_random_weights():
+    heavy = {"round": 1, "deciding_share": 0.31, "decided_by": "the share beyond the threshold", "another_round": True}
+    assert "train.init_backbone" in bootstrap_advice(heavy, "") and "31%" in bootstrap_advice(heavy, "")
+    assert bootstrap_advice(heavy, "/models/face.pt") == ""  # already started from a face model
+    assert bootstrap_advice({**heavy, "deciding_share": 0.1, "another_round": False}, "") == ""
 
 
 def test_an_identity_outnumbered_by_a_look_alike_takes_back_its_own_person():
