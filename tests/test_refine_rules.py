@@ -313,6 +313,26 @@ def test_a_folder_outnumbered_by_a_look_alike_goes_with_the_folder_of_the_same_n
     assert _merged(data) == [["A", "F"]]
 
 
+def test_a_folder_whose_own_person_went_elsewhere_keeps_it_when_it_holds_more_than_twice_a_look_alikes():
+    from cleaning.denoise import IntraClassOutliers
+
+    rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=2)
+    # The face-model seed sweep at 200 x 30, 30% look-alike noise, seed 2: F's own person P
+    # (16 faces) was given to B, which holds more of it (20); F also holds 5 of P's look-alike
+    # Q, whose folder draws noise from R as F does. The noise sources point at Q's folder, but
+    # 16 faces against 5 decide: F keeps P's faces (and is merged with B, P's other folder).
+    blocks = [(p, 16, "F"), (q, 5, "F"), (r, 3, "F"),
+              (p, 20, "B"), (t, 3, "B"),
+              (q, 13, "Q"), (r, 3, "Q"),
+              (r, 12, "R"), (t, 12, "T")]
+    data, shows, names = _folders(rng, blocks)
+    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
+    step(data)
+    assert set(shows[data.kept & (names == "F")]) == {0}  # F keeps P's 16 faces
+    assert step.figures["persons"]["taken_by_noise_sources"] == 0
+    assert _merged(data) == [["B", "F"]]
+
+
 def test_two_look_alikes_whose_folders_hold_each_others_faces_are_two_people():
     from cleaning.denoise import EmbeddedSet, IntraClassOutliers, MergeIdentities
 
