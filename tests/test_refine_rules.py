@@ -252,6 +252,17 @@ def _merged(data) -> list:
     return [sorted(m.identities) for m in merge.merges]
 
 
+def _persons_judged(rng, blocks: list) -> tuple:
+    """The folders of `blocks` (as _folders) judged by the intra-class step with its persons
+    and nearer-another rules; also the step (its figures), and what _folders returns."""
+    from cleaning.denoise import IntraClassOutliers
+
+    data, shows, names = _folders(rng, blocks)
+    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
+    step(data)
+    return data, step, shows, names
+
+
 def _folders(rng, blocks: list):
     """An EmbeddedSet of folders from (person's centre, faces, folder name) blocks; also which
     block each face shows and its folder's name."""
@@ -267,8 +278,6 @@ def _folders(rng, blocks: list):
 
 @pytest.mark.parametrize("own_first", [True, False])
 def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_noise(own_first):
-    from cleaning.denoise import IntraClassOutliers
-
     rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=8)
     # The seed sweep's 45% look-alike noise, seed 8: F holds 6 faces of its person P, 6 of P's
     # look-alike Q, 4 of R and 3 of S (P's other look-alikes). A, P filed a second time, holds
@@ -281,9 +290,7 @@ def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_nois
     folder_q = [(q, 13, "Q"), (t, 3, "Q")]
     rest = [(r, 12, "R"), (s, 12, "S"), (t, 12, "T")]
     blocks = folder_f + folder_a + folder_q + rest
-    data, shows, names = _folders(rng, blocks)
-    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
-    step(data)
+    data, step, shows, names = _persons_judged(rng, blocks)
     assert set(shows[data.kept & (names == "F")]) == {0 if own_first else 1}  # F keeps P's 6 faces
     persons = step.figures["persons"]
     # Moved off Q, the lower label, by the noise the folders share (the tie rule's or, first,
@@ -293,8 +300,6 @@ def test_a_folder_tied_between_two_persons_goes_with_the_folder_of_the_same_nois
 
 
 def test_a_folder_outnumbered_by_a_look_alike_goes_with_the_folder_of_the_same_noise_sources():
-    from cleaning.denoise import IntraClassOutliers
-
     rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=8)
     # The face-model seed sweep's 40% look-alike noise, seed 8: F holds 5 faces of its person P
     # and 6 of P's look-alike Q, and its other noise (R, S) lies beyond the threshold, in no
@@ -305,17 +310,13 @@ def test_a_folder_outnumbered_by_a_look_alike_goes_with_the_folder_of_the_same_n
               (p, 12, "A"), (r, 2, "A"), (s, 2, "A"),
               (q, 13, "Q"), (t, 3, "Q"),
               (r, 12, "R"), (s, 12, "S"), (t, 12, "T")]
-    data, shows, names = _folders(rng, blocks)
-    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
-    step(data)
+    data, step, shows, names = _persons_judged(rng, blocks)
     assert set(shows[data.kept & (names == "F")]) == {0}  # F keeps P's 5 faces
     assert step.figures["persons"]["taken_by_noise_sources"] == 1
     assert _merged(data) == [["A", "F"]]
 
 
 def test_a_folder_whose_own_person_went_elsewhere_keeps_it_when_it_holds_more_than_twice_a_look_alikes():
-    from cleaning.denoise import IntraClassOutliers
-
     rng, (p, q, r, s, t) = _person_p_its_look_alike_q_and_three_others(seed=2)
     # The face-model seed sweep at 200 x 30, 30% look-alike noise, seed 2: F's own person P
     # (16 faces) was given to B, which holds more of it (20); F also holds 5 of P's look-alike
@@ -325,9 +326,7 @@ def test_a_folder_whose_own_person_went_elsewhere_keeps_it_when_it_holds_more_th
               (p, 20, "B"), (t, 3, "B"),
               (q, 13, "Q"), (r, 3, "Q"),
               (r, 12, "R"), (t, 12, "T")]
-    data, shows, names = _folders(rng, blocks)
-    step = IntraClassOutliers(max_angle=25, min_images_to_judge=5, nearer_another=True)
-    step(data)
+    data, step, shows, names = _persons_judged(rng, blocks)
     assert set(shows[data.kept & (names == "F")]) == {0}  # F keeps P's 16 faces
     assert step.figures["persons"]["taken_by_noise_sources"] == 0
     assert _merged(data) == [["B", "F"]]
