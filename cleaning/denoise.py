@@ -695,7 +695,7 @@ def _person_by_noise_sources(sources, mine: dict, g: int, candidates: list[int],
     alike (a false merge and a missed one); the folder's other noise came from the alias's
     sources, not the look-alike's. The faces beyond the threshold count: there they form no
     person, which is why _tied_person_by_shared_noise cannot see them."""
-    # Only persons with at least half the faces of g's largest are weighed: beyond that the
+    # Only persons with at least half the faces of g's largest are weighed: below that the
     # count decides. On the face-model sweep at 200 x 30 (30% look-alike noise, seed 2) a
     # folder's own person, 16 faces linked into a look-alike's person and given to that
     # folder, lost to a look-alike's 5 on 2 faces of shared noise: a false merge. All the

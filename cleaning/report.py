@@ -297,7 +297,7 @@ def loop_html(loop: dict | None) -> str:
     if not loop:
         return ""
     boots = "".join(
-        f"<tr><td>{i}</td><td>{html.escape(b.get('started_from') or 'random weights')}</td><td>{b['faces']}</td>"
+        f"<tr><td>{i}</td><td>{_started_from(b.get('started_from'))}</td><td>{b['faces']}</td>"
         f"<td>{b['epochs']} (configured {b['configured_epochs']})</td>"
         f"<td>{b['steps']}</td><td>{html.escape(b['rule'])}</td></tr>" for i, b in enumerate(loop["bootstraps"], 1))
     rounds = "".join(
@@ -311,6 +311,12 @@ def loop_html(loop: dict | None) -> str:
             f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
             f"<th>share beyond Otsu</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
             f"{rounds}</table>")
+
+
+def _started_from(path: str | None) -> str:
+    """A bootstrap's start as the loop recorded it: "" random weights; None, a manifest
+    written before the loop recorded it."""
+    return "-" if path is None else html.escape(path) if path else "random weights"
 
 
 def persons_html(persons: dict | None) -> str:

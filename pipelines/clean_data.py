@@ -71,7 +71,7 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
     stage1 = RefinedDataset.open(stage1.uri)
     model, length = _bootstrap(stage1, boot, cfg, storage.join(out, REFINE_LAYOUT["bootstrap"]))
     # What the loop chose from this run's data, and why: into the stage-2 manifest.
-    started_from = cfg.train.init_backbone or ""  # "": random weights
+    started_from = storage.absolute(cfg.train.init_backbone) if cfg.train.init_backbone else ""  # "": random
     loop = {"bootstraps": [{"model": model, "started_from": started_from, **length}], "rounds": []}
     summary = RefineResult(stage1, stage2, model)
     loaded = None  # the current model's embeddings, read once for its check and its stage 2
@@ -125,16 +125,25 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
     return summary
 
 
+# The least share of faces a round finds mislabelled that makes the loop advise a face model:
+# the seed sweep's lowest level, 30% label noise, is where random-weight bootstraps first
+# missed the bar, and round 1 finds about the injected share there (0.31 at 30% look-alike
+# noise, 200 x 30 seed 2). Apart from denoise.another_round_above, which a user may set low
+# to force rounds.
+ADVISE_FACE_MODEL_ABOVE = 0.25
+
+
 def bootstrap_advice(decision: dict, started_from: str) -> str:
-    """What to change when a bootstrap trained from random weights finds enough label noise to
-    ask for another round (`decision`: a round of the manifest's loop): at 30-45% noise such
-    bootstraps are what limited the seed sweep's worst draws, and bootstraps started from a face
-    model met the bar where they missed it (benchmarks/results/refinement_seed_sweep_final.md
-    against refinement_seed_sweep_face_prior.md). "" when there is nothing to say."""
-    if started_from or not decision["another_round"]:
+    """What to change when a bootstrap trained from random weights finds heavy label noise
+    (`decision`: a round of the manifest's loop, its deciding share at least
+    ADVISE_FACE_MODEL_ABOVE): at 30-45% noise such bootstraps are what limited the seed
+    sweep's worst draws, and bootstraps started from a face model met the bar where they
+    missed it (benchmarks/results/refinement_seed_sweep_final.md against
+    refinement_seed_sweep_face_prior.md). "" when there is nothing to say; with
+    denoise.rounds 1 no round is judged, so nothing is said."""
+    if started_from or decision["deciding_share"] < ADVISE_FACE_MODEL_ABOVE:
         return ""
-    return (f"round {decision['round']} found {decision['deciding_share']:.0%} of the judged faces mislabelled "
-            f"({decision['decided_by']}), "
+    return (f"round {decision['round']} found {decision['deciding_share']:.0%} of the judged faces mislabelled, "
             "judged by a bootstrap trained from random weights: at such noise it can keep a look-alike's faces or "
             "leave one person filed twice apart. Start the bootstraps from a face model (train.init_backbone: an "
             "insightface backbone or your last model; for the demo, benchmarks/make_face_prior.py) with "
