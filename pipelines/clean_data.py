@@ -127,9 +127,9 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
 
 # The least share of faces a round finds mislabelled that makes the loop advise a face model:
 # the seed sweep's lowest level, 30% label noise, is where random-weight bootstraps first
-# missed the bar, and round 1 finds about the injected share there (0.31 at 30% look-alike
-# noise, 200 x 30 seed 2). Apart from denoise.another_round_above, which a user may set low
-# to force rounds.
+# missed the bar, and round 1 from random weights found 0.27-0.33 there on all 20 of its draws
+# (benchmarks/results/refinement_seed_sweep_final.json). Apart from denoise.another_round_above,
+# which a user may set low to force rounds.
 ADVISE_FACE_MODEL_ABOVE = 0.25
 
 
