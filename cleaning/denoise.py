@@ -649,11 +649,14 @@ def _tied_person_by_shared_noise(persons_in: dict, g: int, largest: int, given_t
     if len(tied) < 2:
         return largest
 
-    def shared(p) -> int:
-        theirs = persons_in[given_to[p]]
-        return sum(min(n, theirs.get(q, 0)) for q, n in mine.items() if q not in tied)
+    shared = {p: _shared_count(mine, persons_in[given_to[p]], tied) for p in tied}
+    return max(tied, key=lambda p: (shared[p], -p))  # as many shared: the lower label, as before
 
-    return max(tied, key=lambda p: (shared(p), -p))  # as many shared: the lower label, as before
+
+def _shared_count(mine: dict, theirs: dict, left_out) -> int:
+    """How many of `mine` (key -> count) `theirs` holds too, keys in `left_out` not counted:
+    the size of the two multisets' intersection."""
+    return sum(min(n, theirs.get(q, 0)) for q, n in mine.items() if q not in left_out)
 
 
 def _claimed_candidates(mine: dict, g: int, given_to: dict, min_faces: int) -> list[int]:
@@ -704,8 +707,7 @@ def _person_by_noise_sources(sources, mine: dict, g: int, candidates: list[int],
     if len(weighed) < 2:
         return None
     owners = {given_to[p] for p in candidates} | {g}
-    scores = {p: sum(min(n, sources[given_to[p]].get(q, 0)) for q, n in sources[g].items() if q not in owners)
-              for p in weighed}
+    scores = {p: _shared_count(sources[g], sources[given_to[p]], owners) for p in weighed}
     best = max(weighed, key=lambda p: (scores[p], mine[p], -p))
     return best if scores[best] > max(scores[p] for p in weighed if p != best) else None
 
