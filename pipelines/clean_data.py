@@ -80,7 +80,7 @@ def run_clean_data(input_uri: str, fmt: str, out: str, cfg, scheduler: str | Non
         decision = judge_round(loaded[0], model, denoise_cfg)
         decision = {"round": later - 1, **decision}
         loop["rounds"].append(decision)
-        share = decision["share_found"]
+        share = decision["deciding_share"]  # what decided (not share_found, under a fallback rule)
         advice = bootstrap_advice(decision, started_from)
         if advice and "advice" not in loop:
             log.warning("%s", advice)
