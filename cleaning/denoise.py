@@ -150,7 +150,7 @@ def densest_centres(emb: Embeddings, groups: np.ndarray, mask: np.ndarray, num_g
     `share` of its faces. Group by group, block by block (map_groups)."""
     centres = torch.zeros(num_groups, emb.dim, dtype=torch.float32)
     for g, centre in map_groups(emb, groups, mask, _densest_centre_of, share).items():
-        centres[g] = torch.from_numpy(centre)
+        centres[g] = torch.from_numpy(np.array(centre))  # results of Ray tasks are read-only
     return centres
 
 
@@ -684,7 +684,8 @@ def _block_nearest_centre(block: np.ndarray, start: int, centres: np.ndarray, ro
     r = np.flatnonzero(rows[start:start + len(block)])
     if not len(r):
         return r + start, r
-    return r + start, (torch.from_numpy(block[r]) @ torch.from_numpy(centres).T).argmax(1).numpy()
+    near = torch.from_numpy(block[r]) @ torch.from_numpy(np.array(centres)).T  # Ray's arguments are read-only
+    return r + start, near.argmax(1).numpy()
 
 
 def _person_by_noise_sources(sources, mine: dict, g: int, candidates: list[int], given_to: dict) -> int | None:
