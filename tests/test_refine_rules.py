@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -606,3 +607,27 @@ def test_the_nearest_centre_pass_takes_read_only_centres_as_ray_hands_them_witho
         warnings.simplefilter("error")
         rows, nearest = _block_nearest_centre(block, 10, centres, np.array([True] * 12 + [False]))
     assert rows.tolist() == [10, 11] and nearest.tolist() == [1, 0]
+
+
+def test_the_sweep_summary_counts_a_case_under_the_bar_and_names_the_worst(tmp_path):
+    # benchmarks/results/refinement.md's summary, from a sweep's results JSON: a case fails on
+    # any one figure (here a kept evaluation-overlap identity at full precision and recall).
+    from benchmarks.summarize_refinement_sweeps import summary_rows
+
+    def case(seed, precision, recall, overlap_kept=(), missed=0, level=0.3):
+        summary = {"precision": precision, "recall": recall, "false_merges": 0, "missed_merges": missed,
+                   "overlap_kept": list(overlap_kept), "overlap_faces_kept": 0, "wrongly_removed": []}
+        return {"identities": 50, "images_per_identity": 20, "label_noise": level, "kind": "confusable",
+                "seed": seed, "summary": summary, "rounds": {"rounds": 2}}
+
+    results = {"overrides": ["train.init_backbone=/m/backbone.pt"], "code": ["0123456789abcdef"],
+               "cases": [case(2, 0.99, 1.0), case(3, 1.0, 1.0, overlap_kept=["n000011"]), case(4, 0.97, 0.99),
+                         case(2, 0.90, 0.93, missed=1, level=0.5)]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(results))
+    band, fifty = summary_rows(path)
+    cells = [c.strip() for c in band.split("|")[1:-1]]
+    assert cells[:6] == ["face model", "50 x 20", "0.3-0.45", "2 / 3", "0.9700 (0.3 look-alike s4)",
+                         "0.9900 (0.3 look-alike s4)"]
+    assert cells[8] == "1 in 1 case" and cells[9] == "`sweep` (0123456)"
+    assert [c.strip() for c in fifty.split("|")[1:-1]][2:4] == ["0.5", "0 / 1"]
