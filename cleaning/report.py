@@ -303,13 +303,14 @@ def loop_html(loop: dict | None) -> str:
     rounds = "".join(
         f"<tr><td>{r['round']}</td><td>{r['threshold_deg']:g} ({html.escape(r['threshold_rule'])})</td>"
         f"<td>{r['share_found']:.3f}</td><td>{r.get('share_beyond_otsu', '-')}</td>"
+        f"<td>{r.get('share_set_aside', '-')}</td>"
         f"<td>{html.escape(r['decided_by'])}</td><td>{'yes' if r['another_round'] else 'no'}</td>"
         f"<td>{r['intermediate_cut_deg']:g}</td></tr>" for r in loop["rounds"])
     advice = f"<p><b>Advice:</b> {html.escape(loop['advice'])}</p>" if loop.get("advice") else ""
     return (f"<h2>How the loop chose</h2>{advice}<table><tr><th>bootstrap</th><th>started from</th><th>faces</th>"
             f"<th>epochs</th><th>steps</th>"
             f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
-            f"<th>share beyond Otsu</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
+            f"<th>share beyond Otsu</th><th>share set aside</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
             f"{rounds}</table>")
 
 
