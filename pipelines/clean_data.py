@@ -147,7 +147,7 @@ def bootstrap_advice(decision: dict, started_from: str) -> str:
     bootstraps are what limited the seed sweep's worst draws, and bootstraps started from a
     face model met the bar where they missed it (benchmarks/results/refinement.md). The share
     set aside counts because the deciding share, measured on angles alone, stayed under 25%
-    on 3 of 10 draws at 45% look-alike noise (seeds 2, 9 and 12, which missed the bar) where
+    on 3 of 10 draws at 45% look-alike noise (seeds 2, 9 and 12; 12 missed the bar) where
     round 1 set aside 47% by angle and the nearer-another rule together. "" when there is
     nothing to say; with denoise.rounds 1 no round is judged, so nothing is said."""
     share = max(decision["deciding_share"], decision.get("share_set_aside", 0.0))
