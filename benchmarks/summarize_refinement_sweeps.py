@@ -48,11 +48,11 @@ def _count(cases: list[dict], figure: str) -> str:
 
 def summary_rows(path: Path) -> list[str]:
     results = json.loads(path.read_text())
+    # only the cases the sweep planned: a --work folder shared by two sweeps holds both's cases
+    grid = {tuple(p) for p in results.get("planned", [])}
     rows = []
     for band, keep in ((f"0.3-{BAR_UP_TO:g}", lambda level: level <= BAR_UP_TO),
                        ("0.5", lambda level: level > BAR_UP_TO)):
-        # only the cases the sweep planned: a --work folder shared by two sweeps holds both's cases
-        grid = {tuple(p) for p in results.get("planned", [])}
         planned = [c for c in results["cases"] if keep(c["label_noise"]) and (not grid or (
             c["identities"], c["images_per_identity"], c["label_noise"], c["kind"], c["seed"]) in grid)]
         chosen = [c for c in planned if "summary" in c]  # a case that failed to run counts as short of the bar
