@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -616,10 +617,13 @@ def test_the_nearest_centre_pass_takes_read_only_centres_as_ray_hands_them_witho
     assert rows.tolist() == [10, 11] and nearest.tolist() == [1, 0]
 
 
-def test_the_sweep_summary_counts_a_case_under_the_bar_and_names_the_worst(tmp_path):
+def test_the_sweep_summary_counts_a_case_under_the_bar_and_names_the_worst(tmp_path, monkeypatch):
     # benchmarks/results/refinement.md's summary, from a sweep's results JSON: a case fails on
     # any one figure (here a kept evaluation-overlap identity at full precision and recall), and a
-    # case that failed to run counts as short of it.
+    # case that failed to run counts as short of it. benchmarks/ is a folder of scripts, not an
+    # installed package, so it is importable only with the checkout's root on the path (the
+    # `pytest` entry point, unlike `python -m pytest`, does not put the working directory there).
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     from benchmarks.summarize_refinement_sweeps import summary_rows
 
     def case(seed, precision, recall, overlap_kept=(), missed=0, level=0.3):
