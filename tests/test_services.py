@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -40,9 +41,10 @@ def test_up_status_down_leaves_nothing(tmp_path):
         assert (state / "mlflow" / "mlflow.db").exists() and (state / "logs" / "ray.log").exists()
         assert "state and logs" in up.stdout
     finally:
-        arcface(state, "services", "down", *PORTS, check=False)
+        stopped = arcface(state, "services", "down", *PORTS, check=False)
     for pid in pids.values():
         assert not group_alive(pid), "a service process outlived `down`"
+    assert "SIGKILL" not in stopped.stderr, stopped.stderr  # each stopped on its SIGTERM
     for port in (6391, 8276, 5056, 9056):
         assert not port_open("127.0.0.1", port)
     status = arcface(state, "services", "status", *PORTS).stdout
@@ -104,3 +106,69 @@ def test_a_driver_joins_the_local_head_with_services_env(tmp_path):
     assert wrong.returncode == 0, wrong.stderr[-3000:]
     assert wrong.stdout.startswith("REFUSED RAY_ADDRESS is the dashboard http://127.0.0.1:8279, but the Ray cluster "
                                    "on this machine serves its dashboard on port 8278"), wrong.stdout
+
+
+# A service's process group: a leader that, on SIGTERM, stops its child itself (as `ray start
+# --block` stops its raylet and GCS in order), or (LEAVES_A_STRAGGLER) exits and leaves behind a
+# child that ignores SIGTERM. Each process notes the SIGTERMs it receives.
+GROUP = """
+import signal, subprocess, sys, time
+from pathlib import Path
+folder, leaves_a_straggler = Path(sys.argv[1]), sys.argv[2] == "1"
+child = subprocess.Popen([sys.executable, "-c", '''
+import signal, sys, time
+from pathlib import Path
+folder = Path(sys.argv[1])
+signal.signal(signal.SIGTERM, lambda *_: (folder / "child-got-sigterm").touch())
+(folder / "child-ready").touch()
+time.sleep(600)
+''', str(folder)])
+def stop(*_):
+    (folder / "leader-got-sigterm").touch()
+    if not leaves_a_straggler:
+        child.kill()
+        child.wait()
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while not (folder / "child-ready").exists():
+    time.sleep(0.05)
+(folder / "leader-ready").touch()
+time.sleep(600)
+"""
+
+
+def _start_group(folder, leaves_a_straggler: bool) -> int:
+    folder.mkdir()
+    leader = subprocess.Popen([sys.executable, "-c", GROUP, str(folder), "1" if leaves_a_straggler else "0"],
+                              start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (folder / "leader-ready").exists():
+        assert time.monotonic() < deadline and leader.poll() is None, "the test's process group did not start"
+        time.sleep(0.05)
+    return leader.pid
+
+
+def test_down_signals_a_services_leader_before_its_group(tmp_path, caplog, monkeypatch):
+    """`down` sends SIGTERM to the leader alone first: a group-wide SIGTERM reached Ray's GCS
+    before its raylet, whose shutdown then waited for the GCS until SIGKILL (30 s on every
+    `services down`). Stragglers a leader leaves get the group's SIGTERM, then SIGKILL."""
+    import logging
+    import signal
+
+    from infra import local_services
+
+    caplog.set_level(logging.WARNING, logger="infra.local_services")
+    orderly = _start_group(tmp_path / "orderly", leaves_a_straggler=False)
+    local_services.LocalServices._kill_group("orderly", orderly)
+    assert not group_alive(orderly)
+    assert sorted(p.name for p in (tmp_path / "orderly").glob("*-got-sigterm")) == ["leader-got-sigterm"]
+    assert "SIGKILL" not in caplog.text
+
+    monkeypatch.setattr(local_services, "STOP_STEPS", ((signal.SIGTERM, False, 5.0), (signal.SIGTERM, True, 0.5),
+                                                       (signal.SIGKILL, True, 10.0)))
+    straggling = _start_group(tmp_path / "straggling", leaves_a_straggler=True)
+    local_services.LocalServices._kill_group("straggling", straggling)
+    assert not group_alive(straggling)
+    assert sorted(p.name for p in (tmp_path / "straggling").glob("*-got-sigterm")) == ["child-got-sigterm",
+                                                                                       "leader-got-sigterm"]
+    assert "straggling: still running after SIGTERM; sending SIGKILL" in caplog.text
