@@ -50,7 +50,7 @@ def demo_raw(tmp_path_factory):
     from cleaning.synthetic.demo import DemoConfig
 
     out = tmp_path_factory.mktemp("demo_raw")
-    cfg = DemoConfig(identities=24, images_per_identity=12, seed=7, eval_identities=10, eval_pairs=120, workers=1)
+    cfg = DemoConfig(identities=24, images_per_identity=12, seed=7, eval_identities=10, eval_pairs=120, workers=2)
     generate(out, cfg, list(FORMATS))
     return out
 
