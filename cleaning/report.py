@@ -310,7 +310,8 @@ def loop_html(loop: dict | None) -> str:
     return (f"<h2>How the loop chose</h2>{advice}<table><tr><th>bootstrap</th><th>started from</th><th>faces</th>"
             f"<th>epochs</th><th>steps</th>"
             f"<th>rule</th></tr>{boots}</table><table><tr><th>round</th><th>threshold (deg)</th><th>share found</th>"
-            f"<th>share beyond Otsu</th><th>share set aside</th><th>decided by</th><th>another round</th><th>its cut (deg)</th></tr>"
+            f"<th>share beyond Otsu</th><th>share set aside</th><th>decided by</th><th>another round</th>"
+            f"<th>its cut (deg)</th></tr>"
             f"{rounds}</table>")
 
 

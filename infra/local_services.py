@@ -396,19 +396,26 @@ def _leads_its_group(pid: int) -> bool:
         return False
 
 
+def _stat_fields(stat_file: Path) -> list[str] | None:
+    """The fields of /proc/PID/stat after the parenthesised command (state ppid pgrp ...);
+    None when the process is gone."""
+    try:
+        stat = stat_file.read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2:].split()
+
+
 def process_alive(pid: int) -> bool:
     """Whether the process exists and is not a zombie (see group_alive)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc here
+    if not Path("/proc").exists():
         try:
             os.kill(pid, 0)
             return True
         except ProcessLookupError:
             return False
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+    fields = _stat_fields(Path("/proc") / str(pid) / "stat")
+    return fields is not None and fields[0] != "Z"
 
 
 def group_alive(pgid: int) -> bool:
@@ -424,6 +431,11 @@ def group_alive(pgid: int) -> bool:
             return True
         except ProcessLookupError:
             return False
+    for entry in proc.iterdir():
+        fields = _stat_fields(entry / "stat") if entry.name.isdigit() else None
+        if fields and int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
     for entry in proc.iterdir():
         if not entry.name.isdigit():
             continue
